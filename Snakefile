@@ -1,0 +1,26 @@
+# ddaepp: dataset -> latents -> train each run to each epoch budget -> samples -> FID/IS (+-CFG)
+# -> linear probes (every block x noise level) -> the upstream README's tables, figures, report.
+# All logic lives in the `ddaepp` package; the rules only wire files together.
+from snakemake.utils import min_version
+
+min_version("8.0")
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/sample.smk"
+include: "workflow/rules/probe.smk"
+include: "workflow/rules/report.smk"
+
+
+report: "workflow/report/workflow.rst"
+
+
+rule all:
+    input:
+        [table_files(name)["md"] for name in CONFIG["default_tables"]],
+    default_target: True

@@ -1,0 +1,94 @@
+"""`ddaepp <stage>`: every workflow step by hand, outside Snakemake.
+
+Each stage takes the config file (validated as the workflow validates it) and a run name
+<setting>-<variant>, or a resolved run config as JSON (what `accelerate launch` is given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import config as config_mod
+
+
+def _run_cfg(args) -> dict:
+    if getattr(args, "run_config", None):
+        return json.loads(Path(args.run_config).read_text())
+    cfg = config_mod.load(args.config)
+    setting, variant = config_mod.split_run(args.run)
+    if setting not in cfg["settings"] or variant not in cfg["variants"]:
+        raise config_mod.ConfigError(f"unknown run '{args.run}': settings {list(cfg['settings'])}, "
+                                     f"variants {list(cfg['variants'])}")
+    return config_mod.run_config(cfg, setting, variant)
+
+
+def _add_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="config.yaml", help="workflow config file (default: config.yaml)")
+    p.add_argument("--run", help="<setting>-<variant>, e.g. uncond-selfcond")
+    p.add_argument("--run-config", help="a resolved run config as JSON (instead of --config/--run)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ddaepp", description=__doc__)
+    sub = parser.add_subparsers(dest="stage", required=True)
+
+    p = sub.add_parser("validate", help="validate a config file and print the resolved runs")
+    p.add_argument("config")
+
+    p = sub.add_parser("train", help="train one run from the previous budget's state to --epoch")
+    _add_run(p)
+    p.add_argument("--latents", required=True, help="folder with latents-train.npy, labels-train.npy, stats.json")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epoch", type=int, required=True)
+    p.add_argument("--init", help="state.pt of the previous budget (none: from scratch)")
+    p.add_argument("--out", required=True, help="state.pt to write")
+    p.add_argument("--wip", help="folder for in-progress checkpoints (default: beside --out)")
+
+    p = sub.add_parser("sample", help="generate one shard of samples from a state")
+    _add_run(p)
+    p.add_argument("--latents", required=True)
+    p.add_argument("--state", required=True)
+    p.add_argument("--guidance", choices=["nocfg", "cfg"], default="nocfg")
+    p.add_argument("--shard", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("fetch-assets", help="download Inception / VAE weights into the configured paths (online)")
+    p.add_argument("config")
+
+    args = parser.parse_args(argv)
+    try:
+        return _dispatch(args)
+    except config_mod.ConfigError as err:
+        print(f"ddaepp: invalid config: {err}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args) -> int:
+    from .io import setup_logging
+
+    setup_logging()
+    if args.stage == "validate":
+        cfg = config_mod.load(args.config)
+        for setting in cfg["settings"]:
+            for variant in cfg["variants"]:
+                print(config_mod.run_name(setting, variant), "epochs", cfg["settings"][setting]["epochs"])
+        return 0
+    if args.stage == "train":
+        from .train import train
+
+        train(_run_cfg(args), args.latents, args.seed, args.epoch, args.out, args.init, args.wip)
+        return 0
+    if args.stage == "sample":
+        from .sample import sample_shard
+
+        sample_shard(_run_cfg(args), args.state, args.latents, args.guidance, args.shard, args.out, args.seed)
+        return 0
+    if args.stage == "fetch-assets":
+        from .metrics import fetch_assets
+
+        return fetch_assets(config_mod.load(args.config, check_paths=False))
+    raise AssertionError(args.stage)

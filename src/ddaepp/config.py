@@ -1,0 +1,203 @@
+"""Loading, validating and resolving the workflow config.
+
+The schema (config.schema.yaml, also reachable as workflow/schemas/config.schema.yaml) holds
+types and defaults; this module adds what a schema cannot say (budgets in order, names that
+refer to each other, files that must exist) and composes each run's effective config:
+shared sections, then the setting's overrides, then the variant's.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
+RUN_SECTIONS = ("model", "train", "sample", "probe")
+MODEL_SIZES = {  # name: (hidden_size, depth, num_heads)
+    "T": (128, 4, 4),
+    "S": (384, 12, 6),
+    "B": (768, 12, 12),
+    "L": (1024, 24, 16),
+    "XL": (1152, 28, 16),
+}
+FEATURE_DIMS = {"inception": 2048, "digits-net": 64}
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased for the person who has to fix it."""
+
+
+def load_schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _filling_validator(schema: dict):
+    base = jsonschema.validators.validator_for(schema)
+    validate_properties = base.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, subschema):
+        if isinstance(instance, dict):
+            for name, prop in properties.items():
+                if "default" in prop:
+                    instance.setdefault(name, copy.deepcopy(prop["default"]))
+        yield from validate_properties(validator, properties, instance, subschema)
+
+    return jsonschema.validators.extend(base, {"properties": set_defaults})(schema)
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        hint = f" (allowed here: {', '.join(allowed)})" if allowed else ""
+        return f"config key '{key}': {error.message}{hint}"
+    return f"config key '{key}': {error.message}"
+
+
+def validate(config: dict, check_paths: bool = True) -> dict:
+    """Return a validated copy of `config` with defaults filled; raise ConfigError otherwise."""
+    schema = load_schema()
+    config = copy.deepcopy(dict(config))
+    plain = jsonschema.validators.validator_for(schema)(schema)
+    errors = sorted(plain.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        best = jsonschema.exceptions.best_match(errors)
+        raise ConfigError(_describe(best))
+    # Defaults are filled in the shared sections only: filling them inside a variant's
+    # overrides would silently reset the shared values for that variant.
+    grid = {k: config.pop(k) for k in ("settings", "variants") if k in config}
+    for _ in _filling_validator(schema).iter_errors(config):  # already valid: run for the filling
+        pass
+    config.update(grid)
+    for setting in config["settings"].values():
+        setting.setdefault("overrides", {})
+    if not config["tables"]:
+        config["tables"] = {name: {"setting": name} for name in config["settings"]}
+    for table in config["tables"].values():
+        table.setdefault("variants", list(config["variants"]))
+    config.setdefault("default_tables", list(config["tables"]))
+    _check_semantics(config)
+    if check_paths:
+        check_inputs(config)
+    return config
+
+
+def _check_semantics(config: dict) -> None:
+    for name, setting in config["settings"].items():
+        epochs = setting["epochs"]
+        if any(b <= a for a, b in zip(epochs, epochs[1:])):
+            raise ConfigError(f"config key 'settings.{name}.epochs': budgets must be strictly increasing, got {epochs}")
+    for name, table in config["tables"].items():
+        if table["setting"] not in config["settings"]:
+            raise ConfigError(f"config key 'tables.{name}.setting': unknown setting '{table['setting']}' "
+                              f"(settings: {', '.join(config['settings'])})")
+        for variant in table["variants"]:
+            if variant not in config["variants"]:
+                raise ConfigError(f"config key 'tables.{name}.variants': unknown variant '{variant}' "
+                                  f"(variants: {', '.join(config['variants'])})")
+    for name in config["default_tables"]:
+        if name not in config["tables"]:
+            raise ConfigError(f"config key 'default_tables': unknown table '{name}' (tables: {', '.join(config['tables'])})")
+    tok, data = config["tokenizer"], config["dataset"]
+    if tok["name"] == "pixel" and data["image_size"] % tok["factor"]:
+        raise ConfigError(f"config key 'tokenizer.factor': image_size {data['image_size']} is not divisible by {tok['factor']}")
+    if tok["name"] in ("sd-vae", "va-vae"):
+        down = 8 if tok["name"] == "sd-vae" else 16
+        if data["image_size"] % down:
+            raise ConfigError(f"config key 'dataset.image_size': {tok['name']} needs a multiple of {down}, got {data['image_size']}")
+    feature_dim = FEATURE_DIMS[config["metrics"]["features"]]
+    for setting in config["settings"]:
+        for variant in config["variants"]:
+            run = run_config(config, setting, variant)
+            depth = MODEL_SIZES[run["model"]["size"].split("/")[0]][1]
+            where = f"run {setting}-{variant}"
+            if run["model"]["self_cond"] and run["model"]["self_cond_layer"] >= depth - 1:
+                raise ConfigError(f"config key 'model.self_cond_layer' ({where}): {run['model']['self_cond_layer']} leaves no "
+                                  f"later block to condition in a model of depth {depth}; use 0..{depth - 2}")
+            if run["train"]["dispersive"]["layer"] >= depth:
+                raise ConfigError(f"config key 'train.dispersive.layer' ({where}): must be below the depth {depth}")
+            if run["train"]["csd"]["weight"] > 0 and not run["model"]["self_cond"]:
+                raise ConfigError(f"config key 'train.csd.weight' ({where}): contrastive self-distillation works on "
+                                  "the self-conditioning features; set model.self_cond: true for this variant")
+            if run["sample"]["n"] <= feature_dim:
+                raise ConfigError(f"config key 'sample.n' ({where}): FID needs more samples than the {feature_dim} feature "
+                                  f"dimensions of '{config['metrics']['features']}' for a full-rank covariance; "
+                                  f"got {run['sample']['n']}")
+            if run["train"]["gpus"] == 0 and run["train"]["precision"] == "bf16":
+                raise ConfigError(f"config key 'train.precision' ({where}): bf16 needs GPUs (train.gpus > 0); use auto")
+
+
+def check_inputs(config: dict) -> None:
+    """Fail early, with what to put where, when a file the run needs is not there."""
+    data, tok, metrics = config["dataset"], config["tokenizer"], config["metrics"]
+    if data["name"] == "imagefolder":
+        root = data["root"]
+        if not root:
+            raise ConfigError("config key 'dataset.root': imagefolder needs the folder holding train/<class>/* and val/<class>/*")
+        for split in ("train", "val"):
+            if not (Path(root) / split).is_dir():
+                raise ConfigError(f"config key 'dataset.root': no folder {Path(root) / split}; put the ImageNet-style "
+                                  f"{split} split there as {split}/<class>/<image>")
+    if tok["name"] == "sd-vae":
+        if not tok["path"] or not (Path(tok["path"]) / "config.json").is_file():
+            raise ConfigError(f"config key 'tokenizer.path': {tok['path']!r} is not a diffusers AutoencoderKL folder "
+                              "(config.json + weights), e.g. stabilityai/sd-vae-ft-ema saved with save_pretrained; "
+                              "`ddaepp fetch-assets` downloads it where the machine is online")
+    if tok["name"] == "va-vae":
+        if not tok["path"] or not Path(tok["path"]).is_file():
+            raise ConfigError(f"config key 'tokenizer.path': {tok['path']!r} is not a file; put LightningDiT's "
+                              "VA-VAE f16d32 checkpoint (vavae-imagenet256-f16d32-dinov2.pt) there")
+    if metrics["inception_weights"] and not Path(metrics["inception_weights"]).is_file():
+        raise ConfigError(f"config key 'metrics.inception_weights': no file {metrics['inception_weights']}; put "
+                          "torch-fidelity's weights-inception-2015-12-05-6726825d.pth there (`ddaepp fetch-assets`)")
+    if metrics["reference"] and not Path(metrics["reference"]).is_file():
+        raise ConfigError(f"config key 'metrics.reference': no file {metrics['reference']}; put the ADM reference "
+                          "batch (e.g. VIRTUAL_imagenet256_labeled.npz) there, or set it to null to compute one")
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else copy.deepcopy(value)
+    return out
+
+
+def run_config(config: dict, setting: str, variant: str) -> dict:
+    """The effective config of one run: shared sections < setting overrides < variant overrides."""
+    out = {k: copy.deepcopy(config[k]) for k in ("dataset", "tokenizer", "metrics")}
+    for section in RUN_SECTIONS:
+        merged = _merge(config[section], config["settings"][setting].get("overrides", {}).get(section, {}))
+        out[section] = _merge(merged, config["variants"][variant].get(section, {}))
+    out["setting"], out["variant"] = setting, variant
+    out["conditional"] = config["settings"][setting]["conditional"]
+    out["epochs"] = list(config["settings"][setting]["epochs"])
+    return out
+
+
+def run_name(setting: str, variant: str) -> str:
+    return f"{setting}-{variant}"
+
+
+def split_run(run: str) -> tuple[str, str]:
+    setting, _, variant = run.partition("-")
+    return setting, variant
+
+
+def previous_epoch(config: dict, setting: str, epoch: int) -> int | None:
+    epochs = config["settings"][setting]["epochs"]
+    if epoch not in epochs:
+        raise ConfigError(f"epoch {epoch} is not a budget of setting '{setting}' (budgets: {epochs})")
+    i = epochs.index(epoch)
+    return epochs[i - 1] if i else None
+
+
+def load(path: str | Path, overrides: dict | None = None, check_paths: bool = True) -> dict:
+    """Read a YAML config file, apply `overrides` (as snakemake --config would) and validate."""
+    config = yaml.safe_load(Path(path).read_text()) or {}
+    if overrides:
+        config = _merge(config, overrides)
+    return validate(config, check_paths=check_paths)

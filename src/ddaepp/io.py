@@ -1,0 +1,124 @@
+"""Small file helpers every stage shares: atomic writes, JSON, logging, free-space checks.
+
+A finished output is only ever created by a rename, so a killed job leaves either the old
+file, nothing, or a temporary `*.tmp-*` name that no rule declares.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent, suffix=path.suffix)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def setup_logging(log_file: str | os.PathLike | None = None) -> logging.Logger:
+    """Log to stderr and, when given, to `log_file` (a rule's `log:`)."""
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        handlers=handlers, force=True)
+    return logging.getLogger("ddaepp")
+
+
+def check_free_space(directory: str | os.PathLike, needed_bytes: int, what: str) -> None:
+    """Fail before writing `what` when the disk under `directory` cannot hold it."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(directory).free
+    if free < needed_bytes * 1.05:
+        raise OSError(f"not enough disk for {what} in {directory}: needs about {needed_bytes / 2**30:.2f} GiB, "
+                      f"{free / 2**30:.2f} GiB free; free space or point results/ elsewhere")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save atomically, with a `<name>.sha256` beside it that load_checkpoint verifies.
+
+    The checksum is written before the rename, so a finished checkpoint always has one.
+    """
+    import torch
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+        Path(str(path) + ".sha256").write_text(_sha256(tmp) + "\n")
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu", require_checksum: bool = True) -> Any:
+    """Load without executing pickled code (weights_only) after checking the file's checksum."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    sidecar = Path(str(path) + ".sha256")
+    if sidecar.exists():
+        if sidecar.read_text().strip() != _sha256(path):
+            raise ValueError(f"checkpoint {path} is corrupt (its sha256 differs from {sidecar.name}); "
+                             "delete it and rerun the job that makes it")
+    elif require_checksum:
+        raise ValueError(f"checkpoint {path} has no {sidecar.name}: it was not written completely by ddaepp; "
+                         "delete it and rerun the job that makes it")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"refusing to load {path}: it holds pickled objects other than tensors and plain "
+                         f"data, which could run code ({str(err).splitlines()[0]})") from None
+
+
+@contextlib.contextmanager
+def job_log(log_file: str | os.PathLike, threads: int | None = None) -> Iterator[logging.Logger]:
+    """Run a workflow job with its stdout, stderr (progress bars) and logging going to `log_file`."""
+    Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    with open(log_file, "w") as stream, contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                            handlers=[logging.StreamHandler(stream)], force=True)
+        logger = logging.getLogger("ddaepp")
+        try:
+            yield logger
+        except BaseException:
+            logger.exception("job failed")
+            raise

@@ -1,0 +1,114 @@
+"""Representation objectives added to the diffusion loss (the variants beyond the release).
+
+- Contrastive self-distillation (`train.csd`): the pooled self-conditioning feature of one view
+  (student, at the training timestep) predicts, through a projector and a predictor, the
+  projected feature the EMA model (teacher, no gradient) gives another view of the same image
+  at a fixed low-noise timestep; MoCo v3's symmetric InfoNCE over the batch, negatives from
+  every process. Views: the stored flip copy, then a latent-space random crop-and-resize.
+- Dispersive loss (`train.dispersive`, Wang & He 2025): log-mean-exp of -||z_i - z_j||^2 / tau
+  over the batch's pooled features of one block; it pushes representations apart with no
+  positive pairs.
+With both weights at 0 nothing is built or computed, so training is exactly the plain run.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .transport import interpolate
+
+
+def mlp(dims: list[int], last_bn: bool) -> nn.Sequential:
+    layers = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        last = i == len(dims) - 2
+        layers.append(nn.Linear(a, b, bias=False))
+        if not last or last_bn:
+            layers.append(nn.BatchNorm1d(b, affine=not last))
+        if not last:
+            layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+def build_heads(run_cfg: dict, model: nn.Module) -> nn.ModuleDict:
+    """Trainable heads of the objectives in use (empty when none is)."""
+    csd = run_cfg["train"]["csd"]
+    if csd["weight"] == 0:
+        return nn.ModuleDict()
+    width = model.hidden_size
+    heads = nn.ModuleDict({
+        "projector": mlp([width, csd["hidden_dim"], csd["proj_dim"]], last_bn=True),
+        "predictor": mlp([csd["proj_dim"], csd["hidden_dim"], csd["proj_dim"]], last_bn=False),
+    })
+    return heads
+
+
+def dispersive_loss(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log mean_{i,j} exp(-||z_i - z_j||^2 / (dim * tau)); 0 when all z are equal, log(1/N) when far apart.
+
+    Dividing the squared distance by the dimension keeps tau meaningful across model widths.
+    """
+    z = z.float().flatten(1)
+    dist = torch.cdist(z, z).pow(2) / z.shape[1]
+    return torch.logsumexp(-dist.flatten() / temperature, dim=0) - math.log(dist.numel())
+
+
+def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float, rank: int = 0) -> torch.Tensor:
+    """MoCo v3's contrastive loss: q (local batch) against k (all processes' batches), scaled by 2 tau."""
+    q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
+    logits = q @ k.t() / temperature
+    labels = torch.arange(len(q), device=q.device) + rank * len(q)
+    return F.cross_entropy(logits, labels) * 2 * temperature
+
+
+def random_resized_crop(x: torch.Tensor, min_scale: float, gen: torch.Generator) -> torch.Tensor:
+    """A random square crop of side in [min_scale, 1] of each latent, resized back (bilinear)."""
+    n = x.shape[0]
+    scale = min_scale + (1 - min_scale) * torch.rand(n, generator=gen, device=gen.device)
+    offset = (1 - scale).unsqueeze(1) * (2 * torch.rand(n, 2, generator=gen, device=gen.device) - 1)
+    theta = torch.zeros(n, 2, 3, device=x.device)
+    theta[:, 0, 0], theta[:, 1, 1] = scale, scale
+    theta[:, :, 2] = offset
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def csd_loss(run_cfg, heads, teacher, student, feats_a, x1_a, x1_b, t, x0, y, gen, gather, rank):
+    """Symmetric self-distillation between views a (the diffusion batch) and b (its other view)."""
+    cfg, layer = run_cfg["train"]["csd"], run_cfg["model"]["self_cond_layer"]
+    null_y = None if y is None else torch.full_like(y, teacher.num_classes)
+    x1_b = random_resized_crop(x1_b, cfg["crop_scale"], gen)
+    xt_b, _ = interpolate(x1_b, x0, t)
+    _, feats_b = student(xt_b, t, y, return_features=True)
+    t_teacher = torch.full_like(t, cfg["timestep"])
+    with torch.no_grad():
+        noise = torch.randn(x1_a.shape, generator=gen, device=x1_a.device)
+        k_a = teacher(*_noised(x1_a, noise, t_teacher), null_y, return_features=True)[1][:, layer]
+        k_b = teacher(*_noised(x1_b, noise, t_teacher), null_y, return_features=True)[1][:, layer]
+        k_a, k_b = heads["projector"](k_a.float()), heads["projector"](k_b.float())
+    q_a = heads["predictor"](heads["projector"](feats_a[:, layer].float()))
+    q_b = heads["predictor"](heads["projector"](feats_b[:, layer].float()))
+    tau = cfg["temperature"]
+    return info_nce(q_a, gather(k_b), tau, rank) + info_nce(q_b, gather(k_a), tau, rank)
+
+
+def _noised(x1, noise, t):
+    return interpolate(x1, noise, t)[0], t
+
+
+def extra_loss(run_cfg, heads, teacher, student, feats, x1, x1_other, t, x0, y, gen, accelerator):
+    """Weighted sum of the objectives in use; a zero tensor when none is."""
+    train = run_cfg["train"]
+    total = torch.zeros((), device=x1.device)
+    if train["dispersive"]["weight"] > 0:
+        z = feats[:, train["dispersive"]["layer"]]
+        total = total + train["dispersive"]["weight"] * dispersive_loss(z, train["dispersive"]["temperature"])
+    if train["csd"]["weight"] > 0:
+        loss = csd_loss(run_cfg, heads, teacher, student, feats, x1, x1_other, t, x0, y, gen,
+                        accelerator.gather, accelerator.process_index)
+        total = total + train["csd"]["weight"] * loss
+    return total

@@ -1,0 +1,28 @@
+# Linear probes of every (block, t) at once; the pair is chosen on held-out train, reported on val.
+
+
+rule probe:
+    input:
+        latents_inputs(),
+        state=f"{RUN_DIR}/state.pt",
+    output:
+        table=f"{RUN_DIR}/probe.parquet",
+        summary=f"{RUN_DIR}/probe.json",
+        heatmap=report(
+            f"{RUN_DIR}/probe.png",
+            caption="../report/heatmap.rst",
+            category="Layer x noise heatmaps",
+            subcategory="{run}",
+            labels={"run": "{run}", "seed": "{seed}", "epoch": "{epoch}"},
+        ),
+    params:
+        run_cfg=run_params,
+        latents_dir=LATENTS_DIR,
+    resources:
+        gpu=lambda w: 1 if gpus(w) else 0,
+    log:
+        "logs/probe/{run}/s{seed}/ep{epoch}.log",
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/probe.py"

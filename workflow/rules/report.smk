@@ -1,0 +1,48 @@
+# The upstream README's tables (markdown, html, parquet) and the FID / LP curves.
+
+
+def table_inputs(wildcards):
+    files = []
+    for record in table_records(wildcards.table):
+        files += [f for key, f in record.items() if key.startswith(("metrics", "probe")) and f]
+    return files
+
+
+rule table:
+    input:
+        table_inputs,
+    output:
+        md=report(
+            "results/tables/{table}.md",
+            caption="../report/table.rst",
+            category="Tables",
+            labels={"table": "{table}", "format": "markdown"},
+        ),
+        html=report(
+            "results/tables/{table}.html",
+            caption="../report/table.rst",
+            category="Tables",
+            labels={"table": "{table}", "format": "html"},
+        ),
+        parquet="results/tables/{table}.parquet",
+        fid_png=report(
+            "results/figures/{table}-fid.png",
+            caption="../report/fid_curve.rst",
+            category="Curves",
+            labels={"table": "{table}", "metric": "FID"},
+        ),
+        lp_png=report(
+            "results/figures/{table}-lp.png",
+            caption="../report/lp_curve.rst",
+            category="Curves",
+            labels={"table": "{table}", "metric": "LP accuracy"},
+        ),
+    params:
+        config=CONFIG,
+        records=lambda w: table_records(w.table),
+    log:
+        "logs/report/{table}.log",
+    conda:
+        CONDA_ENV
+    script:
+        "../scripts/table.py"

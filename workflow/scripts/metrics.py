@@ -1,0 +1,22 @@
+from ddaepp import io, metrics
+
+with io.job_log(snakemake.log[0], snakemake.threads):
+    cfg = snakemake.params.run_cfg
+    sample = cfg["sample"]
+    guided = snakemake.wildcards.guide == "cfg"
+    metrics.compute(
+        list(snakemake.input.samples),
+        cfg["dataset"],
+        cfg["metrics"],
+        reference_npz=snakemake.input.reference,
+        out_json=snakemake.output[0],
+        classifier_path=snakemake.input.classifier[0] if snakemake.input.classifier else None,
+        extra={
+            "guidance": snakemake.wildcards.guide,
+            "cfg_scale": sample["cfg"]["scale"] if guided else 1.0,
+            "cfg_interval_start": sample["cfg"]["interval_start"] if guided else None,
+            "cfg_channels": sample["cfg"]["channels"] if guided else None,
+            "steps": sample["steps"],
+            "shift": sample["shift"],
+        },
+    )

@@ -1,0 +1,15 @@
+from pathlib import Path
+
+from ddaepp import io
+from ddaepp.probe import probe_state
+
+with io.job_log(snakemake.log[0], snakemake.threads):
+    probe_state(
+        snakemake.params.run_cfg,
+        state_path=snakemake.input.state,
+        latents_dir=snakemake.params.latents_dir,
+        out_parquet=snakemake.output.table,
+        out_json=snakemake.output.summary,
+        out_png=snakemake.output.heatmap,
+        work_dir=Path(snakemake.output.table).parent.parent / f"_wip/probe-ep{snakemake.wildcards.epoch}",
+    )

@@ -1,0 +1,13 @@
+from ddaepp import io
+from ddaepp.sample import sample_shard
+
+with io.job_log(snakemake.log[0], snakemake.threads):
+    sample_shard(
+        snakemake.params.run_cfg,
+        state_path=snakemake.input.state,
+        latents_dir=snakemake.params.latents_dir,
+        guidance=snakemake.wildcards.guide,
+        shard=int(snakemake.wildcards.shard),
+        out_npz=snakemake.output[0],
+        seed=int(snakemake.wildcards.seed),
+    )
