@@ -6,7 +6,11 @@ from snakemake.utils import min_version
 min_version("8.0")
 
 
-configfile: "config.yaml"
+# A --configfile is a complete config (e.g. config/imagenet-dit-b.yaml), not a patch on the
+# default: merging it into config.yaml would smuggle the default's variants into the paper grid.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config.yaml"
 
 
 include: "workflow/rules/common.smk"

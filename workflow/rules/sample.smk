@@ -30,25 +30,6 @@ rule sample_shard:
         "../scripts/sample_shard.py"
 
 
-rule sample_grid:
-    input:
-        f"{RUN_DIR}/samples-{{guide}}/shard0.npz",
-    output:
-        report(
-            f"{RUN_DIR}/samples-{{guide}}.png",
-            caption="../report/samples.rst",
-            category="Samples",
-            subcategory="{run}",
-            labels={"run": "{run}", "seed": "{seed}", "epoch": "{epoch}", "guidance": "{guide}"},
-        ),
-    log:
-        "logs/sample/{run}/s{seed}/ep{epoch}-{guide}-grid.log",
-    conda:
-        CONDA_ENV
-    script:
-        "../scripts/sample_grid.py"
-
-
 rule train_classifier:
     output:
         model=f"{DATASET_DIR}/digits-net.pt",
@@ -87,9 +68,15 @@ rule metrics:
         samples=sample_shards,
         reference=rules.reference_stats.output[0],
         classifier=feature_network(),
-        grid=f"{RUN_DIR}/samples-{{guide}}.png",
     output:
-        f"{RUN_DIR}/metrics-{{guide}}.json",
+        summary=f"{RUN_DIR}/metrics-{{guide}}.json",
+        grid=report(
+            f"{RUN_DIR}/samples-{{guide}}.png",
+            caption="../report/samples.rst",
+            category="Samples",
+            subcategory="{run}",
+            labels={"run": "{run}", "seed": "{seed}", "epoch": "{epoch}", "guidance": "{guide}"},
+        ),
     params:
         run_cfg=run_params,
     resources:

@@ -1,4 +1,5 @@
 from ddaepp import io, metrics
+from ddaepp.sample import save_grid
 
 with io.job_log(snakemake.log[0], snakemake.threads):
     cfg = snakemake.params.run_cfg
@@ -9,7 +10,7 @@ with io.job_log(snakemake.log[0], snakemake.threads):
         cfg["dataset"],
         cfg["metrics"],
         reference_npz=snakemake.input.reference,
-        out_json=snakemake.output[0],
+        out_json=snakemake.output.summary,
         classifier_path=snakemake.input.classifier[0] if snakemake.input.classifier else None,
         extra={
             "guidance": snakemake.wildcards.guide,
@@ -20,3 +21,4 @@ with io.job_log(snakemake.log[0], snakemake.threads):
             "shift": sample["shift"],
         },
     )
+    save_grid(snakemake.input.samples[0], snakemake.output.grid)
