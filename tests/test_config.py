@@ -1,0 +1,123 @@
+"""The config is validated before any job runs; every bad input is one error naming the key."""
+
+import copy
+import random
+
+import pytest
+import yaml
+
+from ddaepp import config
+
+
+@pytest.fixture
+def default(repo):
+    return yaml.safe_load(open(f"{repo}/config.yaml"))
+
+
+def test_default_config_is_valid_and_filled(default):
+    cfg = config.validate(default)
+    assert cfg["train"]["betas"] == [0.9, 0.95]  # a default from the schema
+    assert cfg["train"]["lr"] == 1.0e-3  # the file's own value wins
+    assert set(cfg["tables"]) == {"uncond", "cond", "variants"}
+
+
+def test_variant_overrides_only_what_it_names(default):
+    cfg = config.validate(default)
+    run = config.run_config(cfg, "uncond", "selfcond")
+    assert run["model"]["self_cond"] is True
+    assert run["train"]["lr"] == cfg["train"]["lr"]  # not reset to the schema default
+    assert config.run_config(cfg, "uncond", "baseline")["model"]["self_cond"] is False
+
+
+def test_paper_config_is_valid(repo):
+    cfg = config.load(f"{repo}/config/imagenet-dit-b.yaml", check_paths=False)
+    assert cfg["settings"]["uncond"]["epochs"] == [20, 40, 60, 80, 100, 200, 300, 400]
+    assert cfg["settings"]["cond"]["epochs"] == [20, 40, 60, 80, 100]
+    assert set(cfg["variants"]) == {"baseline", "selfcond"}
+    assert cfg["sample"]["n"] == 10000 and cfg["model"]["size"] == "B/1"
+
+
+@pytest.mark.parametrize(
+    "patch, key",
+    [
+        ({"train": {"lrr": 1}}, "train"),
+        ({"train": {"lr": "fast"}}, "train.lr"),
+        ({"train": {"lr": -1}}, "train.lr"),
+        ({"model": {"size": "Q/1"}}, "model.size"),
+        ({"settings": {"uncond": {"epochs": [10, 5]}}}, "settings.uncond.epochs"),
+        ({"settings": {"uncond": {"epochs": [10, 10]}}}, "settings.uncond.epochs"),
+        ({"settings": {"uncond": {"epochs": []}}}, "settings.uncond.epochs"),
+        ({"settings": {"uncond": {"epochs": [0, 5]}}}, "settings.uncond.epochs.0"),
+        ({"variants": {"x": {"model": {"selfcond": True}}}}, "variants.x.model"),
+        ({"tables": {"t": {"setting": "nope"}}}, "tables.t.setting"),
+        ({"tables": {"t": {"setting": "uncond", "variants": ["nope"]}}}, "tables.t.variants"),
+        ({"model": {"self_cond": True, "self_cond_layer": 3}}, "model.self_cond_layer"),
+        ({"sample": {"n": 10}}, "sample.n"),
+        ({"tokenizer": {"factor": 3}}, "tokenizer.factor"),
+        ({"seeds": [0, 0]}, "seeds"),
+        ({"default_tables": ["nope"]}, "default_tables"),
+    ],
+)
+def test_bad_config_names_the_key(default, patch, key):
+    bad = config._merge(default, patch)
+    with pytest.raises(config.ConfigError, match=rf"'{key}'"):
+        config.validate(bad)
+
+
+def test_missing_required_sections():
+    with pytest.raises(config.ConfigError, match="settings"):
+        config.validate({"variants": {"baseline": {}}})
+
+
+def test_missing_imagenet_root_says_where(default, tmp_path):
+    bad = config._merge(default, {"dataset": {"name": "imagefolder", "root": str(tmp_path / "imagenet")}})
+    with pytest.raises(config.ConfigError, match=r"dataset.root.*train"):
+        config.validate(bad)
+
+
+def test_missing_vae_folder_says_what(default, tmp_path):
+    bad = config._merge(default, {"tokenizer": {"name": "sd-vae", "path": str(tmp_path / "vae")}})
+    with pytest.raises(config.ConfigError, match=r"tokenizer.path.*AutoencoderKL"):
+        config.validate(bad)
+    bad = config._merge(default, {"tokenizer": {"name": "va-vae", "path": str(tmp_path / "vavae.pt")}})
+    with pytest.raises(config.ConfigError, match=r"tokenizer.path.*VA-VAE"):
+        config.validate(bad)
+
+
+def _mutate(cfg, rng):
+    """One random corruption: a wrong type, an unknown key, or a bad number somewhere."""
+    cfg = copy.deepcopy(cfg)
+    paths = []
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                paths.append(path + [k])
+                walk(v, path + [k])
+
+    walk(cfg, [])
+    path = rng.choice(paths)
+    parent = cfg
+    for k in path[:-1]:
+        parent = parent[k]
+    kind = rng.choice(["type", "unknown", "negative"])
+    if kind == "unknown":
+        parent[path[-1] + "_typo"] = 1
+    elif kind == "type":
+        parent[path[-1]] = rng.choice(["a string", [1, "x"], {"nested": None}, None, True])
+    else:
+        parent[path[-1]] = -rng.randint(1, 10**6)
+    return cfg
+
+
+def test_fuzzed_configs_end_in_config_errors(default):
+    """Random corruptions never reach a traceback from deep inside: either valid or a ConfigError."""
+    rng = random.Random(0)
+    errors = 0
+    for _ in range(300):
+        bad = _mutate(default, rng)
+        try:
+            config.validate(bad)
+        except config.ConfigError:
+            errors += 1
+    assert errors > 200  # almost every corruption is caught (a few are still valid configs)
