@@ -1,0 +1,301 @@
+"""FID/IS through torch-fidelity: the digits-net feature network, reference statistics, checks, assets."""
+
+import json
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+torch.set_num_threads(1)
+
+from ddaepp import config as ddaepp_config  # noqa: E402
+from ddaepp import metrics  # noqa: E402
+from ddaepp.config import ConfigError  # noqa: E402
+
+
+def make_config(**sections):
+    """A validated config with schema defaults; `sections` override shared sections."""
+    raw = {"settings": {"uncond": {"conditional": False, "epochs": [1]}}, "variants": {"baseline": {}}, **sections}
+    return ddaepp_config.validate(raw, check_paths=False)
+
+
+CONFIG = make_config()
+DATASET, METRICS = CONFIG["dataset"], CONFIG["metrics"]
+CLASSIFIER_EPOCHS = 8  # the config default is 20; 8 already reaches ~97% and keeps the tests fast
+
+
+def _stand_in_batches(dataset_cfg, split, batch_size, limit=None):
+    """ddaepp.data.iter_image_batches for digits, used while ddaepp.data is not there yet."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    scale = dataset_cfg["image_size"] // 8
+    images = np.round(digits.images * (255 / 16)).astype(np.uint8).repeat(scale, 1).repeat(scale, 2)[:, None]
+    train, val = train_test_split(np.arange(len(images)), test_size=dataset_cfg["val_fraction"],
+                                  random_state=dataset_cfg["split_seed"], stratify=digits.target)
+    index = (train if split == "train" else val)[:limit]
+    for start in range(0, len(index), batch_size):
+        batch = index[start:start + batch_size]
+        yield images[batch], digits.target[batch]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def digits_source():
+    try:
+        import ddaepp.data  # noqa: F401
+        yield
+    except ImportError:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setitem(sys.modules, "ddaepp.data", types.SimpleNamespace(iter_image_batches=_stand_in_batches))
+            yield
+
+
+def real(split):
+    from ddaepp.data import iter_image_batches
+
+    batches = list(iter_image_batches(DATASET, split, 256))
+    return np.concatenate([x for x, _ in batches]), np.concatenate([y for _, y in batches]).astype(np.int64)
+
+
+def write_samples(path, images, labels):
+    np.savez(path, images=images, labels=labels)
+    return path
+
+
+def noise_like(images, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, images.shape, dtype=np.uint8)
+
+
+@pytest.fixture(scope="session")
+def classifier(tmp_path_factory):
+    path = tmp_path_factory.mktemp("clf") / "digits-net.pt"
+    summary = metrics.train_classifier(DATASET, path, epochs=CLASSIFIER_EPOCHS, seed=0)
+    return path, summary
+
+
+@pytest.fixture(scope="session")
+def reference(classifier, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ref") / "reference.npz"
+    metrics.reference_stats(DATASET, METRICS, path, classifier_path=classifier[0])
+    return path
+
+
+def run_compute(tmp_path, images, labels, classifier, reference, name="s"):
+    samples = write_samples(tmp_path / f"{name}.npz", images, labels)
+    return metrics.compute([samples], DATASET, METRICS, reference, tmp_path / f"{name}.json", classifier_path=classifier[0])
+
+
+def test_digits_net_trains_and_saves(classifier):
+    path, summary = classifier
+    assert summary["val_acc"] > 0.9
+    assert json.loads(path.with_suffix(".json").read_text()) == summary
+    assert summary["epochs"] == CLASSIFIER_EPOCHS and summary["n_train"] == len(real("train")[0])
+    checkpoint = torch.load(path, weights_only=True)
+    net = metrics.DigitsNet(**checkpoint["arch"])
+    net.load_state_dict(checkpoint["state_dict"])
+    features, logits = net(torch.from_numpy(real("val")[0][:5]))
+    assert features.shape == (5, ddaepp_config.FEATURE_DIMS["digits-net"]) and logits.shape == (5, 10)
+
+
+def test_reference_stats_from_train(reference):
+    with np.load(reference) as npz:
+        assert npz["mu"].shape == (64,) and npz["sigma"].shape == (64, 64)
+        assert npz["mu"].dtype == npz["sigma"].dtype == np.float64
+        assert int(npz["n"]) == len(real("train")[0]) and str(npz["features"]) == "digits-net"
+
+
+def test_fid_is_real_vs_noise(tmp_path, classifier, reference):
+    val_images, val_labels = real("val")
+    real_result = run_compute(tmp_path, val_images, val_labels, classifier, reference, "real")
+    noise_result = run_compute(tmp_path, noise_like(val_images), val_labels, classifier, reference, "noise")
+    assert real_result["fid"] < 0.1 * noise_result["fid"]
+    assert real_result["is_mean"] > 2 * noise_result["is_mean"]
+    assert real_result["n"] == len(val_images) and real_result["is_splits"] == len(val_images) // 50
+    written = json.loads((tmp_path / "real.json").read_text())
+    assert written == real_result and written["features"] == "digits-net" and written["reference"] == str(reference)
+
+
+def test_fid_of_train_against_its_own_reference_is_zero(tmp_path, classifier, reference):
+    images, labels = real("train")
+    self_fid = run_compute(tmp_path, images, labels, classifier, reference)["fid"]
+    other_fid = run_compute(tmp_path, *real("val"), classifier, reference, "val")["fid"]
+    assert abs(self_fid) < 1e-3 * other_fid
+
+
+def test_fid_between_disjoint_halves_is_small(classifier):
+    images = real("train")[0]
+    halves = [torch.from_numpy(images[i::2]) for i in range(2)]
+    noise = torch.from_numpy(noise_like(images[::2]))
+    layer = metrics.FEATURE_NETS["digits-net"][1]
+    stats = [metrics.fid_features_to_statistics(metrics.extract_features([x], METRICS, classifier[0], [layer])[layer])
+             for x in (*halves, noise)]
+    half_fid = metrics.fid_statistics_to_metric(stats[0], stats[1], verbose=False)[metrics.KEY_METRIC_FID]
+    noise_fid = metrics.fid_statistics_to_metric(stats[0], stats[2], verbose=False)[metrics.KEY_METRIC_FID]
+    assert 0 < half_fid < 0.05 * noise_fid
+
+
+def test_label_agreement(tmp_path, classifier, reference):
+    images, labels = real("val")
+    matched = run_compute(tmp_path, images, labels, classifier, reference, "matched")
+    shuffled = run_compute(tmp_path, images, np.random.default_rng(0).permutation(labels), classifier, reference, "shuf")
+    unlabelled = run_compute(tmp_path, images, np.full_like(labels, -1), classifier, reference, "uncond")
+    assert matched["label_agreement"] == pytest.approx(matched["classifier_val_acc"])  # val images, same classifier
+    assert matched["label_agreement"] > 0.9 and shuffled["label_agreement"] < 0.3
+    assert unlabelled["label_agreement"] is None
+
+
+def test_shards_equal_one_file(tmp_path, classifier, reference):
+    images, labels = real("val")
+    one = run_compute(tmp_path, images, labels, classifier, reference, "one")
+    shards = [write_samples(tmp_path / f"shard{i}.npz", images[i::2], labels[i::2]) for i in range(2)]
+    both = metrics.compute(shards, DATASET, METRICS, reference, tmp_path / "both.json", classifier[0], extra={"guide": "cfg"})
+    assert both["n"] == one["n"] and both["fid"] == pytest.approx(one["fid"], rel=1e-4)  # float32 sums in another order
+    assert both["guide"] == "cfg" and both["label_agreement"] == pytest.approx(one["label_agreement"])
+
+
+def test_is_splits_keep_fifty_samples_each():
+    assert [metrics.is_splits(n) for n in (65, 120, 360, 499, 500, 10_000)] == [1, 2, 7, 9, 10, 10]
+
+
+def test_too_few_samples_fail_before_feature_extraction(tmp_path, classifier, reference, monkeypatch):
+    with pytest.raises(ConfigError, match="more than 64 images"):
+        metrics.check_ready(DATASET, METRICS, 64)
+    metrics.check_ready(DATASET, METRICS, 65)
+    images, labels = real("val")
+    monkeypatch.setattr(metrics, "extract_features", lambda *a, **k: pytest.fail("features extracted"))
+    with pytest.raises(ConfigError, match="got 60"):
+        run_compute(tmp_path, images[:60], labels[:60], classifier, reference)
+
+
+def test_bad_samples_are_clear_errors(tmp_path, classifier, reference):
+    images, labels = real("val")
+    with pytest.raises(ValueError, match="dataset.image_size is 16"):
+        run_compute(tmp_path, images[:, :, :8, :8], labels, classifier, reference)
+    with pytest.raises(ValueError, match="must be uint8"):
+        run_compute(tmp_path, images.astype(np.float32), labels, classifier, reference)
+    with pytest.raises(ConfigError, match="classifier"):
+        metrics.compute([write_samples(tmp_path / "x.npz", images, labels)], DATASET, METRICS, reference, tmp_path / "x.json")
+
+
+def adm_npz(path, dim, seed=0):
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(dim, dim))
+    # arr_0 images as in ADM's batches: never loaded, so an object array (needs pickle) is a trap for loading it
+    np.savez(path, arr_0=np.array([object()], dtype=object), mu=rng.normal(size=dim), sigma=a @ a.T / dim)
+    return path
+
+
+def test_reference_of_wrong_dimension(tmp_path):
+    wrong = adm_npz(tmp_path / "VIRTUAL_wrong.npz", 32)
+    cfg = {**METRICS, "reference": str(wrong)}
+    for call in (lambda: metrics.reference_stats(DATASET, cfg, tmp_path / "out.npz"),
+                 lambda: metrics.check_ready(DATASET, cfg, 500)):
+        with pytest.raises(ConfigError, match=r"VIRTUAL_wrong\.npz holds 32-d .* 'digits-net' gives 64-d"):
+            call()
+    assert not (tmp_path / "out.npz").exists()
+
+
+def test_reference_copied_from_adm_npz(tmp_path):
+    source = adm_npz(tmp_path / "adm.npz", 64)
+    out = metrics.reference_stats(DATASET, {**METRICS, "reference": str(source)}, tmp_path / "ref.npz")
+    with np.load(tmp_path / "ref.npz") as copied, np.load(source, allow_pickle=True) as original:
+        assert (copied["mu"] == original["mu"]).all() and (copied["sigma"] == original["sigma"]).all()
+        assert "arr_0" not in copied and str(copied["source"]) == str(source) and int(copied["n"]) == out["n"] == -1
+
+
+def test_reference_without_stats_or_of_other_network(tmp_path):
+    np.savez(tmp_path / "images_only.npz", arr_0=np.zeros((2, 4, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match="no 'mu'/'sigma'"):
+        metrics.load_reference(tmp_path / "images_only.npz", "digits-net")
+    np.savez(tmp_path / "other.npz", mu=np.zeros(64), sigma=np.eye(64), features="some-net")
+    with pytest.raises(ConfigError, match="computed with 'some-net'"):
+        metrics.load_reference(tmp_path / "other.npz", "digits-net")
+
+
+@pytest.fixture()
+def random_inception_weights(tmp_path, monkeypatch):
+    """torch-fidelity's InceptionV3 always loads weights on construction: build it with loading switched off."""
+    from torch_fidelity import feature_extractor_inceptionv3 as inception
+
+    with monkeypatch.context() as mp:
+        mp.setattr(inception, "load_state_dict_from_url", lambda *a, **k: {})
+        mp.setattr(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state_dict: None)
+        model = inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    path = tmp_path / "weights-inception-random.pth"
+    torch.save(model.state_dict(), path)
+    monkeypatch.setattr(inception, "load_state_dict_from_url", lambda *a, **k: pytest.fail("download attempted"))
+    return path
+
+
+def test_inception_from_local_weights_on_grayscale(random_inception_weights):
+    cfg = {**METRICS, "features": "inception", "inception_weights": str(random_inception_weights)}
+    images = torch.from_numpy(real("val")[0][:2])
+    assert images.shape[1] == 1
+    out = metrics.extract_features([images], cfg)
+    assert out["2048"].shape == (2, 2048) and out["logits_unbiased"].shape == (2, 1008)
+    assert torch.isfinite(out["2048"]).all() and not torch.equal(out["2048"][0], out["2048"][1])
+
+
+def test_inception_checks(tmp_path, random_inception_weights):
+    cfg = {**METRICS, "features": "inception", "inception_weights": str(tmp_path / "missing.pth")}
+    with pytest.raises(ConfigError, match="metrics.inception_weights.*missing.pth"):
+        metrics.check_ready(DATASET, cfg, 10_000)
+    cfg["inception_weights"] = str(random_inception_weights)
+    with pytest.raises(ConfigError, match="more than 2048"):
+        metrics.check_ready(DATASET, cfg, 2048)
+    metrics.check_ready(DATASET, cfg, 2049)
+    with pytest.raises(ConfigError, match="holds 64-d .* 'inception' gives 2048-d"):
+        metrics.check_ready(DATASET, {**cfg, "reference": str(adm_npz(tmp_path / "r.npz", 64))}, 10_000)
+
+
+def test_fetch_assets_downloads_inception_weights(tmp_path, monkeypatch, capsys):
+    target = tmp_path / "w" / "inception.pth"
+    config = make_config(metrics={"features": "inception", "inception_weights": str(target)}, sample={"n": 3000})
+    fetched = []
+    monkeypatch.setattr(metrics, "_download", lambda url, path: (fetched.append(url), path.parent.mkdir(parents=True),
+                                                                 path.write_bytes(b"w")))
+    assert metrics.fetch_assets(config, tmp_path) == 0 and target.read_bytes() == b"w"
+    assert fetched == [metrics.URL_INCEPTION_V3]
+    assert metrics.fetch_assets(config, tmp_path) == 0 and len(fetched) == 1  # present: not fetched again
+    assert "already at" in capsys.readouterr().out
+
+
+def test_fetch_assets_offline_says_what_to_put_where(tmp_path, monkeypatch, capsys):
+    def offline(*args):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(metrics, "_download", offline)
+    monkeypatch.setattr(metrics, "_save_sd_vae", offline)
+    ref = tmp_path / "VIRTUAL_imagenet256_labeled.npz"
+    config = make_config(metrics={"features": "inception", "inception_weights": str(tmp_path / "inc.pth"),
+                                  "reference": str(ref)},
+                         tokenizer={"name": "sd-vae", "path": str(tmp_path / "sdvae")},
+                         dataset={"image_size": 256}, sample={"n": 3000})
+    assert metrics.fetch_assets(config, tmp_path) == 1
+    out = capsys.readouterr().out
+    for expected in (metrics.URL_INCEPTION_V3, str(tmp_path / "inc.pth"), metrics.ADM_REFERENCE_URLS[ref.name],
+                     str(ref), metrics.SD_VAE_REPO, str(tmp_path / "sdvae"), "network unreachable"):
+        assert expected in out
+    assert not (tmp_path / "inc.pth").exists() and not (tmp_path / "sdvae").exists()
+
+
+def test_fetch_assets_va_vae_prints_url_and_place(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(metrics, "_download", lambda *a: pytest.fail("download attempted"))
+    checkpoint = tmp_path / "vavae.pt"
+    config = make_config(tokenizer={"name": "va-vae", "path": str(checkpoint)}, dataset={"image_size": 256})
+    assert metrics.fetch_assets(config) == 1
+    out = capsys.readouterr().out
+    assert metrics.VAVAE_URL in out and str(checkpoint) in out
+    assert metrics.VAVAE_URL.endswith("hustvl/vavae-imagenet256-f16d32-dinov2/resolve/main/vavae-imagenet256-f16d32-dinov2.pt")
+    checkpoint.write_bytes(b"x")
+    assert metrics.fetch_assets(config) == 0
+
+
+def test_fetch_assets_nothing_needed_for_digits(monkeypatch):
+    monkeypatch.setattr(metrics, "_download", lambda *a: pytest.fail("download attempted"))
+    assert metrics.fetch_assets(CONFIG) == 0

@@ -1,0 +1,255 @@
+"""ddaepp.report on fake metrics/probe JSON files: table shape, seed statistics, explained
+blanks, the paper's columns only where the setup matches, parquet, figures, captions."""
+
+import itertools
+import math
+import os
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from ddaepp import config as config_lib
+from ddaepp import report
+from ddaepp.io import read_json, write_json
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def digits_config(**overrides):
+    return config_lib.load(REPO / "config.yaml", overrides=overrides, check_paths=False)
+
+
+def paper_config(**overrides):
+    # The paper's setup with two budgets per setting, to keep the fake grid small.
+    epochs = {"settings": {"uncond": {"epochs": [20, 40]}, "cond": {"epochs": [20, 40]}}}
+    path = REPO / "config" / "imagenet-dit-b.yaml"
+    return config_lib.load(path, overrides={**epochs, **overrides}, check_paths=False)
+
+
+def fake_records(tmp_path, variants, seeds, epochs, conditional, n=500, features="digits-net", value=None):
+    """Write metrics/probe JSON files the way the pipeline would; `value(variant, seed, epoch, metric)`."""
+    value = value or (lambda v, s, e, m: {"fid": 50.0 - e, "lp_acc": 60.0 + e / 10, "fid_cfg": 20.0 - e / 10,
+                                          "is_cfg": 100.0 + e}[m] + s + variants.index(v))
+    records = []
+    for v, s, e in itertools.product(variants, seeds, epochs):
+        d = tmp_path / "runs" / v / f"s{s}" / f"ep{e}"
+        common = {"n": n, "features": features, "reference": "train", "steps": 32, "shift": 0.3,
+                  "is_std": 1.0, "is_splits": 10}
+        write_json(d / "metrics-nocfg.json",
+                   {**common, "fid": value(v, s, e, "fid"), "is_mean": 2.0, "guidance": "nocfg", "cfg_scale": 1.0})
+        write_json(d / "probe.json", {"block": 2, "t": 0.9, "lp_acc": value(v, s, e, "lp_acc"), "selection_acc": 55.0,
+                                      "floor_acc": 10.0, "n_train": 1437, "n_val": 360, "n_pairs": 16})
+        record = {"variant": v, "seed": s, "epoch": e, "metrics_nocfg": d / "metrics-nocfg.json",
+                  "metrics_cfg": None, "probe": d / "probe.json"}
+        if conditional:
+            record["metrics_cfg"] = d / "metrics-cfg.json"
+            cfg_metrics = {"fid": value(v, s, e, "fid_cfg"), "is_mean": value(v, s, e, "is_cfg"), "guidance": "cfg"}
+            write_json(record["metrics_cfg"], {**common, **cfg_metrics, "cfg_scale": 3.0})
+        records.append(record)
+    return records
+
+
+def read_md_table(path):
+    """(header cells, {first cell: row cells}, full text) of the markdown table in `path`."""
+    text = Path(path).read_text()
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    assert set(lines[1]) <= set("|-:"), "second table line must be the alignment row"
+    return cells[0], {row[0]: row for row in cells[2:]}, text
+
+
+def write(tmp_path, config, table, records):
+    out = [tmp_path / f"{table}.{ext}" for ext in ("md", "html", "parquet")]
+    report.write_table(config, table, records, *out)
+    return out
+
+
+def test_uncond_table_columns_rows_and_single_seed_values(tmp_path):
+    config = digits_config()
+    records = fake_records(tmp_path, ["baseline", "selfcond"], [0], [5, 10, 20], conditional=False)
+    md, html, parquet = write(tmp_path, config, "uncond", records)
+    header, rows, text = read_md_table(md)
+    assert header == ["Epoch", "baseline FID_500 (digits-net)", "baseline LP Acc.",
+                      "selfcond FID_500 (digits-net)", "selfcond LP Acc."]
+    assert list(rows) == ["5", "10", "20"]
+    assert rows["10"][1:] == ["40.00", "61.00", "41.00", "62.00"]  # one seed: the value, no ± or n=
+    for fact in ("setting `uncond`", "digits", "digits-net features", "500 samples", "60 train images per class"):
+        assert fact in text.splitlines()[0]
+    assert "paper" not in text.lower()  # the digits default is not the paper's setup
+    page = html.read_text()
+    assert page.startswith("<!DOCTYPE html>") and 'colspan="2"' in page and "FID_500 (digits-net)" in page
+
+
+def test_cond_table_two_seeds_mean_std(tmp_path):
+    config = digits_config(seeds=[0, 1])
+    records = fake_records(tmp_path, ["baseline", "selfcond"], [0, 1], [5, 10, 20], conditional=True, n=1000)
+    md, _, parquet = write(tmp_path, config, "cond", records)
+    header, rows, _ = read_md_table(md)
+    metrics = ("FID_1k (digits-net)", "LP Acc.", "FID_1k_CFG (digits-net)", "IS_1k_CFG (digits-net)")
+    assert header == ["Epoch"] + [f"{v} {m}" for v in ("baseline", "selfcond") for m in metrics]
+    # seeds 0 and 1 differ by exactly 1: mean +0.5, sample std 0.71
+    assert rows["20"][1] == "30.50 ± 0.71 (n=2)"
+    assert rows["20"][8] == "121.50 ± 0.71 (n=2)"  # selfcond IS with CFG: 100 + 20 + 1 + 0.5
+    frame = pd.read_parquet(parquet)
+    assert len(frame) == 2 * 2 * 3 and {"fid", "lp_acc", "fid_cfg", "is_cfg", "n", "features"} <= set(frame.columns)
+
+
+def test_uncond_frame_has_no_cfg_columns_and_parquet_round_trips(tmp_path):
+    config = digits_config()
+    records = fake_records(tmp_path, ["baseline", "selfcond"], [0], [5, 10, 20], conditional=False)
+    _, _, parquet = write(tmp_path, config, "uncond", records)
+    frame = report.collect(config, "uncond", records)
+    assert not {"fid_cfg", "is_cfg"} & set(frame.columns)
+    assert list(frame.variant.unique()) == ["baseline", "selfcond"]
+    pd.testing.assert_frame_equal(pd.read_parquet(parquet), frame)
+
+
+def test_nan_and_missing_metrics_are_explained_not_numbers(tmp_path):
+    config = digits_config(seeds=[0, 1])
+
+    def value(v, s, e, m):
+        if (v, e, m) == ("selfcond", 10, "fid"):
+            return float("nan")  # both seeds diverged
+        if (v, s, e, m) == ("baseline", 1, 20, "lp_acc"):
+            return float("inf")  # one seed broken: the other is shown, counted and annotated
+        return 1.0
+    records = fake_records(tmp_path, ["baseline", "selfcond"], [0, 1], [5, 10, 20], conditional=False, value=value)
+    md, _, _ = write(tmp_path, config, "uncond", records)
+    _, rows, text = read_md_table(md)
+    blank = rows["10"][3]
+    assert re.fullmatch(r"— ?(\[\d+\])+", blank), blank
+    assert not re.search(r"\d+\.\d", blank)
+    for mark in re.findall(r"\[\d+\]", blank):
+        assert re.search(rf"^- {re.escape(mark)} not finite: 'fid' is nan", text, re.M)
+    assert rows["20"][2].startswith("1.00 (n=1)[") and "'lp_acc' is inf" in text
+    frame = report.collect(config, "uncond", records)
+    row = frame[(frame.variant == "selfcond") & (frame.epoch == 10) & (frame.seed == 0)].iloc[0]
+    assert math.isnan(row.fid) and "fid: not finite" in row.notes
+
+
+def test_missing_key_and_missing_epoch_are_explained(tmp_path):
+    config = digits_config()
+    records = fake_records(tmp_path, ["baseline", "selfcond"], [0], [5, 10, 20], conditional=False)
+    path = Path(records[1]["metrics_nocfg"])  # baseline, epoch 10
+    data = read_json(path)
+    del data["fid"]
+    write_json(path, data)
+    records = [r for r in records if not (r["variant"] == "selfcond" and r["epoch"] == 20)]
+    md, _, _ = write(tmp_path, config, "uncond", records)
+    _, rows, text = read_md_table(md)
+    assert rows["10"][1].startswith("—[") and "not computed: no 'fid' in `metrics-nocfg.json`" in text
+    assert rows["20"][3].startswith("—[") and "no run of this variant at this epoch" in text
+
+
+def test_bad_records_get_clear_errors(tmp_path):
+    config = digits_config()
+    records = fake_records(tmp_path, ["baseline"], [0], [5], conditional=False)
+    with pytest.raises(config_lib.ConfigError, match="unknown table 'nope'"):
+        report.collect(config, "nope", records)
+    with pytest.raises(ValueError, match="not a budget"):
+        report.collect(config, "uncond", [{**records[0], "epoch": 7}])
+    with pytest.raises(ValueError, match="two records"):
+        report.collect(config, "uncond", records + records)
+    with pytest.raises(ValueError, match="unconditional"):
+        report.collect(config, "uncond", [{**records[0], "metrics_cfg": records[0]["metrics_nocfg"]}])
+    with pytest.raises(ValueError, match="lacks metrics_nocfg, probe"):
+        report.collect(config, "uncond", [{"variant": "baseline", "seed": 0, "epoch": 5}])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        report.collect(config, "uncond", [{**records[0], "probe": tmp_path / "missing.json"}])
+
+
+def test_paper_columns_only_for_the_paper_setup(tmp_path):
+    config = paper_config()
+    records = fake_records(tmp_path, ["baseline", "selfcond"], [0], [20, 40], conditional=True, n=10_000,
+                           features="inception", value=lambda v, s, e, m: 10.0)
+    md, _, _ = write(tmp_path, config, "cond", records)
+    header, rows, text = read_md_table(md)
+    assert header[1:7] == ["baseline FID_10k", "baseline FID_10k (paper)", "baseline Δ FID_10k",
+                           "baseline LP Acc.", "baseline LP Acc. (paper)", "baseline Δ LP Acc."]
+    assert "selfcond IS_10k_CFG (paper)" in header and len(header) == 1 + 2 * 4 * 3
+    base = dict(zip(header, rows["20"]))
+    assert base["baseline FID_10k (paper)"] == "31.64" and base["baseline Δ FID_10k"] == "-21.64"
+    assert base["selfcond IS_10k_CFG (paper)"] == "93.70" and base["selfcond Δ IS_10k_CFG"] == "-83.70"
+    assert "Δ = ours − paper" in text
+
+
+def test_paper_delta_withheld_when_fid_measured_differently(tmp_path):
+    config = paper_config()
+    records = fake_records(tmp_path, ["baseline", "selfcond"], [0], [20, 40], conditional=False, n=5000,
+                           features="inception", value=lambda v, s, e, m: 60.0)
+    md, _, _ = write(tmp_path, config, "uncond", records)
+    header, rows, text = read_md_table(md)
+    row = dict(zip(header, rows["40"]))
+    assert "baseline FID_5k" in header and row["baseline FID_10k (paper)"] == "35.39"
+    assert row["baseline Δ FID_10k"].startswith("—[") and "not comparable: ours is FID_5k" in text
+    assert row["baseline Δ LP Acc."] == "-2.87"  # the probe is comparable at any sample count
+
+
+def test_paper_columns_only_for_variants_and_models_the_paper_has(tmp_path):
+    config = paper_config(variants={"dispersive": {"train": {"dispersive": {"weight": 0.25, "layer": 4}}}},
+                          tables={"uncond": {"setting": "uncond", "variants": ["baseline", "dispersive"]}})
+    records = fake_records(tmp_path, ["baseline", "dispersive"], [0], [20, 40], conditional=False, n=10_000,
+                           features="inception")
+    md, _, _ = write(tmp_path, config, "uncond", records)
+    header, _, _ = read_md_table(md)
+    assert "baseline FID_10k (paper)" in header and not any("dispersive" in h and "paper" in h for h in header)
+    config = paper_config(model={"size": "B/2"})  # another patch size: not the paper's model
+    md, _, _ = write(tmp_path, config, "uncond", fake_records(tmp_path, ["baseline", "selfcond"], [0], [20, 40],
+                                                              conditional=False, n=10_000, features="inception"))
+    header, _, text = read_md_table(md)
+    assert len(header) == 5 and "paper" not in text.lower()
+
+
+def test_third_variant_gets_its_own_column_group(tmp_path):
+    config = digits_config(tables={"uncond": {"setting": "uncond", "variants": ["baseline", "selfcond", "dispersive"]}})
+    records = fake_records(tmp_path, ["baseline", "selfcond", "dispersive"], [0], [5, 10, 20], conditional=False)
+    md, html, _ = write(tmp_path, config, "uncond", records)
+    header, rows, _ = read_md_table(md)
+    assert header[5:] == ["dispersive FID_500 (digits-net)", "dispersive LP Acc."]
+    assert rows["5"][5:] == ["47.00", "62.50"]
+    assert html.read_text().count('colspan="2"') == 3
+
+
+def test_figures_are_written(tmp_path):
+    config = digits_config(seeds=[0, 1])
+    records = fake_records(tmp_path, ["baseline", "selfcond"], [0, 1], [5, 10, 20], conditional=True)
+    fid_png, lp_png = tmp_path / "fig" / "fid.png", tmp_path / "fig" / "lp.png"
+    report.plot_curves(config, "cond", records, fid_png, lp_png)
+    for png in (fid_png, lp_png):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert sorted(p.name for p in fid_png.parent.iterdir()) == ["fid.png", "lp.png"]  # no temporary files left
+
+
+def test_count_label():
+    counts = (500, 1000, 1500, 10_000, 50_000, 1234)
+    assert [report.count_label(n) for n in counts] == ["500", "1k", "1.5k", "10k", "50k", "1234"]
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # snakemake calls it so
+@pytest.mark.parametrize("caption", sorted((REPO / "workflow" / "report").glob("*.rst")), ids=lambda p: p.name)
+def test_captions_render_as_snakemake_would(caption):
+    jinja2 = pytest.importorskip("jinja2")
+    from docutils.core import publish_parts
+    try:
+        from snakemake.iocontainers import Wildcards  # snakemake >= 9
+    except ImportError:
+        from snakemake.io import Wildcards
+
+    class FakeSnakemake:  # what snakemake --report hands a caption's template
+        wildcards = Wildcards(fromdict={"run": "uncond-baseline", "seed": "0", "epoch": "20", "table": "uncond"})
+        config = yaml.safe_load((REPO / "config.yaml").read_text())
+
+    text = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(caption.read_text())
+    rendered = text.render(snakemake=FakeSnakemake, categories={}, files={})
+    html = publish_parts(rendered, writer_name="html", settings_overrides={"halt_level": 2, "report_level": 2})["body"]
+    assert len(html) > 100
+
+
+def test_every_artifact_kind_has_a_caption():
+    names = {p.stem for p in (REPO / "workflow" / "report").glob("*.rst")}
+    assert {"table", "fid_curve", "lp_curve", "heatmap", "samples", "workflow"} <= names
