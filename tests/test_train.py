@@ -1,0 +1,97 @@
+"""Training in epoch-budget segments: segments equal one long run, kill -9 resumes exactly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from ddaepp import config, io
+from ddaepp.train import train
+
+
+def run_cfg(default_config, variant="baseline", setting="uncond", **train_overrides):
+    cfg = config.run_config(default_config, setting, variant)
+    cfg["train"].update(train_overrides)
+    return cfg
+
+
+def states_equal(a, b):
+    sa, sb = io.load_checkpoint(a), io.load_checkpoint(b)
+    for key in ("model", "ema"):
+        assert sa[key].keys() == sb[key].keys()
+        for name in sa[key]:
+            assert torch.equal(sa[key][name], sb[key][name]), f"{key}.{name} differs"
+    assert sa["step"] == sb["step"]
+
+
+@pytest.mark.parametrize("variant, setting", [("baseline", "uncond"), ("selfcond", "cond")])
+def test_segments_equal_one_long_run(default_config, small_latents, tmp_path, variant, setting):
+    cfg = run_cfg(default_config, variant, setting)
+    train(cfg, small_latents, seed=0, epoch=2, out_state=tmp_path / "long/ep2/state.pt")
+    train(cfg, small_latents, seed=0, epoch=1, out_state=tmp_path / "seg/ep1/state.pt")
+    summary = train(cfg, small_latents, seed=0, epoch=2, out_state=tmp_path / "seg/ep2/state.pt",
+                    init_state=tmp_path / "seg/ep1/state.pt")
+    states_equal(tmp_path / "long/ep2/state.pt", tmp_path / "seg/ep2/state.pt")
+    assert summary["steps"] == 8 and summary["steps_this_job"] == 4 and len(summary["epoch_losses"]) == 2
+    assert json.loads((tmp_path / "seg/ep2/train.json").read_text())["steps"] == 8
+
+
+def test_loss_falls(default_config, small_latents, tmp_path):
+    summary = train(run_cfg(default_config), small_latents, seed=0, epoch=4, out_state=tmp_path / "state.pt")
+    losses = summary["epoch_losses"]
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_resume_refuses_another_config(default_config, small_latents, tmp_path):
+    train(run_cfg(default_config), small_latents, seed=0, epoch=1, out_state=tmp_path / "ep1/state.pt")
+    other = run_cfg(default_config, lr=5e-4)
+    with pytest.raises(ValueError, match=r"train.lr: 0.001 in the state, 0.0005 now"):
+        train(other, small_latents, seed=0, epoch=2, out_state=tmp_path / "ep2/state.pt",
+              init_state=tmp_path / "ep1/state.pt")
+    selfcond = run_cfg(default_config, "selfcond")
+    with pytest.raises(ValueError, match=r"model.self_cond: False in the state, True now"):
+        train(selfcond, small_latents, seed=0, epoch=2, out_state=tmp_path / "ep2/state.pt",
+              init_state=tmp_path / "ep1/state.pt")
+
+
+def test_non_finite_loss_stops_with_the_step(default_config, small_latents, tmp_path):
+    cfg = run_cfg(default_config, lr=1e6)  # diverges within a few steps
+    with pytest.raises(FloatingPointError, match=r"at step \d+"):
+        train(cfg, small_latents, seed=0, epoch=50, out_state=tmp_path / "state.pt")
+    assert not (tmp_path / "state.pt").exists()  # nothing declared as output is written
+
+
+def _train_cmd(cfg_path, latents, out, wip):
+    return [sys.executable, "-m", "ddaepp", "train", "--run-config", str(cfg_path), "--latents", str(latents),
+            "--epoch", "3", "--out", str(out), "--wip", str(wip)]
+
+
+def test_kill_9_mid_segment_resumes_to_the_same_weights(default_config, small_latents, tmp_path):
+    cfg = run_cfg(default_config, checkpoint_minutes=0.0001)  # an in-progress checkpoint every step
+    cfg_path = tmp_path / "run.json"
+    cfg_path.write_text(json.dumps(cfg))
+    train(cfg, small_latents, seed=0, epoch=3, out_state=tmp_path / "straight/state.pt")
+
+    out, wip = tmp_path / "killed/state.pt", tmp_path / "killed/_wip"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(_train_cmd(cfg_path, small_latents, out, wip), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (wip / "state.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (wip / "state.pt").exists() and not out.exists(), "the job finished before it could be killed"
+    killed_at = io.load_checkpoint(wip / "state.pt")["step"]
+    assert 0 < killed_at < 12
+
+    subprocess.run(_train_cmd(cfg_path, small_latents, out, wip), env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    states_equal(tmp_path / "straight/state.pt", out)
+    assert json.loads(out.with_name("train.json").read_text())["steps_this_job"] == 12 - killed_at
+    assert not (wip / "state.pt").exists()  # cleaned up on success
