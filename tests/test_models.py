@@ -15,7 +15,7 @@ from ddaepp.models import LightningDiT, build_model, count_flops, model_from_run
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
-REFERENCE = Path("/work/shared/reference")
+REFERENCE = Path(os.environ.get("DDAEPP_REFERENCE", Path(__file__).resolve().parents[2] / "shared" / "reference"))
 REPO = Path(__file__).resolve().parents[1]
 UPSTREAM_B1 = dict(use_swiglu=True, use_rope=True, use_rmsnorm=True)  # the reference state dict's flags
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=4, num_heads=2, num_classes=10,

@@ -1,0 +1,127 @@
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile
+
+from ddaepp import data
+from standins import make_imagefolder
+
+DIGITS = {"name": "digits", "root": None, "image_size": 16, "val_fraction": 0.2, "split_seed": 0}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_imagefolder(tmp_path_factory.mktemp("imagenet"), n_classes=3, per_class=4, image_size=40)
+
+
+def imagefolder_cfg(root, size=32):
+    return {"name": "imagefolder", "root": str(root), "image_size": size, "val_fraction": 0.2, "split_seed": 0}
+
+
+def test_digits_split_is_deterministic_stratified_and_complete():
+    from sklearn.datasets import load_digits
+
+    train, val = data.build_index(DIGITS, "train"), data.build_index(DIGITS, "val")
+    assert len(train) + len(val) == 1797 and len(val) == 360
+    assert set(train.source).isdisjoint(val.source)
+    assert sorted(map(int, list(train.source) + list(val.source))) == list(range(1797))
+    assert train.label.dtype == np.int64 and isinstance(train.source.iloc[0], str)
+    target = load_digits().target
+    assert (train.label.to_numpy() == target[train.source.astype(int)]).all()
+    class_share = np.bincount(val.label, minlength=10) / np.bincount(target, minlength=10)
+    assert np.abs(class_share - 0.2).max() < 0.02  # every class holds out its share
+    assert train.equals(data.build_index(DIGITS, "train"))
+    other = data.build_index({**DIGITS, "split_seed": 1}, "val")
+    assert not set(other.source) == set(val.source)
+    assert data.num_classes(DIGITS) == 10 and data.image_channels(DIGITS) == 1
+
+
+def test_digits_images_are_scaled_and_upsampled():
+    from sklearn.datasets import load_digits
+
+    index = data.build_index(DIGITS, "val").iloc[:5]
+    native, ok = data.load_images({**DIGITS, "image_size": 8}, index)
+    expected = np.rint(load_digits().images[index.source.astype(int)] * 255 / 16).astype(np.uint8)
+    assert ok.all() and native.shape == (5, 1, 8, 8) and (native[:, 0] == expected).all()
+    big, _ = data.load_images({**DIGITS, "image_size": 32}, index)
+    assert big.shape == (5, 1, 32, 32) and big.dtype == np.uint8
+    # bilinear upsampling keeps the mean brightness up to border effects
+    assert np.abs(big.reshape(5, -1).mean(1) - native.reshape(5, -1).mean(1)).max() < 6
+
+
+def test_iter_image_batches_limit_and_batches():
+    batches = list(data.iter_image_batches(DIGITS, "val", 100))
+    assert [len(x) for x, _ in batches] == [100, 100, 100, 60]
+    images, labels = batches[0]
+    assert images.dtype == np.uint8 and labels.dtype == np.int64
+    subset = np.concatenate([y for _, y in data.iter_image_batches(DIGITS, "train", 64, limit=200)])
+    assert len(subset) == 200 and len(np.unique(subset)) == 10  # a spread subset, not the first rows
+
+
+def test_imagefolder_index(folder):
+    cfg = imagefolder_cfg(folder["root"])
+    train, val = data.build_index(cfg, "train"), data.build_index(cfg, "val")
+    assert data.num_classes(cfg) == 3 and data.image_channels(cfg) == 3
+    assert len(train) == folder["n_train"] and len(val) == folder["n_val"]
+    assert set(folder["special"].values()) <= set(train.source)  # .png lowercase and PNG-named-JPEG included
+    assert not any(s.endswith((".DS_Store", ".txt")) for s in train.source)
+    assert list(train.source) == sorted(train.source)
+    for source, label in zip(val.source, val.label):
+        assert source.split("/")[1] == folder["classes"][label]
+
+
+def test_imagefolder_decodes_defects_and_skips_corrupt_files(folder, caplog):
+    cfg = imagefolder_cfg(folder["root"], size=32)
+    index = data.build_index(cfg, "train")
+    with caplog.at_level(logging.WARNING, logger="ddaepp.data"):
+        images, ok = data.load_images(cfg, index)
+    assert images.shape == (len(index), 3, 32, 32) and images.dtype == np.uint8
+    corrupt = (index.source == folder["special"]["corrupt"]).to_numpy()
+    assert (ok == ~corrupt).all() and (images[corrupt] == 0).all()
+    assert folder["special"]["corrupt"] in caplog.text and "1 of" in caplog.text
+    row = {kind: int(np.flatnonzero(index.source == path)[0]) for kind, path in folder["special"].items()}
+    gray = images[row["gray"]].astype(int)
+    assert (gray[0] == gray[1]).all() and (gray[1] == gray[2]).all() and gray.std() > 5
+    # the same picture stored four ways: lossless PNGs agree exactly, the JPEGs (CMYK too) nearly
+    png = images[row["png_as_jpeg"]].astype(int)
+    assert (png == images[row["lower_png"]]).all() and png.std() > 5
+    assert np.abs(images[row["cmyk"]].astype(int) - png).mean() < 12
+    assert np.abs(gray - png.mean(0)).mean() < 12
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+def test_center_crop_matches_adm_on_a_known_case():
+    # 64x96 to 32: one box halving (2x2 means) to 32x48, no-op bicubic, then the middle 32 columns
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(64, 96, 3), dtype=np.uint8)
+    out = np.asarray(data.center_crop(Image.fromarray(pixels), 32)).astype(int)
+    halved = pixels.reshape(32, 2, 48, 2, 3).astype(float).mean((1, 3))
+    assert out.shape == (32, 32, 3) and np.abs(out - halved[:, 8:40]).max() <= 1
+
+
+def test_sixteen_bit_gray_is_rescaled_not_clipped(tmp_path):
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.full((40, 40), 32896, dtype=np.uint16)).save(path)
+    image = data.decode_image(path, 32)
+    assert image.shape == (3, 32, 32) and (image == 128).all()
+
+
+def test_imagefolder_layout_errors(tmp_path, folder):
+    with pytest.raises(FileNotFoundError, match="train/<class>"):
+        data.build_index(imagefolder_cfg(tmp_path / "nowhere"), "train")
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no class folders in .*empty/train"):
+        data.num_classes(imagefolder_cfg(tmp_path / "empty"))
+    (tmp_path / "empty" / "train" / "n1").mkdir()
+    with pytest.raises(FileNotFoundError, match="no images under .*empty/train"):
+        data.build_index(imagefolder_cfg(tmp_path / "empty"), "train")
+    stray = folder["root"] / "val" / "n09999999"
+    stray.mkdir()
+    (stray / "x.JPEG").write_bytes(b"")
+    try:
+        with pytest.raises(ValueError, match="n09999999"):
+            data.build_index(imagefolder_cfg(folder["root"]), "val")
+    finally:
+        (stray / "x.JPEG").unlink()
+        stray.rmdir()

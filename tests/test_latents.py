@@ -1,0 +1,157 @@
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ddaepp import data, latents, tokenizers
+from standins import make_imagefolder, make_sd_vae
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)
+
+DIGITS = {"name": "digits", "root": None, "image_size": 16, "val_fraction": 0.2, "split_seed": 0}
+PIXEL = {"name": "pixel", "factor": 2, "path": None, "batch_size": 16, "shards": 3}
+
+
+def write_index(tmp_path, dataset_cfg, split, n=None):
+    index = data.build_index(dataset_cfg, split)
+    index = index.iloc[:n] if n else index
+    path = tmp_path / f"index-{split}.parquet"
+    index.to_parquet(path)
+    return index, path
+
+
+def encode_all(tmp_path, dataset_cfg, tokenizer_cfg, split, index_path, out="shards"):
+    paths = [tmp_path / out / f"{split}-{k}.npz" for k in range(tokenizer_cfg["shards"])]
+    for k, path in enumerate(paths):
+        latents.encode_shard(dataset_cfg, tokenizer_cfg, split, k, tokenizer_cfg["shards"], index_path, path)
+    return paths
+
+
+def test_shard_rows_are_contiguous_and_cover_everything():
+    ranges = [latents.shard_rows(10, k, 4) for k in range(4)]
+    assert [(r.start, r.stop) for r in ranges] == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert list(latents.shard_rows(2, 3, 4)) == []
+    with pytest.raises(ValueError, match="outside"):
+        latents.shard_rows(10, 4, 4)
+
+
+def test_encode_and_merge_digits(tmp_path):
+    index, index_path = write_index(tmp_path, DIGITS, "train", n=40)
+    paths = encode_all(tmp_path, DIGITS, PIXEL, "train", index_path)
+    assert not (tmp_path / "shards" / "_wip").exists()
+    latents.merge_shards(paths[::-1], tmp_path, "train")  # order given does not matter
+    z, labels = latents.load_latents(tmp_path, "train")
+    assert isinstance(z, np.memmap) and z.dtype == np.float16 and z.shape == (40, 2, 4, 8, 8)
+    assert (labels == index.label.to_numpy()).all()
+    images, _ = data.load_images(DIGITS, index)
+    x = torch.from_numpy(images).float() / 127.5 - 1
+    pixel = tokenizers.build(PIXEL, DIGITS)
+    expected = torch.stack([pixel.encode(x), pixel.encode(x.flip(-1))], 1).half().numpy()
+    assert np.array_equal(z, expected)  # view 1 is the encoding of the flipped image
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    flat = np.asarray(z, dtype=np.float64).transpose(2, 0, 1, 3, 4).reshape(4, -1)
+    np.testing.assert_allclose(stats["mean"], flat.mean(1), rtol=1e-10)
+    np.testing.assert_allclose(stats["std"], flat.std(1), rtol=1e-10)
+    assert stats["n"] == 40 and stats["latent_shape"] == [4, 8, 8] and stats["skipped"] == 0
+    mean, std = latents.load_stats(tmp_path)
+    assert mean.shape == std.shape == (4, 1, 1)
+
+
+def test_val_has_one_view_and_no_stats(tmp_path):
+    _, index_path = write_index(tmp_path, DIGITS, "val", n=20)
+    paths = encode_all(tmp_path, DIGITS, {**PIXEL, "shards": 1}, "val", index_path)
+    latents.merge_shards(paths, tmp_path, "val")
+    z, labels = latents.load_latents(tmp_path, "val", mmap=False)
+    assert z.shape == (20, 1, 4, 8, 8) and len(labels) == 20
+    assert not (tmp_path / "stats.json").exists()
+
+
+def test_stats_stream_in_blocks(monkeypatch, tmp_path):
+    monkeypatch.setattr(latents, "STATS_ROWS", 7)  # many uneven blocks must combine exactly
+    _, index_path = write_index(tmp_path, DIGITS, "train", n=40)
+    latents.merge_shards(encode_all(tmp_path, DIGITS, PIXEL, "train", index_path), tmp_path, "train")
+    z, _ = latents.load_latents(tmp_path, "train")
+    flat = np.asarray(z, dtype=np.float64).transpose(2, 0, 1, 3, 4).reshape(4, -1)
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    np.testing.assert_allclose(stats["std"], flat.std(1), rtol=1e-10)
+
+
+def test_killed_shard_resumes_from_finished_chunks(monkeypatch, tmp_path):
+    _, index_path = write_index(tmp_path, DIGITS, "train", n=50)
+    cfg = {**PIXEL, "shards": 1}
+    reference = tmp_path / "reference.npz"
+    latents.encode_shard(DIGITS, cfg, "train", 0, 1, index_path, reference)
+
+    real_load, calls = data.load_images, []
+
+    def dies_on_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")  # stands in for kill -9 between chunks
+        return real_load(*args, **kwargs)
+
+    out = tmp_path / "shards" / "train-0.npz"
+    monkeypatch.setattr(data, "load_images", dies_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        latents.encode_shard(DIGITS, cfg, "train", 0, 1, index_path, out)
+    wip = tmp_path / "shards" / "_wip" / "train-0"
+    assert not out.exists() and len(list(wip.glob("chunk-*.npz"))) == 1
+    calls.clear()
+    monkeypatch.setattr(data, "load_images", lambda *a, **k: (calls.append(1), real_load(*a, **k))[1])
+    latents.encode_shard(DIGITS, cfg, "train", 0, 1, index_path, out)
+    assert len(calls) == 3  # 50 rows in batches of 16: four chunks, one already done
+    with np.load(out) as resumed, np.load(reference) as whole:
+        for key in ("latents", "labels", "rows", "skipped"):
+            assert np.array_equal(resumed[key], whole[key])
+    assert not (tmp_path / "shards" / "_wip").exists()
+
+
+def test_stale_wip_from_another_config_is_discarded(tmp_path):
+    _, index_path = write_index(tmp_path, DIGITS, "train", n=20)
+    wip = tmp_path / "shards" / "_wip" / "train-0"
+    wip.mkdir(parents=True)
+    (wip / "meta.json").write_text(json.dumps({"made by": "another config"}))
+    np.savez(wip / "chunk-000000000.npz", latents=np.zeros((16, 2, 4, 8, 8), np.float16))
+    out = tmp_path / "shards" / "train-0.npz"
+    latents.encode_shard(DIGITS, {**PIXEL, "shards": 1}, "train", 0, 1, index_path, out)
+    with np.load(out) as shard:
+        assert shard["latents"].shape == (20, 2, 4, 8, 8) and np.abs(shard["latents"]).max() > 0
+
+
+def test_merge_refuses_when_the_disk_is_full(monkeypatch, tmp_path):
+    import shutil
+    from types import SimpleNamespace
+
+    _, index_path = write_index(tmp_path, DIGITS, "val", n=10)
+    paths = encode_all(tmp_path, DIGITS, {**PIXEL, "shards": 1}, "val", index_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: SimpleNamespace(total=1, used=1, free=0))
+    with pytest.raises(OSError, match="not enough disk for latents-val.npy"):
+        latents.merge_shards(paths, tmp_path, "val")
+    assert not (tmp_path / "latents-val.npy").exists()
+
+
+def test_imagefolder_with_sd_vae_end_to_end(tmp_path):
+    folder = make_imagefolder(tmp_path / "imagenet", n_classes=2, per_class=3, image_size=40)
+    dataset_cfg = {"name": "imagefolder", "root": str(folder["root"]), "image_size": 32,
+                   "val_fraction": 0.2, "split_seed": 0}
+    tokenizer_cfg = {"name": "sd-vae", "factor": 2, "path": str(make_sd_vae(tmp_path / "vae")),
+                     "batch_size": 4, "shards": 2}
+    index, index_path = write_index(tmp_path, dataset_cfg, "train")
+    paths = encode_all(tmp_path, dataset_cfg, tokenizer_cfg, "train", index_path)
+    latents.merge_shards(paths, tmp_path / "out", "train")
+    z, labels = latents.load_latents(tmp_path / "out", "train")
+    assert z.shape == (folder["n_train"] - 1, 2, 4, 4, 4) and np.isfinite(z).all()
+    kept = index.source != folder["special"]["corrupt"]
+    assert (labels == index.label[kept].to_numpy()).all()
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["skipped"] == 1 and stats["skipped_files"] == [folder["special"]["corrupt"]]
+    # the stored flip view is the VAE's encoding of the flipped image
+    tokenizer = tokenizers.build(tokenizer_cfg, dataset_cfg)
+    images, ok = data.load_images(dataset_cfg, index.iloc[:2])
+    x = torch.from_numpy(images[ok]).float() / 127.5 - 1
+    np.testing.assert_allclose(z[:len(x), 1], tokenizer.encode(x.flip(-1)).half().numpy(), atol=2e-3)
+    assert Path(tmp_path / "out" / "labels-train.npy").is_file()

@@ -1,0 +1,120 @@
+import os
+import re
+
+import pytest
+import torch
+
+from ddaepp import tokenizers
+from standins import make_sd_vae, make_vavae_checkpoint, vavae_golden
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)
+
+DIGITS = {"name": "digits", "root": None, "image_size": 16, "val_fraction": 0.2, "split_seed": 0}
+RGB64 = {"name": "imagefolder", "root": None, "image_size": 64, "val_fraction": 0.2, "split_seed": 0}
+
+
+def tok_cfg(name, **kw):
+    return {"name": name, "factor": 2, "path": None, "batch_size": 8, "shards": 1, **kw}
+
+
+@pytest.mark.parametrize("factor", [1, 2, 4])
+def test_pixel_round_trip_is_exact(factor):
+    cfg = tok_cfg("pixel", factor=factor)
+    tokenizer = tokenizers.build(cfg, DIGITS)
+    x = torch.rand(3, 1, 16, 16) * 2 - 1
+    z = tokenizer.encode(x)
+    assert z.shape == (3, factor ** 2, 16 // factor, 16 // factor) == (3, *tokenizer.latent_shape)
+    assert tokenizer.latent_shape == tokenizers.latent_shape(cfg, DIGITS)
+    assert torch.equal(tokenizer.decode(z), x)
+    if factor == 2:  # channel k holds the pixels at offset (k // 2, k % 2) of each 2x2 patch
+        assert torch.equal(z[:, 1], x[:, 0, 0::2, 1::2]) and torch.equal(z[:, 2], x[:, 0, 1::2, 0::2])
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return vavae_golden()
+
+
+def test_vavae_conversion_reproduces_lightningdit(tmp_path, golden):
+    path = make_vavae_checkpoint(tmp_path / "vavae.pt")  # carries loss.*, foundation_model.*, linear_proj.*
+    tokenizer = tokenizers.build(tok_cfg("va-vae", path=str(path)), RGB64)
+    assert tokenizer.latent_shape == (32, 4, 4) == tokenizers.latent_shape(tok_cfg("va-vae"), RGB64)
+    assert tokenizer.vae.config.block_out_channels == [32, 32, 64, 64, 128]
+    posterior = tokenizer.vae.encode(golden["x"]).latent_dist
+    torch.testing.assert_close(tokenizer.encode(golden["x"]), golden["mean"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(posterior.logvar, golden["logvar"], atol=1e-4, rtol=0)
+    with torch.no_grad():
+        decoded = tokenizer.vae.decode(golden["mean"]).sample
+    torch.testing.assert_close(decoded, golden["decoded"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(tokenizer.decode(golden["mean"]), golden["decoded"].clamp(-1, 1), atol=1e-4, rtol=0)
+
+
+def test_vavae_safetensors_and_real_architecture_keys(tmp_path, golden):
+    from safetensors.torch import save_file
+
+    save_file(golden["state_dict"], tmp_path / "vavae.safetensors")
+    vae = tokenizers.load_vavae(tmp_path / "vavae.safetensors")
+    torch.testing.assert_close(vae.encode(golden["x"]).latent_dist.mean, golden["mean"], atol=1e-4, rtol=0)
+    # the real f16d32 (ch=128): our key list is exactly what the diffusers model converts from
+    arch = tokenizers.VAVAE_F16D32
+    real = tokenizers.vavae_autoencoder(arch)
+    keys = tokenizers.ldm_vae_keys(arch)
+    assert len(keys) == len(set(keys)) == len(real.state_dict())
+    assert real.config.block_out_channels == [128, 128, 256, 256, 512] and real.config.latent_channels == 32
+
+
+def test_vavae_unexpected_and_missing_keys_are_errors(tmp_path, golden):
+    path = make_vavae_checkpoint(tmp_path / "extra.pt", extra={"foo.bar": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"unexpected keys \['foo.bar'\]"):
+        tokenizers.load_vavae(path)
+    state = dict(golden["state_dict"])
+    del state["decoder.up.4.attn.1.q.bias"]
+    torch.save(state, tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match=r"missing keys \['decoder.up.4.attn.1.q.bias'\]"):
+        tokenizers.load_vavae(tmp_path / "missing.pt")
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (print, ("this ran while loading",))
+
+
+def test_pickles_that_run_code_are_refused(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": RunsCode()}, path)
+    with pytest.raises(ValueError, match=f"refusing to load {re.escape(str(path))}"):
+        tokenizers.build(tok_cfg("va-vae", path=str(path)), RGB64)
+    with pytest.raises(FileNotFoundError, match="no weights file"):
+        tokenizers.load_weights(tmp_path / "absent.pt")
+
+
+def test_sd_vae_uses_mean_and_scaling_factor(tmp_path):
+    folder = make_sd_vae(tmp_path / "sd-vae", scaling_factor=0.5)
+    cfg = tok_cfg("sd-vae", path=str(folder))
+    data_cfg = {**RGB64, "image_size": 32}
+    assert tokenizers.latent_shape(cfg, data_cfg) == (4, 4, 4)
+    tokenizer = tokenizers.build(cfg, data_cfg)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    z = tokenizer.encode(x)
+    assert z.shape == (2, 4, 4, 4) and z.dtype == torch.float32
+    with torch.no_grad():
+        mean = tokenizer.vae.encode(x).latent_dist.mean
+        expected = tokenizer.vae.decode(z / 0.5).sample.clamp(-1, 1)
+    torch.testing.assert_close(z, mean * 0.5)
+    torch.testing.assert_close(tokenizer.decode(z), expected)
+    torch.testing.assert_close(tokenizer.encode(x), z)  # deterministic: no posterior sampling
+    # grayscale datasets go through the RGB VAE and come back with one channel
+    gray = tokenizers.build(cfg, {**DIGITS, "image_size": 32})
+    assert gray.decode(gray.encode(x[:, :1])).shape == (2, 1, 32, 32)
+
+
+def test_latent_shape_needs_no_weights(tmp_path):
+    big = {**RGB64, "image_size": 256}
+    assert tokenizers.latent_shape(tok_cfg("va-vae", path="/nowhere.pt"), big) == (32, 16, 16)
+    assert tokenizers.latent_shape(tok_cfg("sd-vae", path="/nowhere"), big) == (4, 32, 32)
+    assert tokenizers.latent_shape(tok_cfg("pixel", factor=4), big) == (48, 64, 64)
+    with pytest.raises(ValueError, match="not a multiple"):
+        tokenizers.latent_shape(tok_cfg("va-vae"), {**RGB64, "image_size": 40})
+    with pytest.raises(FileNotFoundError, match="not a diffusers AutoencoderKL folder"):
+        tokenizers.build(tok_cfg("sd-vae", path=str(tmp_path)), big)
