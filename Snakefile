@@ -14,6 +14,18 @@ if not workflow.overwrite_configfiles:
 
 
 include: "workflow/rules/common.smk"
+
+
+wildcard_constraints:
+    run=r"[A-Za-z0-9]+-[A-Za-z0-9+_]+",
+    seed=r"\d+",
+    epoch=r"\d+",
+    guide=r"nocfg|cfg",
+    shard=r"\d+",
+    split=r"train|val",
+    table=r"[A-Za-z0-9_]+",
+
+
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/sample.smk"
@@ -25,6 +37,6 @@ report: "workflow/report/workflow.rst"
 
 
 rule all:
+    default_target: True
     input:
         [table_files(name)["md"] for name in CONFIG["default_tables"]],
-    default_target: True

@@ -86,6 +86,21 @@ class StepBatches(torch.utils.data.Dataset):
         return x, torch.from_numpy(other), y
 
 
+def training_loss(run_cfg, model, heads, ema, x1, x1_other, y, seed: int, accelerator) -> torch.Tensor:
+    """The loss of one batch: diffusion loss plus the variant's representation objectives."""
+    train_cfg = run_cfg["train"]
+    gen = torch.Generator(accelerator.device).manual_seed(seed)
+    torch.manual_seed(seed)  # label dropout inside the model
+    x0 = torch.randn(x1.shape, generator=gen, device=accelerator.device)
+    t = sample_t(len(x1), train_cfg["t_mean"], train_cfg["t_std"], gen)
+    xt, target = interpolate(x1, x0, t)
+    with accelerator.autocast():
+        pred, feats = model(xt, t, y, return_features=True)
+        loss = velocity_loss(pred, target, train_cfg["cosine_loss"]).mean()
+        return loss + objectives.extra_loss(run_cfg, heads, ema, model, feats, x1, x1_other, t, x0, y, gen,
+                                            accelerator)
+
+
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         ema_params = list(ema.parameters())
@@ -163,18 +178,10 @@ def train(run_cfg: dict, latents_dir: str | Path, seed: int, epoch: int, out_sta
     for x, x_other, y in tqdm(batches, initial=start_step, total=target_step, desc=f"train ep{epoch}",
                      disable=not accelerator.is_main_process):
         x1 = (x.to(accelerator.device, non_blocking=True) - mean) / std
+        x1_other = (x_other.to(accelerator.device) - mean) / std if x_other is not None else None
         y = y.to(accelerator.device) if run_cfg["conditional"] else None
-        gen = torch.Generator(accelerator.device).manual_seed(step_seed(seed, step, accelerator.process_index))
-        torch.manual_seed(step_seed(seed, step, accelerator.process_index))  # label dropout inside the model
-        x0 = torch.randn(x1.shape, generator=gen, device=accelerator.device)
-        t = sample_t(len(x1), train_cfg["t_mean"], train_cfg["t_std"], gen)
-        xt, target = interpolate(x1, x0, t)
-        with accelerator.autocast():
-            pred, feats = train_model(xt, t, y, return_features=True)
-            loss = velocity_loss(pred, target, train_cfg["cosine_loss"]).mean()
-            x1_other = (x_other.to(accelerator.device) - mean) / std if x_other is not None else None
-            loss = loss + objectives.extra_loss(run_cfg, heads, ema, train_model, feats, x1, x1_other, t, x0, y,
-                                                gen, accelerator)
+        loss = training_loss(run_cfg, train_model, heads, ema, x1, x1_other, y,
+                             step_seed(seed, step, accelerator.process_index), accelerator)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {step}; the last good state is kept "
                                      f"({wip_path if wip_path.exists() else init_state or 'none yet'})")

@@ -10,20 +10,15 @@ except ddaepp_config.ConfigError as err:
 
 _dataset, _tokenizer = CONFIG["dataset"], CONFIG["tokenizer"]
 DATASET_DIR = f"results/data/{_dataset['name']}{_dataset['image_size']}"
-_tok_tag = f"pixel{_tokenizer['factor']}" if _tokenizer["name"] == "pixel" else _tokenizer["name"]
+_tok_tag = (
+    f"pixel{_tokenizer['factor']}"
+    if _tokenizer["name"] == "pixel"
+    else _tokenizer["name"]
+)
 LATENTS_DIR = f"{DATASET_DIR}/{_tok_tag}"
 RUN_DIR = "results/runs/{run}/s{seed}/ep{epoch}"
+STATE = f"{RUN_DIR}/state.pt"
 CONDA_ENV = "../../envs/ddaepp.yaml"
-
-
-wildcard_constraints:
-    run=r"[A-Za-z0-9]+-[A-Za-z0-9+_]+",
-    seed=r"\d+",
-    epoch=r"\d+",
-    guide=r"nocfg|cfg",
-    shard=r"\d+",
-    split=r"train|val",
-    table=r"[A-Za-z0-9_]+",
 
 
 def run_cfg(run):
@@ -37,7 +32,7 @@ def run_cfg(run):
 
 
 def run_params(wildcards):
-    """The run's effective config, as rule params: editing it reruns that run alone."""
+    """The run's effective config, passed as params so that editing it reruns that run alone."""
     return run_cfg(wildcards.run)
 
 
@@ -54,7 +49,7 @@ def previous_state(wildcards):
     prev = ddaepp_config.previous_epoch(CONFIG, setting, int(wildcards.epoch))
     if prev is None:
         return []
-    return RUN_DIR.format(run=wildcards.run, seed=wildcards.seed, epoch=prev) + "/state.pt"
+    return STATE.format(run=wildcards.run, seed=wildcards.seed, epoch=prev)
 
 
 def table_records(name):
@@ -73,7 +68,9 @@ def table_records(name):
                         "seed": seed,
                         "epoch": epoch,
                         "metrics_nocfg": f"{d}/metrics-nocfg.json",
-                        "metrics_cfg": f"{d}/metrics-cfg.json" if "cfg" in guides(run) else None,
+                        "metrics_cfg": (
+                            f"{d}/metrics-cfg.json" if "cfg" in guides(run) else None
+                        ),
                         "probe": f"{d}/probe.json",
                     }
                 )
@@ -88,3 +85,47 @@ def table_files(name):
         "fid_png": f"results/figures/{name}-fid.png",
         "lp_png": f"results/figures/{name}-lp.png",
     }
+
+
+def shard_files(split):
+    return expand(
+        f"{LATENTS_DIR}/shards/{split}-{{shard}}.npz",
+        shard=range(CONFIG["tokenizer"]["shards"]),
+    )
+
+
+def latents_inputs(splits=("train", "val")):
+    """The merged latents of `splits`; rules name stats.json separately as `stats` (its folder is read)."""
+    files = []
+    for split in splits:
+        files += [
+            f"{LATENTS_DIR}/latents-{split}.npy",
+            f"{LATENTS_DIR}/labels-{split}.npy",
+        ]
+    return files
+
+
+def sample_shards(wildcards):
+    n = run_cfg(wildcards.run)["sample"]["shards"]
+    return [
+        f"{RUN_DIR}/samples-{{guide}}/shard{k}.npz".format(**wildcards)
+        for k in range(n)
+    ]
+
+
+def feature_network():
+    """The digits-net classifier when it is the feature network; nothing for Inception."""
+    return (
+        [f"{DATASET_DIR}/digits-net.pt"]
+        if CONFIG["metrics"]["features"] == "digits-net"
+        else []
+    )
+
+
+def table_inputs(wildcards):
+    files = []
+    for record in table_records(wildcards.table):
+        files += [
+            f for key, f in record.items() if key.startswith(("metrics", "probe")) and f
+        ]
+    return files

@@ -4,7 +4,8 @@
 rule probe:
     input:
         latents_inputs(),
-        state=f"{RUN_DIR}/state.pt",
+        stats=f"{LATENTS_DIR}/stats.json",
+        state=STATE,
     output:
         table=f"{RUN_DIR}/probe.parquet",
         summary=f"{RUN_DIR}/probe.json",
@@ -15,14 +16,13 @@ rule probe:
             subcategory="{run}",
             labels={"run": "{run}", "seed": "{seed}", "epoch": "{epoch}"},
         ),
-    params:
-        run_cfg=run_params,
-        latents_dir=LATENTS_DIR,
-    resources:
-        gpu=lambda w: 1 if gpus(w) else 0,
     log:
         "logs/probe/{run}/s{seed}/ep{epoch}.log",
     conda:
         CONDA_ENV
+    resources:
+        gpu=lambda w: 1 if gpus(w) else 0,
+    params:
+        run_cfg=run_params,
     script:
         "../scripts/probe.py"

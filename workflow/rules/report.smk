@@ -1,13 +1,6 @@
 # The upstream README's tables (markdown, html, parquet) and the FID / LP curves.
 
 
-def table_inputs(wildcards):
-    files = []
-    for record in table_records(wildcards.table):
-        files += [f for key, f in record.items() if key.startswith(("metrics", "probe")) and f]
-    return files
-
-
 rule table:
     input:
         table_inputs,
@@ -37,12 +30,12 @@ rule table:
             category="Curves",
             labels={"table": "{table}", "metric": "LP accuracy"},
         ),
-    params:
-        config=CONFIG,
-        records=lambda w: table_records(w.table),
     log:
         "logs/report/{table}.log",
     conda:
         CONDA_ENV
+    params:
+        config=CONFIG,
+        records=lambda w: table_records(w.table),
     script:
         "../scripts/table.py"

@@ -1,31 +1,21 @@
 # Samples in shards -> FID / IS against cached reference statistics, with and without CFG.
 
 
-def sample_shards(wildcards):
-    n = run_cfg(wildcards.run)["sample"]["shards"]
-    return [f"{RUN_DIR}/samples-{{guide}}/shard{k}.npz".format(**wildcards) for k in range(n)]
-
-
-def feature_network():
-    """The digits-net classifier when it is the feature network; nothing for Inception."""
-    return [f"{DATASET_DIR}/digits-net.pt"] if CONFIG["metrics"]["features"] == "digits-net" else []
-
-
 rule sample_shard:
     input:
         latents_inputs(["val"]),
-        state=f"{RUN_DIR}/state.pt",
+        stats=f"{LATENTS_DIR}/stats.json",
+        state=STATE,
     output:
         f"{RUN_DIR}/samples-{{guide}}/shard{{shard}}.npz",
-    params:
-        run_cfg=run_params,
-        latents_dir=LATENTS_DIR,
-    resources:
-        gpu=lambda w: 1 if gpus(w) else 0,
     log:
         "logs/sample/{run}/s{seed}/ep{epoch}-{guide}-{shard}.log",
     conda:
         CONDA_ENV
+    resources:
+        gpu=lambda w: 1 if gpus(w) else 0,
+    params:
+        run_cfg=run_params,
     script:
         "../scripts/sample_shard.py"
 
@@ -34,13 +24,13 @@ rule train_classifier:
     output:
         model=f"{DATASET_DIR}/digits-net.pt",
         summary=f"{DATASET_DIR}/digits-net.json",
-    params:
-        dataset=CONFIG["dataset"],
-        epochs=CONFIG["metrics"]["classifier_epochs"],
     log:
         "logs/metrics/digits-net.log",
     conda:
         CONDA_ENV
+    params:
+        dataset=CONFIG["dataset"],
+        epochs=CONFIG["metrics"]["classifier_epochs"],
     script:
         "../scripts/train_classifier.py"
 
@@ -50,15 +40,15 @@ rule reference_stats:
         classifier=feature_network(),
     output:
         f"{DATASET_DIR}/fid-ref-{CONFIG['metrics']['features']}.npz",
-    params:
-        dataset=CONFIG["dataset"],
-        metrics=CONFIG["metrics"],
-    resources:
-        gpu=lambda w: 1 if CONFIG["metrics"]["features"] == "inception" else 0,
     log:
         "logs/metrics/reference.log",
     conda:
         CONDA_ENV
+    resources:
+        gpu=lambda w: 1 if CONFIG["metrics"]["features"] == "inception" else 0,
+    params:
+        dataset=CONFIG["dataset"],
+        metrics=CONFIG["metrics"],
     script:
         "../scripts/reference_stats.py"
 
@@ -75,15 +65,20 @@ rule metrics:
             caption="../report/samples.rst",
             category="Samples",
             subcategory="{run}",
-            labels={"run": "{run}", "seed": "{seed}", "epoch": "{epoch}", "guidance": "{guide}"},
+            labels={
+                "run": "{run}",
+                "seed": "{seed}",
+                "epoch": "{epoch}",
+                "guidance": "{guide}",
+            },
         ),
-    params:
-        run_cfg=run_params,
-    resources:
-        gpu=lambda w: 1 if CONFIG["metrics"]["features"] == "inception" else 0,
     log:
         "logs/metrics/{run}/s{seed}/ep{epoch}-{guide}.log",
     conda:
         CONDA_ENV
+    resources:
+        gpu=lambda w: 1 if CONFIG["metrics"]["features"] == "inception" else 0,
+    params:
+        run_cfg=run_params,
     script:
         "../scripts/metrics.py"

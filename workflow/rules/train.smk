@@ -4,18 +4,18 @@
 rule train:
     input:
         latents_inputs(["train"]),
+        stats=f"{LATENTS_DIR}/stats.json",
         prev=previous_state,
     output:
-        state=f"{RUN_DIR}/state.pt",
+        state=STATE,
         summary=f"{RUN_DIR}/train.json",
-    params:
-        run_cfg=run_params,
-        latents_dir=LATENTS_DIR,
-    resources:
-        gpu=gpus,
     log:
         "logs/train/{run}/s{seed}/ep{epoch}.log",
     conda:
         CONDA_ENV
+    resources:
+        gpu=gpus,
+    params:
+        run_cfg=run_params,
     script:
         "../scripts/train.py"

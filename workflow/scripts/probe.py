@@ -7,7 +7,7 @@ with io.job_log(snakemake.log[0], snakemake.threads):
     probe_state(
         snakemake.params.run_cfg,
         state_path=snakemake.input.state,
-        latents_dir=snakemake.params.latents_dir,
+        latents_dir=Path(snakemake.input.stats).parent,
         out_parquet=snakemake.output.table,
         out_json=snakemake.output.summary,
         out_png=snakemake.output.heatmap,

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 from ddaepp import io
 from ddaepp.sample import sample_shard
 
@@ -5,7 +7,7 @@ with io.job_log(snakemake.log[0], snakemake.threads):
     sample_shard(
         snakemake.params.run_cfg,
         state_path=snakemake.input.state,
-        latents_dir=snakemake.params.latents_dir,
+        latents_dir=Path(snakemake.input.stats).parent,
         guidance=snakemake.wildcards.guide,
         shard=int(snakemake.wildcards.shard),
         out_npz=snakemake.output[0],

@@ -6,7 +6,7 @@ from ddaepp.train import launch
 with io.job_log(snakemake.log[0], snakemake.threads):
     launch(
         snakemake.params.run_cfg,
-        latents_dir=snakemake.params.latents_dir,
+        latents_dir=Path(snakemake.input.stats).parent,
         seed=int(snakemake.wildcards.seed),
         epoch=int(snakemake.wildcards.epoch),
         out_state=snakemake.output.state,
