@@ -59,7 +59,7 @@ def test_paper_config_is_valid(repo):
     ],
 )
 def test_bad_config_names_the_key(default, patch, key):
-    bad = config._merge(default, patch)
+    bad = config.merge(default, patch)
     with pytest.raises(config.ConfigError, match=rf"'{key}'"):
         config.validate(bad)
 
@@ -70,16 +70,16 @@ def test_missing_required_sections():
 
 
 def test_missing_imagenet_root_says_where(default, tmp_path):
-    bad = config._merge(default, {"dataset": {"name": "imagefolder", "root": str(tmp_path / "imagenet")}})
+    bad = config.merge(default, {"dataset": {"name": "imagefolder", "root": str(tmp_path / "imagenet")}})
     with pytest.raises(config.ConfigError, match=r"dataset.root.*train"):
         config.validate(bad)
 
 
 def test_missing_vae_folder_says_what(default, tmp_path):
-    bad = config._merge(default, {"tokenizer": {"name": "sd-vae", "path": str(tmp_path / "vae")}})
+    bad = config.merge(default, {"tokenizer": {"name": "sd-vae", "path": str(tmp_path / "vae")}})
     with pytest.raises(config.ConfigError, match=r"tokenizer.path.*AutoencoderKL"):
         config.validate(bad)
-    bad = config._merge(default, {"tokenizer": {"name": "va-vae", "path": str(tmp_path / "vavae.pt")}})
+    bad = config.merge(default, {"tokenizer": {"name": "va-vae", "path": str(tmp_path / "vavae.pt")}})
     with pytest.raises(config.ConfigError, match=r"tokenizer.path.*VA-VAE"):
         config.validate(bad)
 
@@ -121,3 +121,11 @@ def test_fuzzed_configs_end_in_config_errors(default):
         except config.ConfigError:
             errors += 1
     assert errors > 200  # almost every corruption is caught (a few are still valid configs)
+
+
+def test_snakemake_config_strings_are_typed():
+    raw = {"train": {"lr": "5e-4", "batch_size": "32", "compile": "false"}, "sample": {"cfg": {"channels": "all"}},
+           "dataset": {"root": "data/imagenet"}, "seeds": ["0", "1"], "metrics": {"reference": "null"}}
+    assert config.typed_overrides(raw) == {
+        "train": {"lr": 5e-4, "batch_size": 32, "compile": False}, "sample": {"cfg": {"channels": "all"}},
+        "dataset": {"root": "data/imagenet"}, "seeds": [0, 1], "metrics": {"reference": None}}

@@ -159,19 +159,39 @@ def check_inputs(config: dict) -> None:
                           "batch (e.g. VIRTUAL_imagenet256_labeled.npz) there, or set it to null to compute one")
 
 
-def _merge(base: dict, override: dict) -> dict:
+def merge(base: dict, override: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in override.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else copy.deepcopy(value)
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else copy.deepcopy(value)
     return out
+
+
+def typed_overrides(value):
+    """Snakemake's --config leaves nested values as strings ("64", "false"); read them as YAML would."""
+    if isinstance(value, dict):
+        return {k: typed_overrides(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [typed_overrides(v) for v in value]
+    if isinstance(value, str):
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+        if isinstance(parsed, str):
+            try:
+                return float(parsed) if parsed.strip().lower() not in ("nan", "inf", "-inf", "infinity") else parsed
+            except ValueError:
+                return parsed
+        return parsed if parsed is not None or value.strip().lower() in ("null", "~", "none") else value
+    return value
 
 
 def run_config(config: dict, setting: str, variant: str) -> dict:
     """The effective config of one run: shared sections < setting overrides < variant overrides."""
     out = {k: copy.deepcopy(config[k]) for k in ("dataset", "tokenizer", "metrics")}
     for section in RUN_SECTIONS:
-        merged = _merge(config[section], config["settings"][setting].get("overrides", {}).get(section, {}))
-        out[section] = _merge(merged, config["variants"][variant].get(section, {}))
+        merged = merge(config[section], config["settings"][setting].get("overrides", {}).get(section, {}))
+        out[section] = merge(merged, config["variants"][variant].get(section, {}))
     out["setting"], out["variant"] = setting, variant
     out["conditional"] = config["settings"][setting]["conditional"]
     out["epochs"] = list(config["settings"][setting]["epochs"])
@@ -199,5 +219,5 @@ def load(path: str | Path, overrides: dict | None = None, check_paths: bool = Tr
     """Read a YAML config file, apply `overrides` (as snakemake --config would) and validate."""
     config = yaml.safe_load(Path(path).read_text()) or {}
     if overrides:
-        config = _merge(config, overrides)
+        config = merge(config, overrides)
     return validate(config, check_paths=check_paths)

@@ -4,7 +4,12 @@ import json
 from ddaepp import config as ddaepp_config
 
 try:
-    CONFIG = ddaepp_config.validate(config)
+    CONFIG = ddaepp_config.validate(
+        ddaepp_config.merge(
+            config,
+            ddaepp_config.typed_overrides(workflow.config_settings.overwrite_config),
+        )
+    )
 except ddaepp_config.ConfigError as err:
     raise WorkflowError(f"invalid config: {err}") from None
 

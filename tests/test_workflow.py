@@ -1,0 +1,99 @@
+"""The DAG: the paper grid resolves (dry run, stand-in inputs), the SLURM profile resolves, bad
+configs fail before any job, and `snakemake --lint` is clean."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from standins import make_imagefolder, make_vavae_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def snakemake(*args, cwd=REPO, check=True):
+    proc = subprocess.run(SNAKEMAKE + list(args), cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    if check and proc.returncode:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def job_counts(output: str) -> dict[str, int]:
+    stats = output.split("Job stats:")[1].split("\n\n")[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M)}
+
+
+@pytest.fixture(scope="module")
+def paper_standins(tmp_path_factory):
+    """Small real stand-ins for what the paper config points at: ImageNet folder, VA-VAE, weights."""
+    root = tmp_path_factory.mktemp("paper")
+    make_imagefolder(root / "imagenet", image_size=64)
+    make_vavae_checkpoint(root / "vavae.pt")
+    (root / "inception.pth").write_bytes(b"stand-in: the dry run only checks that the file is there")
+    (root / "ref.npz").write_bytes(b"stand-in")
+    return root
+
+
+def paper_args(root):
+    return ["--configfile", "config/imagenet-dit-b.yaml", "--config",
+            f"dataset={{root: {root / 'imagenet'}}}", f"tokenizer={{path: {root / 'vavae.pt'}}}",
+            f"metrics={{inception_weights: {root / 'inception.pth'}, reference: {root / 'ref.npz'}}}"]
+
+
+def test_paper_grid_dry_run(paper_standins):
+    out = snakemake("-n", "results/tables/uncond.md", "results/tables/cond.md", *paper_args(paper_standins)).stdout
+    jobs = job_counts(out)
+    uncond, cond = 8, 5  # epoch budgets; 2 variants each, one seed
+    assert jobs["train"] == 2 * (uncond + cond)
+    assert jobs["probe"] == 2 * (uncond + cond)
+    assert jobs["metrics"] == 2 * uncond + 2 * cond * 2  # cond: with and without CFG
+    assert jobs["sample_shard"] == 10 * jobs["metrics"]  # 10k samples in 10 shards
+    assert jobs["encode_shard"] == 2 * 64 and jobs["table"] == 2
+    assert "train_classifier" not in jobs  # Inception is the feature network at paper scale
+    assert "results/runs/uncond-selfcond/s0/ep400/state.pt" in out
+    assert "results/runs/uncond-selfcond/s0/ep300/state.pt" in out  # ep400 trains on from ep300
+
+
+def test_slurm_profile_resolves_and_asks_for_gpus(paper_standins):
+    out = snakemake("--profile", "slurm", "-n", "results/tables/uncond.md", *paper_args(paper_standins)).stdout
+    assert "Using profile slurm" in out or "profile" in out.lower()
+    train_jobs = out.split("rule train:")[1:]
+    assert train_jobs and all("gpu=8" in job.split("\n\n")[0] for job in train_jobs)
+    assert "--gres" not in (REPO / "slurm/config.yaml").read_text().replace("never add --gres", "")
+
+
+def test_default_dag_dry_run():
+    jobs = job_counts(snakemake("-n", "--forceall").stdout)
+    assert jobs["train"] == 12 and jobs["probe"] == 12 and jobs["metrics"] == 18 and jobs["table"] == 2
+    assert "index" in jobs and "train_classifier" in jobs
+
+
+@pytest.mark.parametrize("patch, message", [
+    ("train={lrr: 1}", r"config key 'train'.*lrr"),
+    ("settings={uncond: {conditional: false, epochs: [10, 5]}}", r"settings.uncond.epochs.*strictly increasing"),
+    ("model={size: Q/1}", r"model.size"),
+])
+def test_bad_config_fails_before_any_job(tmp_path, patch, message):
+    proc = snakemake("-n", "--config", patch, check=False)
+    assert proc.returncode != 0
+    assert re.search(message, proc.stdout + proc.stderr), proc.stderr[-2000:]
+
+
+def test_missing_inputs_fail_with_what_to_put_where(paper_standins):
+    proc = snakemake("-n", "--configfile", "config/imagenet-dit-b.yaml", check=False)
+    assert proc.returncode != 0 and "put the ImageNet-style train split there" in proc.stdout + proc.stderr
+    args = paper_args(paper_standins)
+    args[-2] = args[-2].replace(str(paper_standins / "vavae.pt"), str(paper_standins / "missing.pt"))
+    proc = snakemake("-n", *args, check=False)
+    assert proc.returncode != 0 and "VA-VAE f16d32 checkpoint" in proc.stdout + proc.stderr
+
+
+def test_lint_is_clean():
+    proc = snakemake("--lint")
+    out = proc.stdout + proc.stderr
+    assert "Congratulations" in out, out[-3000:]
