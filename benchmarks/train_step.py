@@ -1,0 +1,144 @@
+"""Training-step time of each variant, and of our model against a plain timm-based DiT.
+
+    python benchmarks/train_step.py                          # T/1 on 4x8x8 (the default), CPU
+    python benchmarks/train_step.py --size B/1 --latent 32,16,16 --batch 256   # the paper's B/1, on a GPU
+
+Prints step time, images/s, the ratio of each variant to the baseline (and csd/dispersive to
+selfcond), of LightningDiT to a DiT built from timm's Attention/Mlp blocks of the same width and
+depth (facebookresearch/DiT's block), the parameter and FLOP overhead of self-conditioning, and
+on CUDA the model FLOP utilisation against --peak-tflops. Every number comes from this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from accelerate import Accelerator
+from timm.layers import Attention, Mlp
+
+from ddaepp import config as config_mod, objectives
+from ddaepp.models import build_model, count_flops
+from ddaepp.train import training_loss, update_ema
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class TimmDiTBlock(nn.Module):
+    """facebookresearch/DiT's block: timm Attention + GELU Mlp with adaLN-zero modulation."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(width, num_heads=heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(width, 4 * width, act_layer=lambda: nn.GELU(approximate="tanh"))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+
+    def forward(self, x, c):
+        s1, g1, b1, s2, g2, b2 = self.ada(c).unsqueeze(1).chunk(6, dim=-1)
+        x = x + g1 * self.attn(self.norm1(x) * (1 + s1) + b1)
+        return x + g2 * self.mlp(self.norm2(x) * (1 + s2) + b2)
+
+
+class TimmDiT(nn.Module):
+    def __init__(self, width, depth, heads, channels, patch):
+        super().__init__()
+        self.patch = patch
+        self.embed = nn.Conv2d(channels, width, patch, patch)
+        self.t_embed = nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width))
+        self.blocks = nn.ModuleList(TimmDiTBlock(width, heads) for _ in range(depth))
+        self.out = nn.Linear(width, patch * patch * channels)
+
+    def forward(self, x, t, y=None, return_features=False):
+        n, c, h, w = x.shape
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        freqs = torch.exp(-torch.arange(128, device=x.device) * 9.21 / 128)
+        cond = self.t_embed(torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], 1))
+        feats = []
+        for block in self.blocks:
+            tokens = block(tokens, cond)
+            feats.append(tokens.mean(1))
+        p = self.patch
+        out = self.out(tokens).view(n, h // p, w // p, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(n, c, h, w)
+        return (out, torch.stack(feats, 1)) if return_features else out
+
+
+def time_steps(run_cfg, model, heads, x1, y, accelerator, steps, warmup=3):
+    ema = copy.deepcopy(model).requires_grad_(False)
+    params = list(model.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95))
+    model, heads, opt = accelerator.prepare(model, heads, opt)
+    x1_other = torch.flip(x1, dims=[-1])
+    for i in range(warmup + steps):
+        if i == warmup:
+            if x1.is_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        loss = training_loss(run_cfg, model, heads, ema, x1, x1_other, y, i, accelerator)
+        opt.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        opt.step()
+        update_ema(ema, accelerator.unwrap_model(model), 0.9999)
+    if x1.is_cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="T/1")
+    parser.add_argument("--latent", default="4,8,8", help="C,H,W of the latents")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--classes", type=int, default=0, help="0: unconditional")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100 SXM: 989)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = torch.cuda.is_available()
+    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
+    latent = tuple(int(v) for v in args.latent.split(","))
+    cfg = config_mod.load(REPO / "config.yaml")
+    cfg["model"]["size"] = args.size
+    setting = "cond" if args.classes else "uncond"
+    x1 = torch.randn(args.batch, *latent, device=accelerator.device)
+    y = torch.randint(0, args.classes, (args.batch,), device=accelerator.device) if args.classes else None
+    width, depth, heads = config_mod.MODEL_SIZES[args.size.split("/")[0]]
+    print(f"device {accelerator.device} ({accelerator.mixed_precision}), {args.size} on {latent}, batch {args.batch}, "
+          f"{torch.get_num_threads()} CPU threads")
+    results = {}
+    for variant in cfg["variants"]:
+        run = config_mod.run_config(cfg, setting, variant)
+        run["model"]["self_cond_layer"] = min(run["model"]["self_cond_layer"], depth - 2)
+        torch.manual_seed(0)
+        model = build_model(args.size, latent, args.classes, **{k: v for k, v in run["model"].items() if k != "size"})
+        extra = objectives.build_heads(run, model)
+        results[variant] = (time_steps(run, model, extra, x1, y, accelerator, args.steps), model)
+    plain = TimmDiT(width, depth, heads, latent[0], int(args.size.split("/")[1]))
+    base_run = config_mod.run_config(cfg, setting, "baseline")
+    results["timm DiT"] = (time_steps(base_run, plain, nn.ModuleDict(), x1, None, accelerator, args.steps), plain)
+
+    base = results["baseline"][0]
+    print(f"{'model':<16}{'s/step':>10}{'images/s':>12}{'vs baseline':>13}{'vs selfcond':>13}")
+    for name, (sec, _) in results.items():
+        vs_sc = f"{sec / results['selfcond'][0]:.3f}" if "selfcond" in results else "-"
+        print(f"{name:<16}{sec:>10.4f}{args.batch / sec:>12.1f}{sec / base:>13.3f}{vs_sc:>13}")
+    print(f"LightningDiT baseline / timm DiT step-time ratio: {base / results['timm DiT'][0]:.3f} (<= 1 is as fast or faster)")
+    b_model, s_model = results["baseline"][1], results["selfcond"][1]
+    b_params, s_params = (sum(p.numel() for p in m.parameters() if p.requires_grad) for m in (b_model, s_model))
+    b_flops, s_flops = count_flops(b_model), count_flops(s_model)
+    print(f"self-conditioning overhead: params {100 * (s_params / b_params - 1):.2f}%, "
+          f"forward FLOPs {100 * (s_flops / b_flops - 1):.2f}%")
+    if cuda:
+        mfu = 3 * b_flops * args.batch / base / (args.peak_tflops * 1e12)
+        print(f"baseline model FLOP utilisation: {100 * mfu:.1f}% of {args.peak_tflops:.0f} TFLOP/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+import copy
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ddaepp import probe
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)
+
+
+class StandIn(nn.Module):
+    """LightningDiT's forward signature on a toy network: per-token linear blocks with a tanh
+    residual, t and (optionally) a label added to every token; feats = token mean per block."""
+
+    def __init__(self, channels=4, depth=3, hidden=16, num_classes=0, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Linear(channels, hidden)
+        self.t_embed = nn.Linear(1, hidden)
+        self.blocks = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth))
+        self.out = nn.Linear(hidden, channels)
+        self.num_classes = num_classes
+        if num_classes:
+            self.y_embedder = nn.Embedding(num_classes + 1, hidden)
+
+    def forward(self, x, t, y=None, return_features=False):
+        h = self.embed(x.flatten(2).transpose(1, 2)) + self.t_embed(t[:, None].float())[:, None]
+        if self.num_classes:
+            h = h + self.y_embedder(y)[:, None]
+        feats = []
+        for block in self.blocks:
+            h = h + torch.tanh(block(h))
+            feats.append(h.mean(1))
+        v = self.out(h).transpose(1, 2).reshape(x.shape)
+        return (v, torch.stack(feats, 1)) if return_features else v
+
+
+def make_latents(n, views, classes=4, seed=0):
+    """Class-dependent patterns plus noise, float16 like ddaepp.latents; view 1 is the flip."""
+    labels = np.arange(n) % classes
+    patterns = np.random.default_rng(123).normal(size=(classes, 4, 8, 8))  # shared by every split
+    rng = np.random.default_rng(seed)
+    x = 2.0 * patterns[labels] + rng.normal(size=(n, 4, 8, 8)) + 3.0
+    lat = np.stack([x, x[..., ::-1]][:views], axis=1).astype(np.float16)
+    return lat, labels.astype(np.int64)
+
+
+def probe_cfg(**changes):
+    cfg = dict(t=[0.5, 0.9], selection_per_class=16, holdout_fraction=0.25, epochs=4, final_epochs=3, lr=1e-2,
+               weight_decay=0.0, batch_size=16, feature_batch_size=16, max_memory_gb=1.0, seed=0)
+    return {**cfg, **changes}
+
+
+MEAN, STD = np.full((4, 1, 1), 3.0, np.float32), np.full((4, 1, 1), 2.0, np.float32)
+
+
+def run(tmp_path, name, model=None, val_labels=None, val_latents=None, **cfg):
+    train_lat, train_y = make_latents(96, 2)
+    val_lat, val_y = make_latents(32, 1, seed=1)
+    out = tmp_path / name
+    result = probe.run_probe(model or StandIn(), train_lat, train_y,
+                             val_lat if val_latents is None else val_latents,
+                             val_y if val_labels is None else val_labels, MEAN, STD, probe_cfg(**cfg),
+                             out / "probe.parquet", out / "probe.json", out / "probe.png", out / "work")
+    return result, pd.read_parquet(out / "probe.parquet"), out
+
+
+def test_extraction_independent_of_batch_size_and_subset(tmp_path):
+    lat, _ = make_latents(40, 2)
+    model = StandIn()
+    a = np.load(probe.extract_features(model, lat, MEAN, STD, [0.3, 1.0], tmp_path / "a", "f", batch_size=8))
+    b = np.load(probe.extract_features(model, lat, MEAN, STD, [0.3, 1.0], tmp_path / "b", "f", batch_size=64))
+    assert a.shape == (40, 2, 3, 16) and a.dtype == np.float16
+    # equal up to a float16 step (BLAS may sum other batch shapes differently); other noise moves them by ~0.05
+    np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=2e-3, atol=1e-3)
+    rows = np.array([3, 17, 25])  # a subset, one t, one block: the same numbers as the full file
+    c = np.load(probe.extract_features(model, lat, MEAN, STD, [1.0], tmp_path / "c", "f", indices=rows, blocks=[2]))
+    np.testing.assert_array_equal(c[:, 0, 0], a[rows, 1, 2])
+    assert not np.allclose(a[:, 0], a[:, 1], atol=1e-2)  # t changes the features
+
+
+def test_extraction_noise_and_views(tmp_path):
+    lat, _ = make_latents(64, 2)
+    views = probe.choose_views(64, 2, seed=0, views="random")
+    assert 10 < views.sum() < 54 and np.array_equal(views, probe.choose_views(64, 2, 0, "random"))
+    with pytest.raises(ValueError, match="flip copy"):
+        probe.choose_views(64, 1, 0, "random")
+    model = StandIn()
+    at_data = np.load(probe.extract_features(model, lat, MEAN, STD, [1.0], tmp_path, "d", views="random"))
+    x1 = (torch.from_numpy(lat[np.arange(64), views].astype(np.float32)) - 3.0) / 2.0  # t = 1: no noise
+    with torch.no_grad():
+        expect = model(x1, torch.ones(64), return_features=True)[1]
+    np.testing.assert_allclose(at_data[:, 0].astype(np.float32), expect.numpy(), rtol=2e-3, atol=2e-3)
+    seed0 = np.load(probe.extract_features(model, lat, MEAN, STD, [0.5], tmp_path, "s0", seed=0))
+    seed1 = np.load(probe.extract_features(model, lat, MEAN, STD, [0.5], tmp_path, "s1", seed=1))
+    seed1_again = np.load(probe.extract_features(model, lat, MEAN, STD, [0.5], tmp_path, "s1-again", seed=1))
+    np.testing.assert_array_equal(seed1, seed1_again)
+    assert np.abs(seed0.astype(np.float32) - seed1).max() > 0.05  # the noise, not only the view, is seeded
+
+
+def test_extraction_resumes_after_kill(tmp_path, monkeypatch):
+    lat, _ = make_latents(40, 2)
+    model = StandIn()
+    whole = np.load(probe.extract_features(model, lat, MEAN, STD, [0.5, 0.8], tmp_path / "whole", "f", batch_size=8))
+    real, calls = probe._forward_features, []
+
+    def dies_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # the first call only reads the shape
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(probe, "_forward_features", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        probe.extract_features(model, lat, MEAN, STD, [0.5, 0.8], tmp_path / "killed", "f", batch_size=8)
+    assert json.loads((tmp_path / "killed/_wip/f.json").read_text())["rows_done"] == 16
+    assert not (tmp_path / "killed/f.npy").exists()
+    monkeypatch.setattr(probe, "_forward_features", real)
+    resumed = np.load(probe.extract_features(model, lat, MEAN, STD, [0.5, 0.8], tmp_path / "killed", "f", batch_size=8))
+    np.testing.assert_array_equal(resumed, whole)
+    assert not (tmp_path / "killed/_wip/f.json").exists()
+
+
+def test_conditional_models_get_the_null_label(tmp_path):
+    lat, _ = make_latents(8, 1)
+    model = StandIn(num_classes=5)
+    feats = np.load(probe.extract_features(model, lat, MEAN, STD, [1.0], tmp_path, "f", views="first"))
+    x1 = (torch.from_numpy(lat[:, 0].astype(np.float32)) - 3.0) / 2.0
+    with torch.no_grad():
+        null = model(x1, torch.ones(8), torch.full((8,), 5), return_features=True)[1]
+        real = model(x1, torch.ones(8), torch.zeros(8, dtype=torch.long), return_features=True)[1]
+    np.testing.assert_allclose(feats[:, 0].astype(np.float32), null.numpy(), rtol=2e-3, atol=2e-3)
+    assert not np.allclose(feats[:, 0].astype(np.float32), real.numpy(), atol=1e-2)
+
+
+def test_batched_probe_equals_independent_probes():
+    rng = np.random.default_rng(0)
+    n, pairs, dim, classes = 49, 3, 6, 4
+    x, y = rng.normal(size=(n, pairs, dim)).astype(np.float32), rng.integers(0, classes, n)
+    x[:, 1] *= 5  # pairs on different scales: per-pair normalisation must handle it
+    init = probe.BatchedLinearProbe(pairs, dim, classes, torch.Generator().manual_seed(3))
+    kw = dict(lr=3e-2, weight_decay=0.05, batch_size=16, seed=1, epochs=3)
+    batched = probe.train_probes(probe.array_source(x), np.arange(n), y, classes, max_memory_gb=1.0,
+                                 probe=copy.deepcopy(init), **kw)
+    assert len(probe.epoch_batches(n, 16, 1, 0)) == 3  # 49 = 16 + 16 + 17: the single row joined
+    for p in range(pairs):
+        single = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, classes))
+        with torch.no_grad():
+            single[1].weight.copy_(init.weight[p].T)
+            single[1].bias.copy_(init.bias[p])
+        opt = torch.optim.AdamW(single.parameters(), lr=kw["lr"], weight_decay=kw["weight_decay"])
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=3 * 3)
+        for epoch in range(3):
+            for b in probe.epoch_batches(n, 16, 1, epoch):
+                loss = F.cross_entropy(single(torch.from_numpy(x[b, p])), torch.from_numpy(y[b]))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+        torch.testing.assert_close(batched.weight[p].T.detach(), single[1].weight.detach(), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(batched.bias[p].detach(), single[1].bias.detach(), atol=1e-5, rtol=1e-4)
+        stats = batched.norm.running_mean.view(pairs, dim)[p], batched.norm.running_var.view(pairs, dim)[p]
+        torch.testing.assert_close(stats[0], single[0].running_mean)
+        torch.testing.assert_close(stats[1], single[0].running_var)
+        single.eval()
+        with torch.no_grad():
+            expect = (single(torch.from_numpy(x[:, p])).argmax(1).numpy() == y).mean() * 100
+        acc, _ = probe.evaluate(batched, probe.array_source(x), np.arange(n), y, 7, 1.0)
+        assert acc[p] == pytest.approx(expect)
+
+
+def test_separable_features_reach_full_accuracy():
+    rng = np.random.default_rng(0)
+    n, classes, dim = 400, 5, 8
+    y = rng.integers(0, classes, n)
+    centers = 4 * rng.normal(size=(classes, dim))
+    x = np.stack([centers[y] + rng.normal(size=(n, dim)), rng.normal(size=(n, dim))], 1).astype(np.float16)
+    source = probe.array_source(x)
+    trained = probe.train_probes(source, np.arange(300), y, classes, epochs=20, lr=1e-2, weight_decay=0.0,
+                                 batch_size=32, seed=0, max_memory_gb=1.0)
+    acc, loss = probe.evaluate(trained, source, np.arange(300, n), y, 64, 1.0)
+    assert acc[0] >= 99 and acc[1] < 40  # the informative pair vs pure noise
+    assert probe.choose_pair(acc, loss) == 0
+
+
+def test_memory_budget_does_not_change_results(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(120, 2, 3, 10)).astype(np.float16)
+    np.save(tmp_path / "f.npy", x)
+    mm = np.load(tmp_path / "f.npy", mmap_mode="r")
+    y = rng.integers(0, 3, 120)
+    rows = np.sort(rng.choice(120, 90, replace=False))
+    kw = dict(num_classes=3, epochs=3, lr=1e-2, weight_decay=1e-3, batch_size=16, seed=0)
+    in_ram = probe.train_probes(probe.array_source(x), rows, y, max_memory_gb=10.0, **kw)
+    streamed = probe.train_probes(probe.array_source(mm), rows, y, max_memory_gb=8e-6, **kw)  # 2 batches a read
+    assert torch.equal(in_ram.weight, streamed.weight)
+    assert torch.equal(in_ram.norm.running_var, streamed.norm.running_var)
+    res_ram = probe.evaluate(in_ram, probe.array_source(x), np.arange(120), y, 16, 10.0)
+    res_stream = probe.evaluate(streamed, probe.array_source(mm), np.arange(120), y, 16, 1e-9)
+    np.testing.assert_array_equal(res_ram[0], res_stream[0])
+    np.testing.assert_array_equal(res_ram[1], res_stream[1])
+
+
+def test_selection_split_is_per_class_and_disjoint():
+    labels = np.repeat(np.arange(3), [10, 30, 5])
+    fit, holdout = probe.selection_split(labels, per_class=20, holdout_fraction=0.25, seed=0)
+    assert not set(fit) & set(holdout)
+    assert np.bincount(labels[holdout]).tolist() == [2, 5, 1] and np.bincount(labels[fit]).tolist() == [8, 15, 4]
+    with pytest.raises(ValueError, match="class 1"):
+        probe.selection_split(np.array([0, 0, 1]), 5, 0.5, 0)
+
+
+def test_run_probe_outputs_and_determinism(tmp_path):
+    result, table, out = run(tmp_path, "a")
+    assert len(table) == 3 * 2 and table["chosen"].sum() == 1
+    chosen = table[table["chosen"]].iloc[0]
+    assert (result["block"], result["t"]) == (chosen["block"], chosen["t"])
+    assert result["selection_acc"] == pytest.approx(chosen["selection_acc"])
+    assert result == json.loads((out / "probe.json").read_text())
+    assert result["n_pairs"] == 6 and result["n_train"] == 96 and result["n_val"] == 32
+    assert result["lp_acc"] > 50 and result["floor_acc"] > 50  # 4 well-separated classes, chance is 25
+    assert (out / "probe.png").stat().st_size > 0
+    assert not list((out / "work").glob("*.npy"))  # features deleted once the outputs exist
+    again, table_again, _ = run(tmp_path, "b", max_memory_gb=1e-6)  # and everything streamed in small reads
+    pd.testing.assert_frame_equal(table, table_again)
+    assert again == result
+
+
+def test_selection_never_touches_val(tmp_path):
+    _, table, _ = run(tmp_path, "a")
+    rng = np.random.default_rng(5)
+    val_lat, val_y = make_latents(32, 1, seed=1)
+    scrambled_lat = rng.normal(size=val_lat.shape).astype(np.float16)
+    _, other, _ = run(tmp_path, "b", val_labels=rng.permutation(val_y)[::-1].copy(), val_latents=scrambled_lat)
+    cols = ["block", "t", "selection_acc", "selection_loss", "chosen"]
+    pd.testing.assert_frame_equal(table[cols], other[cols])
+    assert not np.allclose(table["val_acc"], other["val_acc"])
+
+
+def test_real_lightningdit(tmp_path):
+    models = pytest.importorskip("ddaepp.models")
+    model = models.build_model("T/1", (4, 8, 8), num_classes=10)
+    with torch.no_grad():  # leave the adaLN-zero init, so blocks differ and labels matter
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    lat, _ = make_latents(6, 2)
+    feats = np.load(probe.extract_features(model, lat, MEAN, STD, [1.0], tmp_path, "f", batch_size=4))
+    assert feats.shape == (6, 1, 4, 128)
+    x1 = (torch.from_numpy(lat[np.arange(6), probe.choose_views(6, 2, 0, "random")].astype(np.float32)) - 3) / 2
+    with torch.no_grad():
+        null = model.eval()(x1, torch.ones(6), torch.full((6,), 10), return_features=True)[1]
+    np.testing.assert_allclose(feats[:, 0].astype(np.float32), null.numpy(), rtol=5e-3, atol=5e-3)
+    result, table, _ = run(tmp_path, "run", model=model, t=[0.7], epochs=2, final_epochs=1)
+    assert len(table) == 4 and 0 <= result["block"] < 4 and result["t"] == 0.7
+    no_null = models.build_model("T/1", (4, 8, 8), num_classes=10, class_dropout_prob=0.0)
+    with pytest.raises(ValueError, match="null-label row"):
+        probe.extract_features(no_null, lat, MEAN, STD, [1.0], tmp_path, "g")
+
+
+def test_probe_state_on_the_latents_stage_files(small_latents, default_config, tmp_path):
+    from ddaepp import config, io
+    from ddaepp.models import model_from_run_config
+
+    run_cfg = config.run_config(default_config, "cond", "baseline")
+    run_cfg["probe"].update(t=[0.8], epochs=2, final_epochs=15, lr=1e-2, batch_size=64)
+    model = model_from_run_config(run_cfg, (4, 8, 8), 10)
+    io.save_checkpoint({"ema": model.state_dict()}, tmp_path / "state.pt")
+    result = probe.probe_state(run_cfg, tmp_path / "state.pt", small_latents, tmp_path / "probe.parquet",
+                               tmp_path / "probe.json", tmp_path / "probe.png", tmp_path / "work", device="cpu")
+    assert result["n_train"] == 256 and result["n_val"] == 128 and result["n_pairs"] == 4  # T: 4 blocks
+    assert result["floor_acc"] > 50  # raw digits pixels are linearly readable
