@@ -225,3 +225,16 @@ def test_bad_sizes_are_clear_errors(size, shape, message):
 def test_self_cond_layer_must_leave_a_later_block():
     with pytest.raises(ValueError, match="later block"):
         LightningDiT(**TINY, self_cond=True, self_cond_layer=TINY["depth"] - 1)
+
+
+def test_stop_after_returns_the_same_features_for_less():
+    from ddaepp.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("T/1", (4, 8, 8), 10, self_cond=True, self_cond_layer=1).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    x, t, y = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([1, 2, 10])
+    _, feats = model(x, t, y, return_features=True)
+    early = model(x, t, y, stop_after=1)
+    assert early.shape == (3, 2, 128) and torch.allclose(early, feats[:, :2], atol=1e-6)

@@ -95,3 +95,34 @@ def test_kill_9_mid_segment_resumes_to_the_same_weights(default_config, small_la
     states_equal(tmp_path / "straight/state.pt", out)
     assert json.loads(out.with_name("train.json").read_text())["steps_this_job"] == 12 - killed_at
     assert not (wip / "state.pt").exists()  # cleaned up on success
+
+
+def test_a_second_writer_of_the_same_state_is_refused(default_config, small_latents, tmp_path):
+    from ddaepp.io import exclusive
+
+    with exclusive(tmp_path / "_wip/.lock", "test"):
+        with pytest.raises(RuntimeError, match="another process is writing"):
+            train(run_cfg(default_config), small_latents, 0, 1, tmp_path / "state.pt", wip_dir=tmp_path / "_wip")
+
+
+def test_a_checkpoint_with_a_malicious_pickle_is_refused(tmp_path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    path = tmp_path / "state.pt"
+    torch.save({"model": Evil()}, path)
+    with pytest.raises(ValueError, match="refusing to load"):
+        io.load_checkpoint(path, require_checksum=False)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_corrupt_checkpoint_names_the_file(default_config, small_latents, tmp_path):
+    train(run_cfg(default_config), small_latents, 0, 1, tmp_path / "ep1/state.pt")
+    data = bytearray((tmp_path / "ep1/state.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tmp_path / "ep1/state.pt").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"ep1/state.pt is corrupt"):
+        train(run_cfg(default_config), small_latents, 0, 2, tmp_path / "ep2/state.pt", init_state=tmp_path / "ep1/state.pt")

@@ -125,3 +125,26 @@ def job_log(log_file: str | os.PathLike, threads: int | None = None) -> Iterator
         except BaseException:
             logger.exception("job failed")
             raise
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold the file lock `lock_path` so that two jobs never write the same in-progress files.
+
+    Two Snakemake invocations, or a job and its own requeued copy, could otherwise both resume
+    from (and append to) one `_wip` folder; the second one fails at once and says why.
+    """
+    import filelock
+
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        raise RuntimeError(f"another process is writing {what} (it holds {lock_path}); wait for it to "
+                           "finish, or stop it, then rerun") from None
+    try:
+        yield
+    finally:
+        lock.release()

@@ -257,11 +257,13 @@ class LightningDiT(nn.Module):
         x = x.reshape(x.shape[0], h, h, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(x.shape[0], c, h * p, h * p)
 
-    def forward(self, x, t, y=None, return_features=False):
+    def forward(self, x, t, y=None, return_features=False, stop_after=None):
         """x: (N, C, H, W) noisy latents, t: (N,) in [0, 1] (1 = data), y: (N,) labels (the null
         class is num_classes; ignored when unconditional). Returns the velocity (N, C, H, W), and
         with return_features=True also feats (N, depth, hidden): the token-mean of every block's
-        output. feats[:, self_cond_layer] is the pooled self-conditioning feature (before its MLP)."""
+        output. feats[:, self_cond_layer] is the pooled self-conditioning feature (before its MLP).
+        With stop_after=k only blocks 0..k run and only their feats (N, k + 1, hidden) return:
+        what an objective on block k's feature needs, at a fraction of the cost."""
         x = self.x_embedder(x) + self.pos_embed
         t_emb = self.t_embedder(t)
         c = t_emb
@@ -272,8 +274,10 @@ class LightningDiT(nn.Module):
         feats = []
         for i, block in enumerate(self.blocks):
             x = block(x, c, self.feat_rope)
-            if return_features or i == self.self_cond_layer:
+            if return_features or i == self.self_cond_layer or stop_after is not None:
                 feats.append(x.mean(dim=1))
+            if i == stop_after:
+                return torch.stack(feats, dim=1)
             if i == self.self_cond_layer:
                 c = c + self.self_cond(feats[-1], t_emb)
         v = self.unpatchify(self.final_layer(x, c))

@@ -83,21 +83,18 @@ def csd_loss(run_cfg, heads, teacher, student, feats_a, x1_a, x1_b, t, x0, y, ge
     null_y = None if y is None else torch.full_like(y, teacher.num_classes)
     x1_b = random_resized_crop(x1_b, cfg["crop_scale"], gen)
     xt_b, _ = interpolate(x1_b, x0, t)
-    _, feats_b = student(xt_b, t, y, return_features=True)
+    feat_b = student(xt_b, t, y, stop_after=layer)[:, layer]  # the blocks after `layer` are not needed
     t_teacher = torch.full_like(t, cfg["timestep"])
     with torch.no_grad():
         noise = torch.randn(x1_a.shape, generator=gen, device=x1_a.device)
-        k_a = teacher(*_noised(x1_a, noise, t_teacher), null_y, return_features=True)[1][:, layer]
-        k_b = teacher(*_noised(x1_b, noise, t_teacher), null_y, return_features=True)[1][:, layer]
+        both = torch.cat([interpolate(x1_a, noise, t_teacher)[0], interpolate(x1_b, noise, t_teacher)[0]])
+        null_both = None if null_y is None else torch.cat([null_y, null_y])
+        k_a, k_b = teacher(both, torch.cat([t_teacher, t_teacher]), null_both, stop_after=layer)[:, layer].chunk(2)
         k_a, k_b = heads["projector"](k_a.float()), heads["projector"](k_b.float())
     q_a = heads["predictor"](heads["projector"](feats_a[:, layer].float()))
-    q_b = heads["predictor"](heads["projector"](feats_b[:, layer].float()))
+    q_b = heads["predictor"](heads["projector"](feat_b.float()))
     tau = cfg["temperature"]
     return info_nce(q_a, gather(k_b), tau, rank) + info_nce(q_b, gather(k_a), tau, rank)
-
-
-def _noised(x1, noise, t):
-    return interpolate(x1, noise, t)[0], t
 
 
 def extra_loss(run_cfg, heads, teacher, student, feats, x1, x1_other, t, x0, y, gen, accelerator):

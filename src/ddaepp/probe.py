@@ -457,5 +457,6 @@ def probe_state(run_cfg: dict, state_path, latents_dir, out_parquet, out_json, o
     mean, std = latent_store.load_stats(latents_dir)
     n_classes = dataset_num_classes(run_cfg["dataset"]) if run_cfg["conditional"] else 0
     model = load_ema(state_path, run_cfg, train_latents.shape[2:], n_classes)
-    return run_probe(model, train_latents, train_labels, val_latents, val_labels, mean.numpy(), std.numpy(),
-                     run_cfg["probe"], out_parquet, out_json, out_png, work_dir, device=device)
+    with io.exclusive(Path(work_dir).parent / f"{Path(work_dir).name}.lock", f"the probe features in {work_dir}"):
+        return run_probe(model, train_latents, train_labels, val_latents, val_labels, mean.numpy(), std.numpy(),
+                         run_cfg["probe"], out_parquet, out_json, out_png, work_dir, device=device)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
+import os
 import time
 from pathlib import Path
 
@@ -101,6 +101,12 @@ def training_loss(run_cfg, model, heads, ema, x1, x1_other, y, seed: int, accele
                                             accelerator)
 
 
+def ema_decay(train_cfg: dict, step: int) -> float:
+    if train_cfg["ema_warmup"]:
+        return min(train_cfg["ema"], (1 + step) / (10 + step))
+    return train_cfg["ema"]
+
+
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         ema_params = list(ema.parameters())
@@ -132,9 +138,16 @@ def _initial_state(run_cfg, seed, latent_shape, n_classes, init_path, wip_path, 
 def train(run_cfg: dict, latents_dir: str | Path, seed: int, epoch: int, out_state: str | Path,
           init_state: str | Path | None = None, wip_dir: str | Path | None = None) -> dict:
     """Train one run from `init_state` (budget E_prev) or from scratch up to `epoch` epochs."""
+    wip_dir = Path(wip_dir) if wip_dir else Path(out_state).parent / "_wip"
+    if int(os.environ.get("RANK", 0)) != 0:  # under accelerate launch, the main process holds the lock
+        return _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir)
+    with io.exclusive(wip_dir / ".lock", f"the in-progress state of {out_state}"):
+        return _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir)
+
+
+def _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir) -> dict:
     train_cfg = run_cfg["train"]
     out_state = Path(out_state)
-    wip_dir = Path(wip_dir) if wip_dir else out_state.parent / "_wip"
     wip_path = wip_dir / "state.pt"
     accelerator = _accelerator(train_cfg)
     latents, labels = latent_store.load_latents(latents_dir, "train")
@@ -190,7 +203,7 @@ def train(run_cfg: dict, latents_dir: str | Path, seed: int, epoch: int, out_sta
         if train_cfg["grad_clip"] > 0:
             accelerator.clip_grad_norm_(params, train_cfg["grad_clip"])
         opt.step()
-        update_ema(ema, accelerator.unwrap_model(train_model), train_cfg["ema"])
+        update_ema(ema, accelerator.unwrap_model(train_model), ema_decay(train_cfg, step))
         step += 1
         running.append(loss.item())
         if step % steps_per_epoch == 0:

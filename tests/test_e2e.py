@@ -1,0 +1,86 @@
+"""The whole default DAG on the smoke config: tables with finite numbers or explained blanks,
+nothing to do on a rerun, --forcerun of one epoch redoes only that epoch, a new budget only the
+new work. Minutes, not seconds: marked slow (still part of the default test run)."""
+
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def snakemake(workdir, *args, configfile=None):
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "-c2",
+           "--configfile", str(configfile or workdir / "smoke.yaml"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, f"{' '.join(args)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc.stdout + proc.stderr
+
+
+def planned(output: str) -> dict[str, int]:
+    if "Nothing to be done" in output:
+        return {}
+    stats = output.split("Job stats:")[1].split("\n\n")[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M)}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("smoke")
+    shutil.copy(REPO / "tests/smoke.yaml", workdir / "smoke.yaml")
+    snakemake(workdir, "results/tables/uncond.md", "results/tables/cond.md")
+    return workdir
+
+
+def test_tables_hold_finite_numbers_or_explained_blanks(smoke_run):
+    for name, n_cols in (("uncond", 2), ("cond", 4)):
+        md = (smoke_run / f"results/tables/{name}.md").read_text()
+        rows = [line for line in md.splitlines() if re.match(r"^\|\s*\d+\s*\|", line)]
+        assert len(rows) == 2, md  # one row per epoch budget
+        for row in rows:
+            cells = [c.strip() for c in row.strip("|").split("|")][1:]
+            assert len(cells) == 2 * n_cols, row  # baseline and selfcond column groups
+            for cell in cells:
+                if cell.startswith("—"):
+                    assert re.search(rf"\[{re.escape(cell[1:].strip('[]'))}\]", md.split(row)[1]), cell
+                else:
+                    assert math.isfinite(float(cell.split()[0])), cell
+        assert "digits-net" in md and "FID_80" in md
+        frame = pd.read_parquet(smoke_run / f"results/tables/{name}.parquet")
+        assert frame["lp_acc"].between(10, 100).all()  # 10 classes: chance is 10%
+        assert (smoke_run / f"results/figures/{name}-fid.png").exists()
+
+
+def test_rerun_has_nothing_to_do(smoke_run):
+    assert planned(snakemake(smoke_run, "-n", "results/tables/uncond.md", "results/tables/cond.md")) == {}
+
+
+def test_forcerun_one_epoch_redoes_only_that_epoch(smoke_run):
+    target = "results/runs/cond-selfcond/s0/ep2/metrics-cfg.json"
+    assert planned(snakemake(smoke_run, "-n", target, "--forcerun", "metrics")) == {"metrics": 1}
+    jobs = planned(snakemake(smoke_run, "-n", "results/runs/uncond-baseline/s0/ep1/probe.json", "--forcerun", "train"))
+    assert jobs == {"train": 1, "probe": 1}
+    out = snakemake(smoke_run, "-n", "results/tables/uncond.md", "--forcerun", "results/runs/uncond-baseline/s0/ep2/probe.json")
+    assert planned(out) == {"probe": 1, "table": 1}
+
+
+def test_a_new_budget_schedules_only_the_new_work(smoke_run):
+    cfg = yaml.safe_load((smoke_run / "smoke.yaml").read_text())
+    cfg["settings"]["uncond"]["epochs"] = [1, 2, 3]
+    (smoke_run / "grown.yaml").write_text(yaml.safe_dump(cfg))
+    jobs = planned(snakemake(smoke_run, "-n", "results/tables/uncond.md", configfile=smoke_run / "grown.yaml"))
+    assert jobs == {"train": 2, "sample_shard": 2, "metrics": 2, "probe": 2, "table": 1}
+
+
+def test_report_builds(smoke_run):
+    snakemake(smoke_run, "results/tables/uncond.md", "results/tables/cond.md", "--report", "report.html")
+    html = (smoke_run / "report.html").read_text(errors="ignore")
+    assert len(html) > 10_000 and "uncond" in html
