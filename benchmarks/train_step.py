@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py                          # T/1 on 4x8x8 (the default), CPU
     python benchmarks/train_step.py --size B/1 --latent 32,16,16 --batch 256   # the paper's B/1, on a GPU
+    python benchmarks/train_step.py --lightningdit-repo ~/src/LightningDiT   # + hustvl's own model (needs einops)
 
 Prints step time, images/s, the ratio of each variant to the baseline (and csd/dispersive to
 selfcond), of LightningDiT to a DiT built from timm's Attention/Mlp blocks of the same width and
@@ -68,6 +69,37 @@ class TimmDiT(nn.Module):
         return (out, torch.stack(feats, 1)) if return_features else out
 
 
+def upstream_model(repo: str, size: str, latent, classes: int) -> nn.Module:
+    """hustvl/LightningDiT's own model class from a checkout, configured as ours (for a like-for-like ratio).
+
+    Its RMSNorm file imports fairscale at the top without using it for the model: a stub stands in.
+    Its @torch.compile decorators compile on CUDA and are switched off on the CPU, as ours is.
+    """
+    import sys
+    import types
+
+    for name in ("fairscale", "fairscale.nn", "fairscale.nn.model_parallel", "fairscale.nn.model_parallel.initialize",
+                 "fairscale.nn.model_parallel.layers"):
+        stub = sys.modules.setdefault(name, types.ModuleType(name))
+        stub.ColumnParallelLinear = stub.RowParallelLinear = stub.ParallelEmbedding = None
+    if not torch.cuda.is_available():
+        torch._dynamo.config.disable = True
+    sys.path.insert(0, repo)
+    from models.lightningdit import LightningDiT as Upstream
+
+    width, depth, heads = config_mod.MODEL_SIZES[size.split("/")[0]]
+
+    class Wrapped(Upstream):  # our loop asks for features; upstream returns the velocity only
+        def forward(self, x, t, y=None, return_features=False):
+            y = torch.zeros(len(x), dtype=torch.long, device=x.device) if y is None else y
+            v = super().forward(x, t, y)
+            return (v, v.new_zeros(len(x), depth, width)) if return_features else v
+
+    return Wrapped(input_size=latent[1], patch_size=int(size.split("/")[1]), in_channels=latent[0],
+                   hidden_size=width, depth=depth, num_heads=heads, num_classes=max(classes, 1),
+                   use_swiglu=True, use_rope=True, use_rmsnorm=True)
+
+
 def time_steps(run_cfg, model, heads, x1, y, accelerator, steps, warmup=3):
     ema = copy.deepcopy(model).requires_grad_(False)
     params = list(model.parameters()) + list(heads.parameters())
@@ -98,6 +130,7 @@ def main():
     parser.add_argument("--classes", type=int, default=0, help="0: unconditional")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100 SXM: 989)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--lightningdit-repo", help="a checkout of hustvl/LightningDiT to time its own model too")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -123,6 +156,10 @@ def main():
     plain = TimmDiT(width, depth, heads, latent[0], int(args.size.split("/")[1]))
     base_run = config_mod.run_config(cfg, setting, "baseline")
     results["timm DiT"] = (time_steps(base_run, plain, nn.ModuleDict(), x1, None, accelerator, args.steps), plain)
+    if args.lightningdit_repo:
+        upstream = upstream_model(args.lightningdit_repo, args.size, latent, args.classes)
+        results["hustvl upstream"] = (time_steps(base_run, upstream, nn.ModuleDict(), x1, y, accelerator,
+                                                 args.steps), upstream)
 
     base = results["baseline"][0]
     print(f"{'model':<16}{'s/step':>10}{'images/s':>12}{'vs baseline':>13}{'vs selfcond':>13}")
@@ -130,6 +167,9 @@ def main():
         vs_sc = f"{sec / results['selfcond'][0]:.3f}" if "selfcond" in results else "-"
         print(f"{name:<16}{sec:>10.4f}{args.batch / sec:>12.1f}{sec / base:>13.3f}{vs_sc:>13}")
     print(f"LightningDiT baseline / timm DiT step-time ratio: {base / results['timm DiT'][0]:.3f} (<= 1 is as fast or faster)")
+    if "hustvl upstream" in results:
+        print(f"ours / hustvl's own LightningDiT step-time ratio: {base / results['hustvl upstream'][0]:.3f} "
+              "(<= 1 is as fast or faster)")
     b_model, s_model = results["baseline"][1], results["selfcond"][1]
     b_params, s_params = (sum(p.numel() for p in m.parameters() if p.requires_grad) for m in (b_model, s_model))
     b_flops, s_flops = count_flops(b_model), count_flops(s_model)

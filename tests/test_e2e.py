@@ -84,3 +84,27 @@ def test_report_builds(smoke_run):
     snakemake(smoke_run, "results/tables/uncond.md", "results/tables/cond.md", "--report", "report.html")
     html = (smoke_run / "report.html").read_text(errors="ignore")
     assert len(html) > 10_000 and "uncond" in html
+
+
+def test_kill_9_at_random_points_then_rerun_gives_identical_tables(smoke_run, tmp_path):
+    """The whole workflow (Snakemake and its jobs) killed with SIGKILL three times at random moments;
+    each rerun picks up what is missing, and the tables equal those of the uninterrupted run."""
+    import os
+    import random
+    import signal
+    import time
+
+    shutil.copy(REPO / "tests/smoke.yaml", tmp_path / "smoke.yaml")
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "-c2",
+           "--configfile", str(tmp_path / "smoke.yaml"), "--rerun-incomplete",
+           "results/tables/uncond.md", "results/tables/cond.md"]
+    rng = random.Random(0)
+    for _ in range(3):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        time.sleep(rng.uniform(8, 40))
+        os.killpg(proc.pid, signal.SIGKILL)  # Snakemake and every job it started, mid-flight
+        proc.wait()
+    subprocess.run([c for c in cmd], check=True, capture_output=True, timeout=1500)
+    for name in ("uncond", "cond"):
+        assert (tmp_path / f"results/tables/{name}.md").read_text() == \
+            (smoke_run / f"results/tables/{name}.md").read_text()
