@@ -83,7 +83,17 @@ def validate(config: dict, check_paths: bool = True) -> dict:
     _check_semantics(config)
     if check_paths:
         check_inputs(config)
-    return config
+    return _sorted(config)
+
+
+def _sorted(value):
+    """Keys in sorted order at every level: Snakemake compares rule params by their text, so the
+    same config written with its keys in another order must not rerun anything."""
+    if isinstance(value, dict):
+        return {k: _sorted(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [_sorted(v) for v in value]
+    return value
 
 
 def _check_semantics(config: dict) -> None:
@@ -194,8 +204,7 @@ def run_config(config: dict, setting: str, variant: str) -> dict:
         out[section] = merge(merged, config["variants"][variant].get(section, {}))
     out["setting"], out["variant"] = setting, variant
     out["conditional"] = config["settings"][setting]["conditional"]
-    out["epochs"] = list(config["settings"][setting]["epochs"])
-    return out
+    return _sorted(out)
 
 
 def run_name(setting: str, variant: str) -> str:

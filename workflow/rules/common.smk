@@ -36,9 +36,19 @@ def run_cfg(run):
     return ddaepp_config.run_config(CONFIG, setting, variant)
 
 
-def run_params(wildcards):
-    """The run's effective config, passed as params so that editing it reruns that run alone."""
-    return run_cfg(wildcards.run)
+# The run-config sections each stage reads: passed as params, so editing a section reruns the
+# stages that read it (a new probe setting re-probes, it does not retrain).
+STAGE_SECTIONS = {
+    "train": ("dataset", "tokenizer", "model", "train"),
+    "sample": ("dataset", "tokenizer", "model", "sample"),
+    "metrics": ("dataset", "metrics", "sample"),
+    "probe": ("dataset", "model", "probe"),
+}
+
+
+def run_params(stage):
+    keep = STAGE_SECTIONS[stage] + ("setting", "variant", "conditional")
+    return lambda wildcards: {k: v for k, v in run_cfg(wildcards.run).items() if k in keep}
 
 
 def gpus(wildcards):

@@ -23,6 +23,6 @@ rule probe:
     resources:
         gpu=lambda w: 1 if gpus(w) else 0,
     params:
-        run_cfg=run_params,
+        run_cfg=run_params("probe"),
     script:
         "../scripts/probe.py"

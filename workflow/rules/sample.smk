@@ -15,7 +15,7 @@ rule sample_shard:
     resources:
         gpu=lambda w: 1 if gpus(w) else 0,
     params:
-        run_cfg=run_params,
+        run_cfg=run_params("sample"),
     script:
         "../scripts/sample_shard.py"
 
@@ -79,6 +79,6 @@ rule metrics:
     resources:
         gpu=lambda w: 1 if CONFIG["metrics"]["features"] == "inception" else 0,
     params:
-        run_cfg=run_params,
+        run_cfg=run_params("metrics"),
     script:
         "../scripts/metrics.py"

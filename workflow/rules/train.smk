@@ -16,6 +16,6 @@ rule train:
     resources:
         gpu=gpus,
     params:
-        run_cfg=run_params,
+        run_cfg=run_params("train"),
     script:
         "../scripts/train.py"
