@@ -50,7 +50,7 @@ def test_loss_falls(default_config, small_latents, tmp_path):
 def test_resume_refuses_another_config(default_config, small_latents, tmp_path):
     train(run_cfg(default_config), small_latents, seed=0, epoch=1, out_state=tmp_path / "ep1/state.pt")
     other = run_cfg(default_config, lr=5e-4)
-    with pytest.raises(ValueError, match=r"train.lr: 0.001 in the state, 0.0005 now"):
+    with pytest.raises(ValueError, match=r"train.lr: 0.002 in the state, 0.0005 now"):
         train(other, small_latents, seed=0, epoch=2, out_state=tmp_path / "ep2/state.pt",
               init_state=tmp_path / "ep1/state.pt")
     selfcond = run_cfg(default_config, "selfcond")
