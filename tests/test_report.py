@@ -21,7 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def digits_config(**overrides):
-    return config_lib.load(REPO / "config.yaml", overrides=overrides, check_paths=False)
+    # the default config with the budgets these fake records use (independent of config.yaml's budgets)
+    budgets = {"settings": {"uncond": {"epochs": [5, 10, 20]}, "cond": {"epochs": [5, 10, 20]}}}
+    return config_lib.load(REPO / "config.yaml", overrides=config_lib.merge(budgets, overrides), check_paths=False)
 
 
 def paper_config(**overrides):

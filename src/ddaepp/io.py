@@ -148,3 +148,4 @@ def exclusive(lock_path: str | os.PathLike, what: str) -> Iterator[None]:
         yield
     finally:
         lock.release()
+        lock_path.unlink(missing_ok=True)  # leave no litter in folders that jobs clean up

@@ -41,7 +41,7 @@ def encode_shard(dataset_cfg: dict, tokenizer_cfg: dict, split: str, shard: int,
                  index_path, out_path, device: str = "cpu") -> None:
     """Encode one shard of the index at `index_path` into `out_path` (.npz), resuming from `_wip` chunks."""
     out_path = Path(out_path)
-    with io.exclusive(out_path.parent / "_wip" / f"{out_path.stem}.lock", f"the shard {out_path}"):
+    with io.exclusive(out_path.with_name(f".{out_path.name}.lock"), f"the shard {out_path}"):
         _encode_shard(dataset_cfg, tokenizer_cfg, split, shard, num_shards, index_path, out_path, device)
 
 
