@@ -155,3 +155,14 @@ def test_imagefolder_with_sd_vae_end_to_end(tmp_path):
     x = torch.from_numpy(images[ok]).float() / 127.5 - 1
     np.testing.assert_allclose(z[:len(x), 1], tokenizer.encode(x.flip(-1)).half().numpy(), atol=2e-3)
     assert Path(tmp_path / "out" / "labels-train.npy").is_file()
+
+
+def test_truncated_latents_name_the_file(tmp_path):
+    from ddaepp.latents import load_latents
+
+    np.save(tmp_path / "latents-val.npy", np.zeros((10, 1, 4, 8, 8), np.float16))
+    np.save(tmp_path / "labels-val.npy", np.zeros(10, np.int64))
+    data = (tmp_path / "latents-val.npy").read_bytes()
+    (tmp_path / "latents-val.npy").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"latents-val.npy or its labels file is corrupt or truncated"):
+        load_latents(tmp_path, "val")

@@ -198,8 +198,12 @@ def load_latents(out_dir, split: str, mmap: bool = True) -> tuple[np.ndarray, np
     path = out_dir / f"latents-{split}.npy"
     if not path.is_file():
         raise FileNotFoundError(f"no {path}; run the latents stage first (snakemake {path})")
-    latents = np.load(path, mmap_mode="r" if mmap else None)
-    labels = np.load(out_dir / f"labels-{split}.npy")
+    try:
+        latents = np.load(path, mmap_mode="r" if mmap else None)
+        labels = np.load(out_dir / f"labels-{split}.npy")
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"{path} or its labels file is corrupt or truncated ({err}); delete both and rerun the "
+                         f"latents stage (snakemake {path})") from None
     if len(labels) != len(latents):
         raise ValueError(f"{out_dir}: {len(latents)} {split} latents but {len(labels)} labels; re-run the merge")
     return latents, labels

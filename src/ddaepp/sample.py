@@ -58,6 +58,8 @@ def sample_shard(run_cfg: dict, state_path, latents_dir, guidance: str, shard: i
     model = load_ema(state_path, run_cfg, latent_shape, n_classes if run_cfg["conditional"] else 0).to(device)
     tokenizer = tokenizers.build(run_cfg["tokenizer"], run_cfg["dataset"], device=str(device))
     start, stop = shard_range(cfg["n"], shard, cfg["shards"])
+    size = run_cfg["dataset"]["image_size"]
+    io.check_free_space(Path(out_npz).parent, (stop - start) * 3 * size * size, f"the samples {out_npz}")
     images, labels = [], []
     guided = None if cfg["cfg"]["channels"] == "all" else int(cfg["cfg"]["channels"])
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
