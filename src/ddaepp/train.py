@@ -195,17 +195,18 @@ def _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir) ->
         y = y.to(accelerator.device) if run_cfg["conditional"] else None
         loss = training_loss(run_cfg, train_model, heads, ema, x1, x1_other, y,
                              step_seed(seed, step, accelerator.process_index), accelerator)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}; the last good state is kept "
-                                     f"({wip_path if wip_path.exists() else init_state or 'none yet'})")
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         if train_cfg["grad_clip"] > 0:
             accelerator.clip_grad_norm_(params, train_cfg["grad_clip"])
         opt.step()
+        value = loss.item()  # the step's one device sync; a bad step is never saved, only reported
+        if not np.isfinite(value):
+            raise FloatingPointError(f"loss is {value} at step {step}; the last good state is kept "
+                                     f"({wip_path if wip_path.exists() else init_state or 'none yet'})")
         update_ema(ema, accelerator.unwrap_model(train_model), ema_decay(train_cfg, step))
         step += 1
-        running.append(loss.item())
+        running.append(value)
         if step % steps_per_epoch == 0:
             epoch_losses.append(float(np.mean(running)))
             running = []
