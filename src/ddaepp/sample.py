@@ -53,10 +53,10 @@ def sample_shard(run_cfg: dict, state_path, latents_dir, guidance: str, shard: i
     cfg = run_cfg["sample"]
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     mean, std = (s.to(device) for s in latent_store.load_stats(latents_dir))
-    latent_shape = tuple(latent_store.load_latents(latents_dir, "val")[0].shape[2:])
+    tokenizer = tokenizers.build(run_cfg["tokenizer"], run_cfg["dataset"], device=str(device))
+    latent_shape = tuple(tokenizer.latent_shape)
     n_classes = dataset_num_classes(run_cfg["dataset"])
     model = load_ema(state_path, run_cfg, latent_shape, n_classes if run_cfg["conditional"] else 0).to(device)
-    tokenizer = tokenizers.build(run_cfg["tokenizer"], run_cfg["dataset"], device=str(device))
     start, stop = shard_range(cfg["n"], shard, cfg["shards"])
     size = run_cfg["dataset"]["image_size"]
     io.check_free_space(Path(out_npz).parent, (stop - start) * 3 * size * size, f"the samples {out_npz}")

@@ -65,6 +65,7 @@ class StepBatches(torch.utils.data.Dataset):
         self.batch_size, self.seed, self.start, self.stop = batch_size, seed, start, stop
         self.rank, self.world = rank, world
         self.steps_per_epoch = len(labels) // batch_size
+        self._order = (None, None)  # (epoch, permutation): one permutation of N per epoch, not per step
 
     def __len__(self):
         return self.stop - self.start
@@ -72,8 +73,9 @@ class StepBatches(torch.utils.data.Dataset):
     def __getitem__(self, i):
         step = self.start + i
         epoch, j = divmod(step, self.steps_per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.labels))
-        idx = order[j * self.batch_size:(j + 1) * self.batch_size]
+        if self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.labels)))
+        idx = self._order[1][j * self.batch_size:(j + 1) * self.batch_size]
         per_rank = self.batch_size // self.world
         idx = np.sort(idx[self.rank * per_rank:(self.rank + 1) * per_rank])  # sorted reads from the memmap
         views = np.random.default_rng([self.seed, step, self.rank, 1]).integers(0, self.latents.shape[1], len(idx))
@@ -120,19 +122,15 @@ def _accelerator(train_cfg: dict) -> Accelerator:
     return Accelerator(cpu=not use_gpu, mixed_precision="bf16" if bf16 else "no")
 
 
-def _initial_state(run_cfg, seed, latent_shape, n_classes, init_path, wip_path, expected):
-    """The state to start from: the in-progress checkpoint, else the previous budget, else a fresh model."""
+def _resume_state(init_path, wip_path, expected) -> dict | None:
+    """The state to start from: the in-progress checkpoint, else the previous budget, else None."""
     for path in (wip_path, init_path):
         if path and Path(path).exists():
             state = io.load_checkpoint(path)
             check_compatible(state, expected, Path(path))
             log.info("starting from %s (step %d)", path, state["step"])
             return state
-    torch.manual_seed(seed)
-    model = model_from_run_config(run_cfg, latent_shape, n_classes)
-    heads = objectives.build_heads(run_cfg, model)
-    return {"model": model.state_dict(), "ema": copy.deepcopy(model.state_dict()), "heads": heads.state_dict(),
-            "opt": None, "step": 0, "epoch_losses": [], "fingerprint": expected}
+    return None
 
 
 def train(run_cfg: dict, latents_dir: str | Path, seed: int, epoch: int, out_state: str | Path,
@@ -162,17 +160,18 @@ def _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir) ->
     target_step = epoch * steps_per_epoch
 
     expected = fingerprint(run_cfg, seed)
-    state = _initial_state(run_cfg, seed, latent_shape, n_classes, init_state, wip_path, expected)
+    torch.manual_seed(seed)  # a fresh start's initial weights
     model = model_from_run_config(run_cfg, latent_shape, n_classes)
-    model.load_state_dict(state["model"])
-    ema = copy.deepcopy(model).requires_grad_(False)
-    ema.load_state_dict(state["ema"])
     heads = objectives.build_heads(run_cfg, model)
-    heads.load_state_dict(state["heads"])
+    ema = copy.deepcopy(model).requires_grad_(False)
     params = list(model.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=train_cfg["lr"], betas=tuple(train_cfg["betas"]),
                             weight_decay=train_cfg["weight_decay"])
-    if state["opt"] is not None:
+    state = _resume_state(init_state, wip_path, expected) or {"step": 0, "epoch_losses": []}
+    if "model" in state:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        heads.load_state_dict(state["heads"])
         opt.load_state_dict(state["opt"])
     ema.to(accelerator.device).eval()
     train_model = torch.compile(model) if train_cfg["compile"] and accelerator.device.type == "cuda" else model

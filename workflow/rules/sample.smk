@@ -3,7 +3,6 @@
 
 rule sample_shard:
     input:
-        latents_inputs(["val"]),
         stats=f"{LATENTS_DIR}/stats.json",
         state=STATE,
     output:
