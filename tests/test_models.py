@@ -49,8 +49,8 @@ def test_matches_upstream_golden(golden, name):
     model.load_state_dict(case["state_dict"], strict=True)
     with torch.no_grad():
         torch.testing.assert_close(model(case["x"], case["t"], case["y"]), case["v"], atol=1e-5, rtol=0)
-        cfg = case["cfg"]
-        guided = model.forward_with_cfg(cfg["x"], cfg["t"], cfg["y"], cfg["cfg_scale"], cfg["cfg_interval_start"])
+        cfg = case["cfg"]  # upstream's call as its sampler makes it: positional scale, then the interval
+        guided = model.forward_with_cfg(cfg["x"], cfg["t"], cfg["y"], cfg["cfg_scale"], True, cfg["cfg_interval_start"])
     torch.testing.assert_close(guided, cfg["v"], atol=1e-5, rtol=0)
 
 
@@ -182,18 +182,25 @@ def test_label_dropout_goes_to_null_class():
     assert not torch.allclose(kept, null)
 
 
-def test_cfg_all_channels_and_interval():
+@pytest.mark.parametrize("channels", [3, None])
+def test_cfg_channels_and_interval(channels):
+    # the goldens' batch starts at t < cfg_interval_start (no guidance): this checks the guided side
     model = perturbed(LightningDiT(**TINY)).eval()
     x, _, y = inputs()
     y = torch.cat([y[:2], torch.full((2,), TINY["num_classes"])])
+    n = 4 if channels is None else channels
     with torch.no_grad():
         for t_value, guided in ((0.8, True), (0.2, False)):
             t = torch.full((4,), t_value)
-            out = model.forward_with_cfg(x, t, y, 3.0, cfg_interval_start=0.5, guided_channels="all")
+            out = model.forward_with_cfg(x, t, y, 3.0, True, 0.5, guided_channels=channels)
             raw = model(torch.cat([x[:2], x[:2]]), t, y)
-            cond, uncond = raw.chunk(2)
-            half = uncond + 3.0 * (cond - uncond) if guided else cond
-            torch.testing.assert_close(out, torch.cat([half, half]))
+            cond, uncond = raw[:, :n].chunk(2)
+            mixed = uncond + 3.0 * (cond - uncond) if guided else cond
+            torch.testing.assert_close(out, torch.cat([torch.cat([mixed, mixed]), raw[:, n:]], dim=1))
+            # upstream's default cfg_interval=None: no interval, guided at every t
+            everywhere = model.forward_with_cfg(x, t, y, 3.0, guided_channels=channels)
+            mixed = uncond + 3.0 * (cond - uncond)
+            torch.testing.assert_close(everywhere, torch.cat([torch.cat([mixed, mixed]), raw[:, n:]], dim=1))
 
 
 def test_count_flops_matches_torch_flop_counter():

@@ -34,19 +34,36 @@ def test_same_images_for_any_batch_size_or_shard_count(cond_state, small_latents
     assert np.array_equal(la, lb) and np.array_equal(a, b)
 
 
-def test_cfg_goes_through_guidance_and_labels_are_uniform(cond_state, small_latents, tmp_path, monkeypatch):
-    from ddaepp import transport
+def test_cfg_goes_through_forward_with_cfg_and_labels_are_uniform(cond_state, small_latents, tmp_path, monkeypatch):
+    from ddaepp.models import LightningDiT
 
     calls = []
-    real = transport.guided_velocity
-    monkeypatch.setattr(transport, "guided_velocity", lambda *a, **k: calls.append(a[4:]) or real(*a, **k))
+    real = LightningDiT.forward_with_cfg
+
+    def recording(self, x, t, y, cfg_scale, cfg_interval=None, cfg_interval_start=None, **kwargs):
+        calls.append((len(x), y[len(y) // 2:].tolist(), cfg_scale, cfg_interval, cfg_interval_start, kwargs))
+        return real(self, x, t, y, cfg_scale, cfg_interval, cfg_interval_start, **kwargs)
+
+    monkeypatch.setattr(LightningDiT, "forward_with_cfg", recording)
     run, state = cond_state
+    guidance = run["sample"]["cfg"]
     _, labels = _sample(run, state, small_latents, tmp_path, "cfg", guidance="cfg", shards=1)
-    assert len(calls) == 3  # every Euler step of the shard's one batch
-    assert all(c[0] == 10 and c[1] == run["sample"]["cfg"]["scale"] for c in calls)  # null label, scale
+    channels = None if guidance["channels"] == "all" else guidance["channels"]
+    # every Euler step of the shard's one batch: [cond; null] halves, upstream's arguments
+    assert calls == [(48, [10] * 24, guidance["scale"], True, guidance["interval_start"],
+                      {"guided_channels": channels})] * 3
     _sample(run, state, small_latents, tmp_path, "nocfg", guidance="nocfg", shards=1)
     assert len(calls) == 3
     assert labels.min() >= 0 and labels.max() <= 9 and len(set(labels.tolist())) > 3
+
+
+def test_three_channel_guidance_changes_only_what_it_should(cond_state, small_latents, tmp_path):
+    run, state = cond_state
+    three, _ = _sample(run, state, small_latents, tmp_path, "c3", cfg={**run["sample"]["cfg"], "channels": 3}, shards=1)
+    every, _ = _sample(run, state, small_latents, tmp_path, "call", cfg={**run["sample"]["cfg"], "channels": "all"},
+                       shards=1)
+    plain, _ = _sample(run, state, small_latents, tmp_path, "plain", guidance="nocfg", shards=1)
+    assert not np.array_equal(three, every) and not np.array_equal(three, plain)
 
 
 def test_cfg_needs_a_conditional_setting(default_config, small_latents, tmp_path):

@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from ddaepp.transport import euler_sample, guided_velocity, interpolate, sample_t, shifted_timesteps, velocity_loss
+from ddaepp.transport import euler_sample, interpolate, sample_t, shifted_timesteps, velocity_loss
 
 
 def test_shifted_timesteps_run_from_noise_to_data():
@@ -43,23 +44,63 @@ def test_euler_with_the_exact_velocity_lands_on_the_data():
     assert torch.allclose(out, x1, atol=1e-4)
 
 
-class CountingModel:
-    """cond output = 1 everywhere, null-label output = 0: guidance is visible per channel."""
+def test_shifted_timesteps_equal_upstreams_float32_grid():
+    # LightningDiT: th.linspace(0, 1, n), then each point mapped by s t / (1 + (s - 1) t) in float32
+    grid = torch.linspace(0, 1, 250)
+    upstream = torch.stack([0.3 * t / (1 + (0.3 - 1) * t) for t in grid])
+    assert torch.equal(shifted_timesteps(250, 0.3), upstream)
+
+
+class GuidanceRecorder:
+    """cond output = 1 everywhere, null-label output = 0, so guidance is visible per channel;
+    records how the sampler calls it. forward_with_cfg follows upstream's semantics."""
+
+    null = 10
 
     def __init__(self):
-        self.calls = 0
+        self.calls = []
 
     def __call__(self, x, t, y):
-        self.calls += 1
-        return (y != 10).float().view(-1, 1, 1, 1).expand_as(x).clone()
+        self.calls.append(("forward", len(x)))
+        return (y != self.null).float().view(-1, 1, 1, 1).expand_as(x).clone()
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, cfg_interval=None, cfg_interval_start=None, *, guided_channels=3):
+        self.calls.append(("cfg", len(x), cfg_scale, cfg_interval, cfg_interval_start, guided_channels))
+        half = x[: len(x) // 2]
+        out = self(torch.cat([half, half]), t, y)
+        n = out.shape[1] if guided_channels is None else guided_channels
+        cond, uncond = out[:, :n].chunk(2)
+        mixed = uncond + cfg_scale * (cond - uncond)
+        if cfg_interval is True and float(t[0]) < cfg_interval_start:
+            mixed = cond
+        return torch.cat([torch.cat([mixed, mixed]), out[:, n:]], dim=1)
 
 
-def test_cfg_guides_the_chosen_channels_inside_the_interval_only():
-    x, y = torch.zeros(2, 4, 2, 2), torch.tensor([1, 2])
-    model = CountingModel()
-    v = guided_velocity(model, x, torch.full((2,), 0.5), y, 10, scale=3.0, interval_start=0.3, guided_channels=3)
-    assert torch.all(v[:, :3] == 3.0) and torch.all(v[:, 3:] == 1.0) and model.calls == 1
-    v = guided_velocity(model, x, torch.full((2,), 0.2), y, 10, scale=3.0, interval_start=0.3, guided_channels=None)
-    assert torch.all(v == 1.0) and model.calls == 2  # outside: one conditional pass, no null pass
-    v = guided_velocity(model, x, torch.full((2,), 0.5), y, 10, scale=3.0, interval_start=0.3, guided_channels=None)
-    assert torch.all(v == 3.0)
+def test_guided_sampling_calls_forward_with_cfg_on_the_doubled_batch():
+    model, noise, y = GuidanceRecorder(), torch.zeros(2, 4, 2, 2), torch.tensor([1, 2])
+    out = euler_sample(model, noise, y, steps=5, shift=1.0, cfg_scale=3.0, interval_start=0.3, guided_channels=3,
+                       null_label=10)
+    assert out.shape == noise.shape
+    cfg_calls = [c for c in model.calls if c[0] == "cfg"]
+    assert cfg_calls == [("cfg", 4, 3.0, True, 0.3, 3)] * 4  # every step, both halves, as upstream
+    # t = 0, 0.25 are outside the interval (velocity 1), t = 0.5, 0.75 inside (3 on the guided channels)
+    assert torch.allclose(out[:, :3], torch.full_like(out[:, :3], 0.5 * 1 + 0.5 * 3))
+    assert torch.allclose(out[:, 3:], torch.ones_like(out[:, 3:]))
+
+
+def test_scale_one_is_one_plain_pass_per_step():
+    model = GuidanceRecorder()
+    euler_sample(model, torch.zeros(3, 4, 2, 2), torch.tensor([1, 2, 3]), steps=4, cfg_scale=1.0, null_label=10)
+    assert model.calls == [("forward", 3)] * 3
+
+
+def test_all_channel_guidance():
+    model = GuidanceRecorder()
+    out = euler_sample(model, torch.zeros(2, 4, 2, 2), torch.tensor([1, 2]), steps=3, shift=1.0, cfg_scale=2.0,
+                       interval_start=0.0, guided_channels=None, null_label=10)
+    assert torch.allclose(out, torch.full_like(out, 2.0))
+
+
+def test_guidance_without_labels_is_a_clear_error():
+    with pytest.raises(ValueError, match="labels"):
+        euler_sample(GuidanceRecorder(), torch.zeros(2, 4, 2, 2), None, steps=3, cfg_scale=2.0)

@@ -283,21 +283,26 @@ class LightningDiT(nn.Module):
         v = self.unpatchify(self.final_layer(x, c))
         return (v, torch.stack(feats, dim=1)) if return_features else v
 
-    def forward_with_cfg(self, x, t, y, cfg_scale, cfg_interval_start=0.0, guided_channels=3):
-        """Classifier-free guidance as upstream: the batch is [cond; null] halves (only the first
-        half of x is used, duplicated), guidance is applied on the first `guided_channels` channels
-        (upstream's 3; None or 'all' guides all), and not at all when t[0] < cfg_interval_start.
-        As upstream, the batch's first t decides (this reproduces the golden outputs); our sampler
-        gives all rows of a batch the same t, where this rule and a per-row one agree."""
+    def forward_with_cfg(self, x, t, y, cfg_scale, cfg_interval=None, cfg_interval_start=None, *,
+                         guided_channels=3):
+        """Classifier-free guidance with upstream's signature and semantics. The batch is [cond; null]
+        halves; only the first half of x is read (duplicated), so the second half's state never
+        matters. The first `guided_channels` output channels (upstream's 3; None guides all) become
+        uncond + cfg_scale * (cond - uncond) in both halves; the other channels stay as the model
+        gives them (cond in the first half, uncond in the second). With cfg_interval True, no channel
+        is guided where t[0] < cfg_interval_start (upstream decides by the batch's first t; our
+        sampler gives every row the same t). Like upstream, both halves always run, outside the
+        interval too: one conditional pass there would be the same maths but not the same floats."""
         half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half]), t, y)
-        n = out.shape[1] if guided_channels in (None, "all") else guided_channels
+        out = self.forward(torch.cat([half, half]), t, y).float()  # mix in fp32 under autocast too
+        n = out.shape[1] if guided_channels is None else guided_channels
         guided, rest = out[:, :n], out[:, n:]
         cond, uncond = guided.chunk(2, dim=0)
-        # torch.where rather than `if`: no GPU->CPU sync, no graph break under torch.compile
-        cond = torch.where(t[0] >= cfg_interval_start, uncond + cfg_scale * (cond - uncond), cond)
-        return torch.cat([torch.cat([cond, cond]), rest], dim=1)
-
+        mixed = uncond + cfg_scale * (cond - uncond)
+        if cfg_interval is True:
+            # torch.where rather than `if`: no GPU->CPU sync, no graph break under torch.compile
+            mixed = torch.where(t[0] < cfg_interval_start, cond, mixed)
+        return torch.cat([torch.cat([mixed, mixed]), rest], dim=1)
 
 def build_model(size: str, latent_shape: tuple[int, int, int], num_classes: int, **model_kwargs) -> LightningDiT:
     """A named LightningDiT size ('T/1' .. 'XL/2') on latents of shape (C, H, W)."""

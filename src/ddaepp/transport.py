@@ -2,7 +2,8 @@
 
 x_t = t * x1 + (1 - t) * x0, target velocity v = x1 - x0, logit-normal t during training,
 loss = MSE + (1 - cosine similarity over channels). Sampling integrates dx/dt = v with Euler
-steps on linspace(0, 1, steps) mapped by the timestep shift t' = s t / (1 + (s - 1) t).
+steps on linspace(0, 1, steps) mapped by the timestep shift t' = s t / (1 + (s - 1) t); classifier-free
+guidance goes through the model's forward_with_cfg, exactly as LightningDiT's sampler calls it.
 """
 
 from __future__ import annotations
@@ -32,36 +33,39 @@ def velocity_loss(pred: torch.Tensor, target: torch.Tensor, cosine: bool = True)
 
 
 def shifted_timesteps(steps: int, shift: float) -> torch.Tensor:
-    """`steps` points from 0 (noise) to 1 (data); shift < 1 spends more steps near the noise end."""
-    t = torch.linspace(0, 1, steps, dtype=torch.float64)
-    return (shift * t / (1 + (shift - 1) * t)).float()
-
-
-def guided_velocity(model, x, t, y, null_label: int, scale: float, interval_start: float,
-                    guided_channels: int | None) -> torch.Tensor:
-    """Classifier-free guidance: cond + null pass inside the interval, one cond pass outside it."""
-    if scale == 1.0 or float(t[0]) < interval_start:
-        return model(x, t, y)
-    both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_label)]))
-    cond, uncond = both.chunk(2)
-    c = cond.shape[1] if guided_channels is None else guided_channels
-    guided = cond.clone()
-    guided[:, :c] = uncond[:, :c] + scale * (cond[:, :c] - uncond[:, :c])
-    return guided
+    """`steps` points from 0 (noise) to 1 (data); shift < 1 spends more steps near the noise end.
+    float32 arithmetic in upstream's order, so the grid is LightningDiT's to the last bit."""
+    t = torch.linspace(0, 1, steps)
+    return shift * t / (1 + (shift - 1) * t)
 
 
 @torch.no_grad()
 def euler_sample(model, noise: torch.Tensor, y: torch.Tensor | None = None, steps: int = 50, shift: float = 0.3,
-                 cfg_scale: float = 1.0, interval_start: float = 0.0, guided_channels: int | None = None,
+                 cfg_scale: float = 1.0, interval_start: float = 0.0, guided_channels: int | None = 3,
                  null_label: int | None = None) -> torch.Tensor:
-    """Integrate from noise (t = 0) to data (t = 1); returns normalised latents."""
-    x = noise
+    """Integrate dx/dt = v from noise (t = 0) to data (t = 1); returns normalised latents.
+
+    As LightningDiT's sampler: with cfg_scale > 1 the batch is doubled to [noise; noise] with
+    labels [y; null_label], every step calls model.forward_with_cfg(x, t, y, cfg_scale,
+    cfg_interval=True, cfg_interval_start=interval_start), and the first half is returned.
+    `guided_channels`: the leading channels guided (LightningDiT: 3), None for all.
+    """
+    if cfg_scale > 1.0:
+        if y is None or null_label is None:
+            raise ValueError("classifier-free guidance needs labels y and the null label of a conditional model")
+        x = torch.cat([noise, noise])
+        labels = torch.cat([y, torch.full_like(y, null_label)])
+
+        def velocity(x, t):
+            return model.forward_with_cfg(x, t, labels, cfg_scale, cfg_interval=True, cfg_interval_start=interval_start,
+                                          guided_channels=guided_channels)
+    else:
+        x = noise
+
+        def velocity(x, t):
+            return model(x, t, y)
+
     ts = shifted_timesteps(steps, shift).to(noise.device)
     for t_cur, t_next in zip(ts[:-1], ts[1:]):
-        t = t_cur.expand(x.shape[0])
-        if cfg_scale != 1.0:
-            v = guided_velocity(model, x, t, y, null_label, cfg_scale, interval_start, guided_channels)
-        else:
-            v = model(x, t, y)
-        x = x + (t_next - t_cur) * v.float()
-    return x
+        x = x + (t_next - t_cur) * velocity(x, t_cur.expand(x.shape[0])).float()
+    return x[: len(noise)]
