@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from ddaepp import config
-from ddaepp.sample import sample_shard, save_grid, shard_range
+from ddaepp.sample import guided_channels, sample_shard, save_grid, shard_range
 from ddaepp.train import train
 
 
@@ -83,3 +83,19 @@ def test_grid(cond_state, small_latents, tmp_path):
     _sample(run, state, small_latents, tmp_path, "g", guidance="nocfg", shards=1)
     save_grid(tmp_path / "g-0.npz", tmp_path / "grid.png")
     assert (tmp_path / "grid.png").stat().st_size > 100
+
+
+def test_paper_config_guides_as_lightningdit(repo):
+    cfg = config.load(f"{repo}/config/imagenet-dit-b.yaml", check_paths=False)
+    run = config.run_config(cfg, "cond", "selfcond")
+    # configs/lightningdit_xl_vavae_f16d32.yaml: cfg_scale 10, cfg_interval_start 0.11, timestep_shift 0.3,
+    # num_sampling_steps 250; models/lightningdit.py guides the first 3 channels
+    assert run["sample"]["cfg"] == {"scale": 10.0, "interval_start": 0.11, "channels": 3}
+    assert run["sample"]["steps"] == 250 and run["sample"]["shift"] == 0.3
+    assert guided_channels(run["sample"]["cfg"]["channels"], 32) == 3
+
+
+def test_guided_channels_within_the_latent():
+    assert guided_channels("all", 4) is None and guided_channels(3, 4) == 3
+    with pytest.raises(ValueError, match="sample.cfg.channels"):
+        guided_channels(5, 4)

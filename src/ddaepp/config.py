@@ -115,6 +115,9 @@ def _check_semantics(config: dict) -> None:
     tok, data = config["tokenizer"], config["dataset"]
     if tok["name"] == "pixel" and data["image_size"] % tok["factor"]:
         raise ConfigError(f"config key 'tokenizer.factor': image_size {data['image_size']} is not divisible by {tok['factor']}")
+    if tok["name"] == "pixel" and tok["posterior"] is not None:
+        raise ConfigError("config key 'tokenizer.posterior': the pixel tokenizer has no posterior (it is exact "
+                          "space-to-depth); leave it null, or use sd-vae / va-vae")
     if tok["name"] in ("sd-vae", "va-vae"):
         down = 8 if tok["name"] == "sd-vae" else 16
         if data["image_size"] % down:

@@ -39,6 +39,16 @@ def noise_and_labels(indices, latent_shape, n_classes: int, seed: int):
     return torch.stack(noises), torch.tensor(labels, dtype=torch.long)
 
 
+def guided_channels(channels, latent_channels: int) -> int | None:
+    """sample.cfg.channels as forward_with_cfg takes it: None (all) or a count within the latent's channels."""
+    if channels == "all":
+        return None
+    if int(channels) > latent_channels:
+        raise ValueError(f"config key 'sample.cfg.channels': {channels} guided channels, but the latents have "
+                         f"{latent_channels}; use at most {latent_channels}, or 'all'")
+    return int(channels)
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
 
@@ -51,6 +61,8 @@ def sample_shard(run_cfg: dict, state_path, latents_dir, guidance: str, shard: i
     if guidance == "cfg" and not run_cfg["conditional"]:
         raise ValueError("CFG needs a conditional setting")
     cfg = run_cfg["sample"]
+    latent_channels = tokenizers.latent_shape(run_cfg["tokenizer"], run_cfg["dataset"])[0]
+    guided = guided_channels(cfg["cfg"]["channels"], latent_channels)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     mean, std = (s.to(device) for s in latent_store.load_stats(latents_dir))
     tokenizer = tokenizers.build(run_cfg["tokenizer"], run_cfg["dataset"], device=str(device))
@@ -61,7 +73,6 @@ def sample_shard(run_cfg: dict, state_path, latents_dir, guidance: str, shard: i
     size = run_cfg["dataset"]["image_size"]
     io.check_free_space(Path(out_npz).parent, (stop - start) * 3 * size * size, f"the samples {out_npz}")
     images, labels = [], []
-    guided = None if cfg["cfg"]["channels"] == "all" else int(cfg["cfg"]["channels"])
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     for a in tqdm(range(start, stop, cfg["batch_size"]), desc=f"sample {guidance} shard {shard}"):
         idx = range(a, min(a + cfg["batch_size"], stop))
