@@ -7,13 +7,14 @@ import types
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 torch.set_num_threads(1)
 
 from ddaepp import config as ddaepp_config  # noqa: E402
-from ddaepp import metrics  # noqa: E402
+from ddaepp import metrics, scores  # noqa: E402
 from ddaepp.config import ConfigError  # noqa: E402
 
 
@@ -115,7 +116,9 @@ def test_fid_is_real_vs_noise(tmp_path, classifier, reference):
     noise_result = run_compute(tmp_path, noise_like(val_images), val_labels, classifier, reference, "noise")
     assert real_result["fid"] < 0.1 * noise_result["fid"]
     assert real_result["is_mean"] > 2 * noise_result["is_mean"]
-    assert real_result["n"] == len(val_images) and real_result["is_splits"] == len(val_images) // 50
+    # fewer samples than ADM's 5,000-sample split: one split of all of them
+    assert real_result["n"] == len(val_images) and real_result["is_splits"] == 1
+    assert real_result["is_split_size"] == 5000 and real_result["evaluator"] == "adm"
     written = json.loads((tmp_path / "real.json").read_text())
     assert written == real_result and written["features"] == "digits-net" and written["reference"] == str(reference)
 
@@ -129,14 +132,12 @@ def test_fid_of_train_against_its_own_reference_is_zero(tmp_path, classifier, re
 
 def test_fid_between_disjoint_halves_is_small(classifier):
     images = real("train")[0]
-    halves = [torch.from_numpy(images[i::2]) for i in range(2)]
-    noise = torch.from_numpy(noise_like(images[::2]))
     layer = metrics.FEATURE_NETS["digits-net"][1]
-    stats = [metrics.fid_features_to_statistics(metrics.extract_features([x], METRICS, classifier[0], [layer])[layer])
-             for x in (*halves, noise)]
-    half_fid = metrics.fid_statistics_to_metric(stats[0], stats[1], verbose=False)[metrics.KEY_METRIC_FID]
-    noise_fid = metrics.fid_statistics_to_metric(stats[0], stats[2], verbose=False)[metrics.KEY_METRIC_FID]
-    assert 0 < half_fid < 0.05 * noise_fid
+    first, second, noise = (metrics.extract_features([torch.from_numpy(x)], METRICS, classifier[0], [layer])[layer]
+                            for x in (images[::2], images[1::2], noise_like(images[::2])))
+    stats = metrics.fid_features_to_statistics(first)
+    frechet = scores.FrechetToReference(stats["mu"], stats["sigma"])
+    assert 0 < frechet(second) < 0.05 * frechet(noise)
 
 
 def test_label_agreement(tmp_path, classifier, reference):
@@ -158,8 +159,69 @@ def test_shards_equal_one_file(tmp_path, classifier, reference):
     assert both["guide"] == "cfg" and both["label_agreement"] == pytest.approx(one["label_agreement"])
 
 
-def test_is_splits_keep_fifty_samples_each():
-    assert [metrics.is_splits(n) for n in (65, 120, 360, 499, 500, 10_000)] == [1, 2, 7, 9, 10, 10]
+def adm_fid(features, mu_ref, sigma_ref):
+    """guided-diffusion evaluations/evaluator.py, FIDStatistics.frechet_distance, re-derived in numpy."""
+    mu, sigma = features.mean(0), np.cov(features, rowvar=False)
+    covmean = np.real(scipy.linalg.sqrtm(sigma.dot(sigma_ref)))  # ADM: sqrtm(..., disp=False), imaginary part dropped
+    diff = mu - mu_ref
+    return diff.dot(diff) + np.trace(sigma) + np.trace(sigma_ref) - 2 * np.trace(covmean)
+
+
+def adm_is(logits, split_size):
+    """evaluator.py's compute_inception_score on softmax(logits), in numpy."""
+    preds = np.exp(logits - logits.max(1, keepdims=True))
+    preds /= preds.sum(1, keepdims=True)
+    values = []
+    for i in range(0, len(preds), split_size):
+        part = preds[i:i + split_size]
+        kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
+        values.append(np.exp(np.mean(np.sum(kl, 1))))
+    return float(np.mean(values))
+
+
+def test_fid_and_is_agree_with_adm_formulas(tmp_path, classifier, reference):
+    images, labels = real("val")
+    result = metrics.compute([write_samples(tmp_path / "s.npz", images, labels)], DATASET,
+                             {**METRICS, "is_split_size": 100}, reference, tmp_path / "s.json", classifier[0])
+    features = metrics.extract_features([torch.from_numpy(images)], METRICS, classifier[0])
+    fid_layer, is_layer = metrics.FEATURE_NETS["digits-net"][1:]
+    with np.load(reference) as ref:
+        expected_fid = adm_fid(features[fid_layer].double().numpy(), ref["mu"], ref["sigma"])
+    assert result["fid"] == pytest.approx(expected_fid, rel=1e-6)
+    assert result["is_splits"] == -(-len(images) // 100)  # the last split is the remainder, as ADM's
+    assert result["is_mean"] == pytest.approx(adm_is(features[is_layer].double().numpy(), 100), rel=1e-9)
+
+
+def test_scores_agree_with_adm_on_wide_features():
+    rng = np.random.default_rng(0)
+    dim, n = 256, 700
+    a = rng.normal(size=(dim, dim))
+    mu_ref, sigma_ref = rng.normal(size=dim), a @ a.T / dim
+    features = rng.normal(size=(n, dim)) @ rng.normal(size=(dim, dim)) / 16 + 0.3
+    fid = scores.FrechetToReference(mu_ref, sigma_ref)(torch.from_numpy(features))
+    assert fid == pytest.approx(adm_fid(features, mu_ref, sigma_ref), rel=1e-8)
+    logits = rng.normal(size=(n, 1008)) * 4
+    splits = scores.inception_score_splits(torch.from_numpy(logits), 300)
+    assert len(splits) == 3 and np.mean(splits) == pytest.approx(adm_is(logits, 300), rel=1e-9)
+
+
+def test_bootstrap_replicates_are_paired_and_recompute_from_features():
+    assert np.array_equal(scores.bootstrap_indices(3, 500), scores.bootstrap_indices(3, 500))
+    assert not np.array_equal(scores.bootstrap_indices(3, 500), scores.bootstrap_indices(4, 500))
+    rng = np.random.default_rng(1)
+    dim, n = 16, 300
+    a = rng.normal(size=(dim, dim))
+    reference_stats = {"mu": rng.normal(size=dim), "sigma": a @ a.T / dim}
+    features, logits = rng.normal(size=(n, dim)), rng.normal(size=(n, 10)) * 3
+    result = scores.evaluate(torch.from_numpy(features), torch.from_numpy(logits), reference_stats, 100, 20)
+    assert len(result["fid_bootstrap"]) == len(result["is_bootstrap"]) == result["bootstrap"] == 20
+    index = scores.bootstrap_indices(7, n)  # replicate 7 is the statistic of those rows
+    assert result["fid_bootstrap"][7] == pytest.approx(adm_fid(features[index], reference_stats["mu"], reference_stats["sigma"]), rel=1e-8)
+    assert result["is_bootstrap"][7] == pytest.approx(adm_is(logits[index], 100), rel=1e-9)
+    low, high = result["is_ci95"]
+    assert low < result["is_mean"] < high and result["fid_ci95"][0] < result["fid_ci95"][1]
+    none = scores.evaluate(torch.from_numpy(features), torch.from_numpy(logits), reference_stats, 100, 0)
+    assert none["fid_bootstrap"] == [] and none["fid_ci95"] is None and none["fid"] == result["fid"]
 
 
 def test_too_few_samples_fail_before_feature_extraction(tmp_path, classifier, reference, monkeypatch):

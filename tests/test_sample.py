@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from ddaepp import config
-from ddaepp.sample import guided_channels, sample_shard, save_grid, shard_range
+from ddaepp.sample import guidance_record, guided_channels, sample_shard, save_grid, shard_range
 from ddaepp.train import train
 
 
@@ -99,3 +99,10 @@ def test_guided_channels_within_the_latent():
     assert guided_channels("all", 4) is None and guided_channels(3, 4) == 3
     with pytest.raises(ValueError, match="sample.cfg.channels"):
         guided_channels(5, 4)
+
+
+def test_guidance_record_names_the_sampler_and_guidance(repo):
+    sample = config.load(f"{repo}/config/imagenet-dit-b.yaml", check_paths=False)["sample"]
+    assert guidance_record(sample, "cfg") == {"guide": "cfg", "steps": 250, "shift": 0.3,
+                                              "guidance": {"scale": 10.0, "interval_start": 0.11, "channels": 3}}
+    assert guidance_record(sample, "nocfg")["guidance"] is None

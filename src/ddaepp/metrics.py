@@ -1,4 +1,6 @@
-"""FID and IS of generated samples, computed by torch-fidelity against cached reference statistics.
+"""FID and IS of generated samples: features from torch-fidelity's feature extractors, scores with
+ADM's evaluator formulas against cached reference statistics (ddaepp.scores: the formulas, IS
+splits of metrics.is_split_size samples, and a paired bootstrap of both).
 
 Two feature networks (config `metrics.features`):
 - `inception`: torch-fidelity's inception-v3-compat (FID on the 2048-d pool features, IS on
@@ -26,12 +28,12 @@ import torch.nn.functional as F
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.helpers import vassert
-from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
-from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_featuresdict_to_metric
+from torch_fidelity.metric_fid import fid_features_to_statistics
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 from torch_fidelity.utils import create_feature_extractor
 from tqdm import tqdm
 
+from ddaepp import scores
 from ddaepp.config import FEATURE_DIMS, ConfigError
 from ddaepp.io import atomic_path, read_json, write_json
 
@@ -43,7 +45,6 @@ FEATURE_NETS = {
     "digits-net": ("digits-net", "penultimate", "logits_unbiased"),
 }
 BATCH_SIZE = 100
-MIN_IS_SPLIT = 50  # samples per Inception-Score split; fewer makes each split's marginal too noisy
 SD_VAE_REPO = "stabilityai/sd-vae-ft-ema"
 VAVAE_URL = "https://huggingface.co/hustvl/vavae-imagenet256-f16d32-dinov2/resolve/main/vavae-imagenet256-f16d32-dinov2.pt"
 # ADM's reference batches (github.com/openai/guided-diffusion/tree/main/evaluations), by file name.
@@ -298,11 +299,6 @@ def reference_stats(dataset_cfg: dict, metrics_cfg: dict, out_npz: str | os.Path
 # FID / IS of samples
 
 
-def is_splits(n: int) -> int:
-    """torch-fidelity's 10 splits, fewer when that leaves a split under MIN_IS_SPLIT samples."""
-    return max(1, min(10, n // MIN_IS_SPLIT))
-
-
 def label_agreement(logits: torch.Tensor, labels: np.ndarray) -> float | None:
     """Fraction of labelled samples (label >= 0) the classifier assigns to their label; None if none."""
     labels = torch.as_tensor(labels)
@@ -356,18 +352,18 @@ def compute(sample_npzs: list, dataset_cfg: dict, metrics_cfg: dict, reference_n
     batches = (torch.from_numpy(images[i:i + BATCH_SIZE]) for i in range(0, len(images), BATCH_SIZE))
     sample_features = extract_features(batches, metrics_cfg, classifier_path, total=len(images))
 
-    stats = {k: v.astype(np.float64) for k, v in fid_features_to_statistics(sample_features[fid_layer]).items()}
-    fid = fid_statistics_to_metric(stats, reference, verbose=False)[KEY_METRIC_FID]
-    splits = is_splits(len(images))
-    isc = isc_featuresdict_to_metric(sample_features, is_layer, isc_splits=splits, verbose=False)
-    result = {"fid": fid, "is_mean": isc[KEY_METRIC_ISC_MEAN], "is_std": isc[KEY_METRIC_ISC_STD],
-              "is_splits": splits, "n": len(images), "features": features, "reference": str(reference_npz)}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with tqdm(total=metrics_cfg["bootstrap"], desc="bootstrap", unit="replicate") as progress:
+        result = scores.evaluate(sample_features[fid_layer], sample_features[is_layer], reference,
+                                 metrics_cfg["is_split_size"], metrics_cfg["bootstrap"], device, progress)
+    result.update(n=len(images), features=features, reference=str(reference_npz))
     if features == "digits-net":
         result["classifier_val_acc"] = read_json(Path(classifier_path).with_suffix(".json"))["val_acc"]
         result["label_agreement"] = label_agreement(sample_features[is_layer], labels)
     result.update(extra or {})
     write_json(out_json, result)
-    log.info("FID %.3f, IS %.3f +- %.3f (%s, n=%d)", fid, result["is_mean"], result["is_std"], features, len(images))
+    log.info("FID %.3f %s, IS %.3f %s (%s, n=%d, %d bootstrap replicates)", result["fid"], result["fid_ci95"],
+             result["is_mean"], result["is_ci95"], features, len(images), metrics_cfg["bootstrap"])
     return result
 
 

@@ -49,6 +49,15 @@ def guided_channels(channels, latent_channels: int) -> int | None:
     return int(channels)
 
 
+def guidance_record(sample_cfg: dict, guide: str) -> dict:
+    """What the metrics json says about how the samples were made (tables compare it to the paper's)."""
+    cfg = sample_cfg["cfg"]
+    guided = guide == "cfg" and cfg["scale"] > 1.0
+    return {"guide": guide, "steps": sample_cfg["steps"], "shift": sample_cfg["shift"],
+            "guidance": {"scale": cfg["scale"], "interval_start": cfg["interval_start"],
+                         "channels": cfg["channels"]} if guided else None}
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
 
