@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
 DIGITS = {"name": "digits", "root": None, "image_size": 16, "val_fraction": 0.2, "split_seed": 0}
-PIXEL = {"name": "pixel", "factor": 2, "path": None, "batch_size": 16, "shards": 3}
+PIXEL = {"name": "pixel", "factor": 2, "path": None, "batch_size": 16, "shards": 3, "posterior": None}
 
 
 def write_index(tmp_path, dataset_cfg, split, n=None):
@@ -139,7 +139,7 @@ def test_imagefolder_with_sd_vae_end_to_end(tmp_path):
     dataset_cfg = {"name": "imagefolder", "root": str(folder["root"]), "image_size": 32,
                    "val_fraction": 0.2, "split_seed": 0}
     tokenizer_cfg = {"name": "sd-vae", "factor": 2, "path": str(make_sd_vae(tmp_path / "vae")),
-                     "batch_size": 4, "shards": 2}
+                     "batch_size": 4, "shards": 2, "posterior": "mean"}
     index, index_path = write_index(tmp_path, dataset_cfg, "train")
     paths = encode_all(tmp_path, dataset_cfg, tokenizer_cfg, "train", index_path)
     latents.merge_shards(paths, tmp_path / "out", "train")
@@ -155,6 +155,39 @@ def test_imagefolder_with_sd_vae_end_to_end(tmp_path):
     x = torch.from_numpy(images[ok]).float() / 127.5 - 1
     np.testing.assert_allclose(z[:len(x), 1], tokenizer.encode(x.flip(-1)).half().numpy(), atol=2e-3)
     assert Path(tmp_path / "out" / "labels-train.npy").is_file()
+
+
+def test_posterior_samples_do_not_depend_on_batch_size_or_shards(tmp_path):
+    folder = make_imagefolder(tmp_path / "imagenet", n_classes=2, per_class=3, image_size=40)
+    dataset_cfg = {"name": "imagefolder", "root": str(folder["root"]), "image_size": 32,
+                   "val_fraction": 0.2, "split_seed": 0}
+    vae = str(make_sd_vae(tmp_path / "vae"))
+    index, index_path = write_index(tmp_path, dataset_cfg, "train")
+
+    def stored(name, batch_size, shards, posterior="sample"):
+        cfg = {"name": "sd-vae", "factor": 2, "path": vae, "batch_size": batch_size, "shards": shards,
+               "posterior": posterior}
+        latents.merge_shards(encode_all(tmp_path, dataset_cfg, cfg, "train", index_path, out=name), tmp_path / name,
+                             "train")
+        return latents.load_latents(tmp_path / name, "train", mmap=False)[0].astype(np.float32)
+
+    a, rerun = stored("a", 4, 2), stored("rerun", 4, 2)
+    b = stored("b", 3, 3)
+    mean = stored("mean", 4, 2, posterior="mean")
+    assert np.array_equal(a, rerun)  # a rerun is identical
+    # another batch size and shard split: the same noise per (row, view); only the encoder's float
+    # sums may differ, within float16 rounding, while the posterior noise moves latents by ~std
+    np.testing.assert_allclose(a, b, atol=2e-3, rtol=1e-3)
+    assert np.abs(a - mean).mean() > 100 * np.abs(a - b).max() + 1e-3
+    # the draw is the row's own: row r view v used the seed posterior_seed(r, v)
+    tokenizer = tokenizers.build({"name": "sd-vae", "path": vae, "posterior": "sample"}, dataset_cfg)
+    images, ok = data.load_images(dataset_cfg, index.iloc[:2])
+    x = torch.from_numpy(images[ok]).float() / 127.5 - 1
+    rows = np.flatnonzero(ok)
+    flipped = tokenizer.encode(x.flip(-1), [latents.posterior_seed(r, 1) for r in rows])
+    np.testing.assert_allclose(a[:len(x), 1], flipped.numpy(), atol=2e-3, rtol=1e-3)
+    stats = json.loads((tmp_path / "a" / "stats.json").read_text())  # statistics of what is stored
+    np.testing.assert_allclose(stats["mean"], a.transpose(2, 0, 1, 3, 4).reshape(4, -1).mean(1), rtol=1e-6)
 
 
 def test_truncated_latents_name_the_file(tmp_path):

@@ -15,7 +15,7 @@ RGB64 = {"name": "imagefolder", "root": None, "image_size": 64, "val_fraction": 
 
 
 def tok_cfg(name, **kw):
-    return {"name": name, "factor": 2, "path": None, "batch_size": 8, "shards": 1, **kw}
+    return {"name": name, "factor": 2, "path": None, "batch_size": 8, "shards": 1, "posterior": None, **kw}
 
 
 @pytest.mark.parametrize("factor", [1, 2, 4])
@@ -38,7 +38,7 @@ def golden():
 
 def test_vavae_conversion_reproduces_lightningdit(tmp_path, golden):
     path = make_vavae_checkpoint(tmp_path / "vavae.pt")  # carries loss.*, foundation_model.*, linear_proj.*
-    tokenizer = tokenizers.build(tok_cfg("va-vae", path=str(path)), RGB64)
+    tokenizer = tokenizers.build(tok_cfg("va-vae", path=str(path), posterior="mean"), RGB64)
     assert tokenizer.latent_shape == (32, 4, 4) == tokenizers.latent_shape(tok_cfg("va-vae"), RGB64)
     assert tokenizer.vae.config.block_out_channels == [32, 32, 64, 64, 128]
     posterior = tokenizer.vae.encode(golden["x"]).latent_dist
@@ -89,9 +89,9 @@ def test_pickles_that_run_code_are_refused(tmp_path):
         tokenizers.load_weights(tmp_path / "absent.pt")
 
 
-def test_sd_vae_uses_mean_and_scaling_factor(tmp_path):
+def test_sd_vae_posterior_mean_and_scaling_factor(tmp_path):
     folder = make_sd_vae(tmp_path / "sd-vae", scaling_factor=0.5)
-    cfg = tok_cfg("sd-vae", path=str(folder))
+    cfg = tok_cfg("sd-vae", path=str(folder), posterior="mean")
     data_cfg = {**RGB64, "image_size": 32}
     assert tokenizers.latent_shape(cfg, data_cfg) == (4, 4, 4)
     tokenizer = tokenizers.build(cfg, data_cfg)
@@ -109,6 +109,22 @@ def test_sd_vae_uses_mean_and_scaling_factor(tmp_path):
     assert gray.decode(gray.encode(x[:, :1])).shape == (2, 1, 32, 32)
 
 
+@pytest.mark.parametrize("posterior", ["sample", None])  # null means sample, as LightningDiT
+def test_posterior_sample_is_mean_plus_std_times_seeded_noise(tmp_path, golden, posterior):
+    path = make_vavae_checkpoint(tmp_path / "vavae.pt")
+    tokenizer = tokenizers.build(tok_cfg("va-vae", path=str(path), posterior=posterior), RGB64)
+    x = golden["x"]
+    z = tokenizer.encode(x, seeds=[11, 12])
+    noise = torch.stack([torch.randn(32, 4, 4, generator=torch.Generator().manual_seed(s)) for s in (11, 12)])
+    expected = golden["mean"] + torch.exp(0.5 * golden["logvar"]) * noise  # LDM's DiagonalGaussian.sample()
+    torch.testing.assert_close(z, expected, atol=1e-4, rtol=0)
+    # a draw depends on its image and seed only, not on the rest of the batch
+    torch.testing.assert_close(tokenizer.encode(x[1:], seeds=[12]), z[1:], atol=1e-5, rtol=0)
+    assert not torch.allclose(tokenizer.encode(x, seeds=[13, 12])[0], z[0])
+    with pytest.raises(ValueError, match="one seed per image"):
+        tokenizer.encode(x)
+
+
 def test_latent_shape_needs_no_weights(tmp_path):
     big = {**RGB64, "image_size": 256}
     assert tokenizers.latent_shape(tok_cfg("va-vae", path="/nowhere.pt"), big) == (32, 16, 16)
@@ -118,3 +134,18 @@ def test_latent_shape_needs_no_weights(tmp_path):
         tokenizers.latent_shape(tok_cfg("va-vae"), {**RGB64, "image_size": 40})
     with pytest.raises(FileNotFoundError, match="not a diffusers AutoencoderKL folder"):
         tokenizers.build(tok_cfg("sd-vae", path=str(tmp_path)), big)
+
+
+def test_posterior_is_a_vae_option(repo):
+    import yaml
+
+    from ddaepp import config
+
+    default = yaml.safe_load(open(f"{repo}/config.yaml"))
+    assert config.validate(default, check_paths=False)["tokenizer"]["posterior"] is None  # pixel: none
+    with pytest.raises(config.ConfigError, match="'tokenizer.posterior': the pixel tokenizer has no posterior"):
+        config.validate(config.merge(default, {"tokenizer": {"posterior": "mean"}}), check_paths=False)
+    with pytest.raises(config.ConfigError, match="tokenizer.posterior"):
+        config.validate(config.merge(default, {"tokenizer": {"posterior": "mode"}}), check_paths=False)
+    paper = config.load(f"{repo}/config/imagenet-dit-b.yaml", check_paths=False)
+    assert paper["tokenizer"]["posterior"] == "sample"  # LightningDiT's extract_features.py: posterior.sample()

@@ -84,13 +84,22 @@ def _encode_rows(tokenizer, dataset_cfg: dict, part: pd.DataFrame, rows: np.ndar
     n = len(x)
     if views == 2:
         x = torch.cat([x, x.flip(-1)])  # one encoder call for both views
-    z = tokenizer.encode(x).float().cpu() if n else torch.zeros(0, *tokenizer.latent_shape)
+    seeds = [posterior_seed(row, view) for view in range(views) for row in rows[ok]]  # x's order: view-major
+    z = tokenizer.encode(x, seeds).float().cpu() if n else torch.zeros(0, *tokenizer.latent_shape)
     z = z.reshape(views, n, *z.shape[1:]).transpose(0, 1).numpy()  # (n, V, c, h, w), view 0 = as stored
     z16 = z.astype(np.float16)
     if not np.isfinite(z16).all():
         raise ValueError(f"latents of rows {rows[0]}..{rows[-1]} overflow float16 (max |z| {np.abs(z).max():.3g})")
     return {"latents": z16, "labels": part["label"].to_numpy(np.int64)[ok], "rows": rows[ok],
             "skipped": np.asarray(part["source"].to_numpy()[~ok], dtype=str)}
+
+
+def posterior_seed(row: int, view: int) -> int:
+    """The seed of the posterior draw of index row `row`, view `view`: the same in every run, whatever
+    the batch size or shard count (a VAE posterior draw, tokenizer.posterior: sample)."""
+    if not 0 <= view < 256:
+        raise ValueError(f"view {view} is outside 0..255")
+    return (int(row) << 8) | view
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:

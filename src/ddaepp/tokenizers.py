@@ -1,12 +1,17 @@
 """Tokenizers: images in [-1, 1] <-> latents, behind one small interface.
 
 - `pixel`: exact space-to-depth by `factor` (pixel_unshuffle); decode(encode(x)) == x.
-- `sd-vae`: a diffusers AutoencoderKL folder. Latents are the posterior MEAN (deterministic, so
-  the stored latents do not depend on a sampling seed) times the VAE's scaling_factor (minus its
-  shift_factor first, for VAEs that have one).
+- `sd-vae`: a diffusers AutoencoderKL folder. Latents are a posterior draw (or its mean, config
+  `tokenizer.posterior`) times the VAE's scaling_factor (minus its shift_factor first, for VAEs
+  that have one).
 - `va-vae`: LightningDiT's VA-VAE f16d32 checkpoint (LDM key format), converted into a diffusers
-  AutoencoderKL. Latents are the posterior mean, unscaled: LightningDiT normalises latents with
-  per-channel dataset statistics, and so do we, downstream (latents.load_stats).
+  AutoencoderKL. Latents are a posterior draw (or its mean), unscaled: LightningDiT normalises
+  latents with per-channel dataset statistics, and so do we, downstream (latents.load_stats).
+
+Posterior draws, as LightningDiT's extract_features.py stores them (posterior.sample()): mean +
+std * noise, where the noise of each image comes from a generator seeded by the caller's seed for
+that image (latents: its row and view), so the latents do not depend on batch size, shard count
+or device.
 
 Grayscale datasets go through RGB VAEs by repeating the channel; decode averages it back.
 """
@@ -31,6 +36,7 @@ VAVAE_F16D32 = dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_reso
 # Keys of the VA-VAE training checkpoint that inference does not use: the GAN/LPIPS losses and the
 # vision-foundation-model (DINOv2) alignment branch.
 VAVAE_IGNORED_PREFIXES = ("loss.", "foundation_model.", "linear_proj.")
+POSTERIORS = ("sample", "mean")
 SD_VAE_DEFAULT_SHAPE = (4, 8)  # (latent channels, downsampling) of the SD VAE, when no config.json is at hand
 
 
@@ -38,7 +44,8 @@ class Tokenizer(Protocol):
     name: str
     latent_shape: tuple[int, int, int]
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor: ...  # (N, C, S, S) in [-1, 1] -> (N, c, h, w) float32
+    # (N, C, S, S) in [-1, 1] -> (N, c, h, w) float32; `seeds`: one per image, for posterior draws
+    def encode(self, images: torch.Tensor, seeds=None) -> torch.Tensor: ...
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor: ...  # -> (N, C, S, S) in [-1, 1]
 
@@ -61,14 +68,18 @@ def latent_shape(tokenizer_cfg: dict, dataset_cfg: dict) -> tuple[int, int, int]
 
 def build(tokenizer_cfg: dict, dataset_cfg: dict, device: str | torch.device = "cpu") -> Tokenizer:
     name = tokenizer_cfg["name"]
+    posterior = tokenizer_cfg.get("posterior") or "sample"  # null: LightningDiT's (and DiT's) posterior draw
+    if posterior not in POSTERIORS:
+        raise ValueError(f"config key 'tokenizer.posterior': {posterior!r}; use one of {', '.join(POSTERIORS)}")
     if name == "pixel":
         tokenizer = PixelTokenizer(tokenizer_cfg["factor"], image_channels(dataset_cfg), dataset_cfg["image_size"])
     elif name == "sd-vae":
         vae = load_sd_vae(tokenizer_cfg["path"])
         shift = vae.config.get("shift_factor") or 0.0
-        tokenizer = VAETokenizer(name, vae, dataset_cfg, device, scale=vae.config.scaling_factor, shift=shift)
+        tokenizer = VAETokenizer(name, vae, dataset_cfg, device, scale=vae.config.scaling_factor, shift=shift,
+                                 posterior=posterior)
     elif name == "va-vae":
-        tokenizer = VAETokenizer(name, load_vavae(tokenizer_cfg["path"]), dataset_cfg, device)
+        tokenizer = VAETokenizer(name, load_vavae(tokenizer_cfg["path"]), dataset_cfg, device, posterior=posterior)
     else:
         raise ValueError(f"unknown tokenizer {name!r}; use pixel, sd-vae or va-vae")
     expected = latent_shape(tokenizer_cfg, dataset_cfg)
@@ -85,18 +96,19 @@ class PixelTokenizer:
         self.name, self.factor = "pixel", factor
         self.latent_shape = (channels * factor ** 2, image_size // factor, image_size // factor)
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return F.pixel_unshuffle(images.float(), self.factor)
+    def encode(self, images: torch.Tensor, seeds=None) -> torch.Tensor:
+        return F.pixel_unshuffle(images.float(), self.factor)  # exact: no posterior, seeds unused
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return F.pixel_shuffle(latents.float(), self.factor).clamp(-1, 1)
 
 
 class VAETokenizer:
-    """A diffusers AutoencoderKL; latents = (posterior mean - shift) * scale."""
+    """A diffusers AutoencoderKL; latents = (posterior draw or mean - shift) * scale."""
 
-    def __init__(self, name, vae, dataset_cfg: dict, device, scale: float = 1.0, shift: float = 0.0):
-        self.name, self.scale, self.shift = name, float(scale), float(shift)
+    def __init__(self, name, vae, dataset_cfg: dict, device, scale: float = 1.0, shift: float = 0.0,
+                 posterior: str = "sample"):
+        self.name, self.scale, self.shift, self.posterior = name, float(scale), float(shift), posterior
         self.device = torch.device(device)
         self.vae = vae.to(self.device).eval().requires_grad_(False)
         self.image_channels = image_channels(dataset_cfg)
@@ -108,12 +120,18 @@ class VAETokenizer:
         self.latent_shape = (vae.config.latent_channels, size // down, size // down)
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, seeds=None) -> torch.Tensor:
         x = images.to(self.device, torch.float32)
         if x.shape[1] != self.vae.config.in_channels:  # grayscale into an RGB VAE
             x = x.expand(-1, self.vae.config.in_channels, -1, -1)
-        mean = self.vae.encode(x).latent_dist.mean
-        return (mean - self.shift) * self.scale
+        posterior = self.vae.encode(x).latent_dist
+        z = posterior.mean
+        if self.posterior == "sample":
+            if seeds is None or len(seeds) != len(x):
+                raise ValueError(f"{self.name} draws from the posterior (tokenizer.posterior: sample): pass one "
+                                 f"seed per image, got {None if seeds is None else len(seeds)} for {len(x)} images")
+            z = z + posterior.std * posterior_noise(seeds, z.shape[1:]).to(z)
+        return (z - self.shift) * self.scale
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -122,6 +140,12 @@ class VAETokenizer:
         if self.image_channels == 1:
             images = images.mean(1, keepdim=True)
         return images.clamp(-1, 1)
+
+
+def posterior_noise(seeds, shape) -> torch.Tensor:
+    """Standard normal noise (len(seeds), *shape), each row from a CPU generator seeded by its seed."""
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(seed)))
+                        for seed in seeds])
 
 
 # ---------------------------------------------------------------------------------------------
