@@ -304,6 +304,7 @@ class LightningDiT(nn.Module):
             mixed = torch.where(t[0] < cfg_interval_start, cond, mixed)
         return torch.cat([torch.cat([mixed, mixed]), rest], dim=1)
 
+
 def build_model(size: str, latent_shape: tuple[int, int, int], num_classes: int, **model_kwargs) -> LightningDiT:
     """A named LightningDiT size ('T/1' .. 'XL/2') on latents of shape (C, H, W)."""
     name, _, patch = size.partition("/")
