@@ -362,3 +362,14 @@ def test_fetch_assets_va_vae_prints_url_and_place(tmp_path, monkeypatch, capsys)
 def test_fetch_assets_nothing_needed_for_digits(monkeypatch):
     monkeypatch.setattr(metrics, "_download", lambda *a: pytest.fail("download attempted"))
     assert metrics.fetch_assets(CONFIG) == 0
+
+
+def test_shards_are_read_in_sample_index_order(tmp_path):
+    images = np.arange(6, dtype=np.uint8).reshape(6, 1, 1, 1).repeat(4, 2).repeat(4, 3)
+    labels = np.arange(6)
+    paths = []
+    for name, rows in (("late", slice(3, 6)), ("early", slice(0, 3))):  # given out of order
+        paths.append(tmp_path / f"{name}.npz")
+        np.savez(paths[-1], images=images[rows], labels=labels[rows], indices=np.arange(6)[rows])
+    loaded, loaded_labels = metrics.load_samples(paths, 4)
+    assert np.array_equal(loaded, images) and np.array_equal(loaded_labels, labels)

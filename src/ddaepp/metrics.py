@@ -319,11 +319,13 @@ def _sample_count(sample_npzs: list) -> int:
 
 
 def load_samples(sample_npzs: list, image_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate sample shards: uint8 images (N, C, S, S) and int64 labels (N,)."""
-    images, labels = [], []
+    """Concatenate sample shards: uint8 images (N, C, S, S) and int64 labels (N,), in sample-index
+    order where the shards store their `indices` (IS splits and bootstrap indices refer to it)."""
+    images, labels, indices = [], [], []
     for path in sample_npzs:
         with np.load(path) as npz:
             x, y = npz["images"], npz["labels"].astype(np.int64)
+            indices.append(npz["indices"] if "indices" in npz else None)
         if x.dtype != np.uint8 or x.ndim != 4 or len(x) != len(y):
             raise ValueError(f"samples file {path}: images must be uint8 (N, C, S, S) with one label each, "
                              f"got {x.dtype} {x.shape} and {len(y)} labels")
@@ -335,7 +337,11 @@ def load_samples(sample_npzs: list, image_size: int | None = None) -> tuple[np.n
                              f"{images[0].shape[1:]}")
         images.append(x)
         labels.append(y)
-    return np.concatenate(images), np.concatenate(labels)
+    images, labels = np.concatenate(images), np.concatenate(labels)
+    if all(i is not None for i in indices):
+        order = np.argsort(np.concatenate(indices), kind="stable")
+        images, labels = images[order], labels[order]
+    return images, labels
 
 
 def compute(sample_npzs: list, dataset_cfg: dict, metrics_cfg: dict, reference_npz: str | os.PathLike,
