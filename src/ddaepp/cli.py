@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init", help="state.pt of the previous budget (none: from scratch)")
     p.add_argument("--out", required=True, help="state.pt to write")
     p.add_argument("--wip", help="folder for in-progress checkpoints (default: beside --out)")
+    p.add_argument("--max-steps", type=int, help="stop at this global step (the layer search's short runs)")
+    p.add_argument("--layer-choice", help="layer_search/choice.json of a run with model.self_cond_layer: auto")
 
     p = sub.add_parser("sample", help="generate one shard of samples from a state")
     _add_run(p)
@@ -78,9 +80,11 @@ def _dispatch(args) -> int:
                 print(config_mod.run_name(setting, variant), "epochs", cfg["settings"][setting]["epochs"])
         return 0
     if args.stage == "train":
+        from .layer_search import resolve
         from .train import train
 
-        train(_run_cfg(args), args.latents, args.seed, args.epoch, args.out, args.init, args.wip)
+        run_cfg = resolve(_run_cfg(args), args.layer_choice)
+        train(run_cfg, args.latents, args.seed, args.epoch, args.out, args.init, args.wip, args.max_steps)
         return 0
     if args.stage == "sample":
         from .sample import sample_shard
