@@ -5,7 +5,7 @@ stage on a tiny workflow: the search runs, picks a layer, the training uses it, 
 import json
 import math
 import os
-import shutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -120,7 +120,8 @@ def test_bad_search_configs_name_the_key(change, key):
 # ---------------------------------------------------------------------------- resolving `auto`
 
 def test_resolve_reads_the_choice_and_refuses_without_one(tmp_path):
-    run = auto_run()
+    # as the train rule passes it: its params leave the layer_search section out
+    run = {k: v for k, v in auto_run().items() if k != "layer_search"}
     with pytest.raises(ValueError, match="needs its layer search's choice.json"):
         layer_search.resolve(run, None)
     path = tmp_path / "choice.json"
@@ -160,6 +161,9 @@ def test_short_run_records_every_step_and_the_state_its_layer(small_latents, tmp
     assert summary["steps"] == 6 and summary["first_step"] == 0 and len(summary["step_losses"]) == 6
     assert all(math.isfinite(v) for v in summary["step_losses"])
     assert io.load_checkpoint(out)["fingerprint"]["model"]["self_cond_layer"] == 1
+    from ddaepp.train import load_ema  # sampling and probing: `auto` rebuilt from the state's fingerprint
+
+    assert load_ema(out, run, (4, 8, 8), 0).self_cond_layer == 1
     with pytest.raises(ValueError, match="not a candidate"):
         layer_search.run_candidate(run, 3, small_latents, 0, out, tmp_path / "_wip")
 
@@ -169,6 +173,37 @@ def test_a_normal_run_keeps_its_summary_without_step_losses(small_latents, tmp_p
 
     summary = train(layer_search.with_layer(auto_run(), 1), small_latents, 0, 1, tmp_path / "state.pt")
     assert "step_losses" not in summary and summary["steps"] == 4
+
+
+def test_table_note_names_fixed_and_chosen_layers(tmp_path):
+    cfg = auto_config()
+    cfg["variants"]["fixed"] = {"model": {"self_cond": True, "self_cond_layer": 2}}
+    cfg = config.validate(cfg)
+    records = [{"variant": "baseline", "seed": 0, "epoch": 1}, {"variant": "fixed", "seed": 0, "epoch": 1}]
+    for seed, layer in ((0, 1), (1, 0)):
+        path = tmp_path / f"choice{seed}.json"
+        path.write_text(json.dumps({"chosen_layer": layer, "candidates": [0, 1, 2], "steps": 6, "window": 3}))
+        records.append({"variant": "selfcond", "seed": seed, "epoch": 1, "layer_choice": str(path)})
+    note = layer_search.table_note(cfg, "uncond", records)
+    assert note == (" Self-cond layer (0-indexed block): selfcond: block 1 (seed 0), 0 (seed 1) (auto: lowest mean "
+                    "training loss over the last 3 of 6 steps among blocks 0–2); fixed: block 2.")
+    records[-1].pop("layer_choice")
+    with pytest.raises(ValueError, match="lack layer_choice for seed"):
+        layer_search.table_note(cfg, "uncond", records)
+
+
+def test_dag_has_one_short_run_per_candidate_and_seed(tmp_path):
+    cfg = auto_config(candidates=[0, 2])
+    cfg["seeds"] = [0, 1]
+    (tmp_path / "auto.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+                           "-n", "-c1", "results/tables/uncond.md", "--configfile", str(tmp_path / "auto.yaml")],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stats = proc.stdout.split("Job stats:")[1].split("\n\n")[0]
+    jobs = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M)}
+    assert jobs["layer_search_run"] == 4 and jobs["choose_layer"] == 2  # 2 candidates x 2 seeds
+    assert jobs["train"] == 4  # baseline and selfcond, 2 seeds, one budget
 
 
 # ---------------------------------------------------------------------------- the stage, end to end

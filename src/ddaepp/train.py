@@ -20,7 +20,7 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from . import io, latents as latent_store, objectives
+from . import io, latents as latent_store, layer_search, objectives
 from .data import num_classes as dataset_num_classes
 from .models import model_from_run_config
 from .transport import interpolate, sample_t, velocity_loss
