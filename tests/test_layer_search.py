@@ -137,9 +137,9 @@ def test_resolve_reads_the_choice_and_refuses_without_one(tmp_path):
 
 def test_resolve_from_state_uses_the_fingerprint():
     run = auto_run()
-    assert layer_search.resolve_from_state(run, {"model": {"self_cond_layer": 1}})["model"]["self_cond_layer"] == 1
+    assert layer_search.resolve_from_state(run, {"fingerprint": {"model": {"self_cond_layer": 1}}})["model"]["self_cond_layer"] == 1
     with pytest.raises(ValueError, match="retrain"):
-        layer_search.resolve_from_state(run, {"model": {"self_cond_layer": "auto"}})
+        layer_search.resolve_from_state(run, {"fingerprint": {"model": {"self_cond_layer": "auto"}}})
 
 
 def test_an_unresolved_model_is_refused():

@@ -179,11 +179,11 @@ def resolve(run_cfg: dict, choice_path=None) -> dict:
     return with_layer(run_cfg, choice["chosen_layer"])
 
 
-def resolve_from_state(run_cfg: dict, fingerprint: dict) -> dict:
-    """The run config with `auto` replaced by the layer a state was trained with (its fingerprint)."""
+def resolve_from_state(run_cfg: dict, state: dict) -> dict:
+    """The run config with `auto` replaced by the layer a training state was made with (its fingerprint)."""
     if not is_auto(run_cfg):
         return run_cfg
-    layer = fingerprint["model"]["self_cond_layer"]
+    layer = state["fingerprint"]["model"]["self_cond_layer"]
     if not isinstance(layer, int) or isinstance(layer, bool):
         raise ValueError(f"the state's fingerprint names self_cond_layer {layer!r}, not a block; retrain it")
     return with_layer(run_cfg, layer)

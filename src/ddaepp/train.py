@@ -246,7 +246,7 @@ def _save(accelerator, path, model, ema, heads, opt, step, epoch_losses, fp):
 def load_ema(state_path: str | Path, run_cfg: dict, latent_shape, n_classes: int) -> torch.nn.Module:
     """The EMA model of a finished state, in eval mode (what sampling and probing use)."""
     state = io.load_checkpoint(state_path)
-    run_cfg = layer_search.resolve_from_state(run_cfg, state["fingerprint"])  # self_cond_layer: auto
+    run_cfg = layer_search.resolve_from_state(run_cfg, state)  # self_cond_layer: auto
     model = model_from_run_config(run_cfg, tuple(latent_shape), n_classes)
     model.load_state_dict(state["ema"])
     return model.eval().requires_grad_(False)
