@@ -135,28 +135,37 @@ def choose_layer(run_cfg: dict, seed: int, summaries: list, out_json, out_png) -
     return choice
 
 
+def _trailing_mean(curve, window: int) -> np.ndarray:
+    """Point i: the mean of steps max(0, i - window + 1)..i, so the last point is the score."""
+    sums = np.cumsum(np.insert(np.asarray(curve, dtype=float), 0, 0.0))
+    ends = np.arange(1, len(sums))
+    return (sums[ends] - sums[np.maximum(ends - window, 0)]) / np.minimum(ends, window)
+
+
 def plot_curves(choice: dict, out_png) -> None:
-    """Each candidate's trailing mean over `window` steps (its end is the score); the chosen one bold."""
+    """Top: each candidate's trailing-mean loss (its right end is its score). Bottom: each minus the
+    chosen block's, step by step (the paired comparison, where near-identical curves separate)."""
     from matplotlib.figure import Figure  # only where a figure is drawn (train.py imports this module)
 
-    window, steps = choice["window"], choice["steps"]
-    fig = Figure(figsize=(6, 4), layout="constrained")
-    ax = fig.subplots()
+    window, steps, chosen = choice["window"], choice["steps"], choice["chosen_layer"]
+    trailing = {layer: _trailing_mean(choice["curves"][str(layer)], window) for layer in choice["candidates"]}
+    fig = Figure(figsize=(6, 6), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 2])
+    x = np.arange(1, steps + 1)
     for i, layer in enumerate(choice["candidates"]):
-        curve = np.asarray(choice["curves"][str(layer)], dtype=float)
-        sums = np.cumsum(np.insert(curve, 0, 0.0))
-        ends = np.arange(1, len(curve) + 1)
-        trailing = (sums[ends] - sums[np.maximum(ends - window, 0)]) / np.minimum(ends, window)
-        chosen = layer == choice["chosen_layer"]
-        ax.plot(ends, trailing, color=f"C{i % 10}", linewidth=2.5 if chosen else 1, alpha=1 if chosen else 0.7,
-                zorder=3 if chosen else 2, label=f"block {layer}" + (" (chosen)" if chosen else ""))
-    ax.axvspan(steps - window + 1, steps, color="0.85", zorder=1, label=f"scored window ({window:,} steps)")
-    ax.set_xlabel("training step")
-    ax.set_ylabel(f"training loss, trailing mean over {window:,} steps")
-    ax.set_title(f"self-cond layer search: {choice['setting']}-{choice['variant']}, seed {choice['seed']}",
-                 fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+        mine = layer == chosen  # drawn bold and underneath, so curves that coincide with it stay visible
+        style = dict(color=f"C{i % 10}", linewidth=3 if mine else 1, zorder=2 if mine else 3)
+        top.plot(x, trailing[layer], label=f"block {layer}" + (" (chosen)" if mine else ""), **style)
+        bottom.plot(x, trailing[layer] - trailing[chosen], **style)
+    for ax in (top, bottom):
+        ax.axvspan(steps - window + 1, steps, color="0.88", zorder=1)
+        ax.grid(alpha=0.3)
+    top.set_ylabel(f"training loss\n(trailing mean, {window:,} steps)")
+    bottom.set_ylabel(f"minus block {chosen}'s")
+    bottom.set_xlabel(f"training step (grey: the scored window of {window:,} steps)")
+    top.set_title(f"self-cond layer search: {choice['setting']}-{choice['variant']}, seed {choice['seed']}",
+                  fontsize=10)
+    top.legend(fontsize=7, ncol=2)
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png", dpi=150)
 
