@@ -82,6 +82,19 @@ def test_choose_layer_writes_the_curves_and_a_figure(tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
+def test_cli_choose_layer(tmp_path, capsys):
+    from ddaepp.cli import main
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(auto_config(candidates=[0, 2])))
+    for layer, loss in ((0, 2.0), (2, 1.0)):
+        (tmp_path / f"l{layer}.json").write_text(json.dumps({"first_step": 0, "step_losses": [loss] * 6}))
+    assert main(["choose-layer", "--config", str(tmp_path / "c.yaml"), "--run", "uncond-selfcond", "--summaries",
+                 str(tmp_path / "l0.json"), str(tmp_path / "l2.json"), "--out", str(tmp_path / "choice.json"),
+                 "--figure", str(tmp_path / "c.png")]) == 0
+    assert "self-cond layer: 2 (auto" in capsys.readouterr().out
+    assert json.loads((tmp_path / "choice.json").read_text())["chosen_layer"] == 2
+
+
 def test_a_partial_curve_is_refused(tmp_path):
     run = auto_run()
     summaries = []
