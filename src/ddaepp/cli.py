@@ -46,6 +46,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init", help="state.pt of the previous budget (none: from scratch)")
     p.add_argument("--out", required=True, help="state.pt to write")
     p.add_argument("--wip", help="folder for in-progress checkpoints (default: beside --out)")
+    p.add_argument("--max-steps", type=int, help="stop at this global step (the layer search's short runs)")
+    p.add_argument("--layer-choice", help="layer_search/choice.json of a run with model.self_cond_layer: auto")
+
+    p = sub.add_parser("layer-search-run", help="one short run of the self-cond layer search (self_cond_layer: auto)")
+    _add_run(p)
+    p.add_argument("--latents", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layer", type=int, required=True, help="the candidate block")
+    p.add_argument("--out", required=True, help="state.pt to write (train.json with the loss curve goes beside it)")
+    p.add_argument("--wip", help="folder for the job's lock (default: beside --out)")
+
+    p = sub.add_parser("choose-layer", help="choose the self-cond layer from the short runs' train.json files")
+    _add_run(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--summaries", nargs="+", required=True, help="train.json of each candidate, in candidate order")
+    p.add_argument("--out", required=True, help="choice.json to write")
+    p.add_argument("--figure", required=True, help="curves.png to write")
 
     p = sub.add_parser("sample", help="generate one shard of samples from a state")
     _add_run(p)
@@ -78,9 +95,23 @@ def _dispatch(args) -> int:
                 print(config_mod.run_name(setting, variant), "epochs", cfg["settings"][setting]["epochs"])
         return 0
     if args.stage == "train":
+        from .layer_search import resolve
         from .train import train
 
-        train(_run_cfg(args), args.latents, args.seed, args.epoch, args.out, args.init, args.wip)
+        run_cfg = resolve(_run_cfg(args), args.layer_choice)
+        train(run_cfg, args.latents, args.seed, args.epoch, args.out, args.init, args.wip, args.max_steps)
+        return 0
+    if args.stage == "layer-search-run":
+        from .layer_search import run_candidate
+
+        wip = args.wip or Path(args.out).parent / "_wip"
+        run_candidate(_run_cfg(args), args.layer, args.latents, args.seed, args.out, wip)
+        return 0
+    if args.stage == "choose-layer":
+        from .layer_search import choose_layer
+
+        choice = choose_layer(_run_cfg(args), args.seed, args.summaries, args.out, args.figure)
+        print("self-cond layer:", choice["description"])
         return 0
     if args.stage == "sample":
         from .sample import sample_shard

@@ -16,7 +16,7 @@ import jsonschema
 import yaml
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
-RUN_SECTIONS = ("model", "train", "sample", "probe")
+RUN_SECTIONS = ("model", "train", "sample", "probe", "layer_search")
 MODEL_SIZES = {  # name: (hidden_size, depth, num_heads)
     "T": (128, 4, 4),
     "S": (384, 12, 6),
@@ -128,9 +128,8 @@ def _check_semantics(config: dict) -> None:
             run = run_config(config, setting, variant)
             depth = MODEL_SIZES[run["model"]["size"].split("/")[0]][1]
             where = f"run {setting}-{variant}"
-            if run["model"]["self_cond"] and run["model"]["self_cond_layer"] >= depth - 1:
-                raise ConfigError(f"config key 'model.self_cond_layer' ({where}): {run['model']['self_cond_layer']} leaves no "
-                                  f"later block to condition in a model of depth {depth}; use 0..{depth - 2}")
+            if run["model"]["self_cond"]:
+                _check_self_cond_layer(run, depth, where)
             if run["train"]["dispersive"]["layer"] >= depth:
                 raise ConfigError(f"config key 'train.dispersive.layer' ({where}): must be below the depth {depth}")
             if run["train"]["csd"]["weight"] > 0 and not run["model"]["self_cond"]:
@@ -142,6 +141,23 @@ def _check_semantics(config: dict) -> None:
                                   f"got {run['sample']['n']}")
             if run["train"]["gpus"] == 0 and run["train"]["precision"] == "bf16":
                 raise ConfigError(f"config key 'train.precision' ({where}): bf16 needs GPUs (train.gpus > 0); use auto")
+
+
+def _check_self_cond_layer(run: dict, depth: int, where: str) -> None:
+    """A fixed layer, or `auto` with a layer search that can run and decide."""
+    layer, search = run["model"]["self_cond_layer"], run["layer_search"]
+    if layer != "auto":
+        if layer >= depth - 1:
+            raise ConfigError(f"config key 'model.self_cond_layer' ({where}): {layer} leaves no later block to "
+                              f"condition in a model of depth {depth}; use 0..{depth - 2} or auto")
+        return
+    too_deep = [c for c in search["candidates"] or [] if c >= depth - 1]
+    if too_deep:
+        raise ConfigError(f"config key 'layer_search.candidates' ({where}): {too_deep} leave no later block to "
+                          f"condition in a model of depth {depth}; use layers in 0..{depth - 2}")
+    if search["window"] > search["steps"]:
+        raise ConfigError(f"config key 'layer_search.window' ({where}): {search['window']} steps are more than the "
+                          f"{search['steps']} of each short run; use at most layer_search.steps")
 
 
 def check_inputs(config: dict) -> None:

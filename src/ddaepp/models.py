@@ -321,6 +321,8 @@ def build_model(size: str, latent_shape: tuple[int, int, int], num_classes: int,
 def model_from_run_config(run_cfg: dict, latent_shape: tuple[int, int, int], num_classes: int) -> LightningDiT:
     """The model of one run (config.run_config output); unconditional settings get no label embedder."""
     kwargs = dict(run_cfg["model"])
+    if kwargs["self_cond"] and kwargs["self_cond_layer"] == "auto":
+        raise ValueError("model.self_cond_layer is still 'auto': resolve it first (ddaepp.layer_search.resolve)")
     size = kwargs.pop("size")
     return build_model(size, latent_shape, num_classes if run_cfg["conditional"] else 0, **kwargs)
 

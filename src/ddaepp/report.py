@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from ddaepp import config as config_lib
+from ddaepp import config as config_lib, layer_search
 from ddaepp.io import atomic_path, read_json
 
 # Long-frame column: (record key of the JSON file, key inside it, name in the table)
@@ -283,7 +283,7 @@ def write_table(config: dict, table_name: str, records: list[dict], out_md, out_
     """Write the table as GitHub markdown, a standalone HTML page and the long frame as parquet."""
     cfg, frame, notes = _collect(config, table_name, records)
     columns, rows, footnotes = _grid(cfg, table_name, frame, notes)
-    header = _header(cfg, table_name, frame)
+    header = _header(cfg, table_name, frame) + layer_search.table_note(cfg, table_name, records)
     flat = [label if group == columns[0][0] else f"{group} {label}" for group, label in columns]
     md = [header, "", "| " + " | ".join(flat) + " |", "|" + "---:|" * len(flat)]
     md += ["| " + " | ".join(row) + " |" for row in rows]

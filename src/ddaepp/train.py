@@ -20,7 +20,7 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from . import io, latents as latent_store, objectives
+from . import io, latents as latent_store, layer_search, objectives
 from .data import num_classes as dataset_num_classes
 from .models import model_from_run_config
 from .transport import interpolate, sample_t, velocity_loss
@@ -134,16 +134,21 @@ def _resume_state(init_path, wip_path, expected) -> dict | None:
 
 
 def train(run_cfg: dict, latents_dir: str | Path, seed: int, epoch: int, out_state: str | Path,
-          init_state: str | Path | None = None, wip_dir: str | Path | None = None) -> dict:
-    """Train one run from `init_state` (budget E_prev) or from scratch up to `epoch` epochs."""
+          init_state: str | Path | None = None, wip_dir: str | Path | None = None,
+          max_steps: int | None = None) -> dict:
+    """Train one run from `init_state` (budget E_prev) or from scratch up to `epoch` epochs.
+
+    `max_steps` (the layer search's short runs) stops at that global step instead, and the
+    summary then also holds every step's loss (`step_losses`, from step `first_step`).
+    """
     wip_dir = Path(wip_dir) if wip_dir else Path(out_state).parent / "_wip"
     if int(os.environ.get("RANK", 0)) != 0:  # under accelerate launch, the main process holds the lock
-        return _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir)
+        return _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir, max_steps)
     with io.exclusive(wip_dir / ".lock", f"the in-progress state of {out_state}"):
-        return _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir)
+        return _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir, max_steps)
 
 
-def _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir) -> dict:
+def _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir, max_steps=None) -> dict:
     train_cfg = run_cfg["train"]
     out_state = Path(out_state)
     wip_path = wip_dir / "state.pt"
@@ -157,7 +162,7 @@ def _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir) ->
     steps_per_epoch = len(labels) // batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"train.batch_size {batch_size} exceeds the {len(labels)} training images")
-    target_step = epoch * steps_per_epoch
+    target_step = epoch * steps_per_epoch if max_steps is None else max_steps
 
     expected = fingerprint(run_cfg, seed)
     torch.manual_seed(seed)  # a fresh start's initial weights
@@ -185,7 +190,7 @@ def _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir) ->
                     accelerator.process_index, accelerator.num_processes,
                     other_view=train_cfg["csd"]["weight"] > 0),
         batch_size=None, num_workers=train_cfg["num_workers"], pin_memory=accelerator.device.type == "cuda")
-    running, t0, last_ckpt = [], time.time(), time.time()
+    running, step_losses, t0, last_ckpt = [], [], time.time(), time.time()
     step = start_step
     for x, x_other, y in tqdm(batches, initial=start_step, total=target_step, desc=f"train ep{epoch}",
                      disable=not accelerator.is_main_process):
@@ -206,6 +211,7 @@ def _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir) ->
         update_ema(ema, accelerator.unwrap_model(train_model), ema_decay(train_cfg, step))
         step += 1
         running.append(value)
+        step_losses.append(value)
         if step % steps_per_epoch == 0:
             epoch_losses.append(float(np.mean(running)))
             running = []
@@ -219,6 +225,8 @@ def _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir) ->
                "wall_s": wall, "images_per_s": (step - start_step) * batch_size / max(wall, 1e-9),
                "processes": accelerator.num_processes, "device": str(accelerator.device),
                "mixed_precision": accelerator.mixed_precision}
+    if max_steps is not None:
+        summary.update(first_step=start_step, step_losses=step_losses)
     if accelerator.is_main_process:
         io.write_json(out_state.with_name("train.json"), summary)
         wip_path.unlink(missing_ok=True)
@@ -238,16 +246,18 @@ def _save(accelerator, path, model, ema, heads, opt, step, epoch_losses, fp):
 def load_ema(state_path: str | Path, run_cfg: dict, latent_shape, n_classes: int) -> torch.nn.Module:
     """The EMA model of a finished state, in eval mode (what sampling and probing use)."""
     state = io.load_checkpoint(state_path)
+    run_cfg = layer_search.resolve_from_state(run_cfg, state)  # self_cond_layer: auto
     model = model_from_run_config(run_cfg, tuple(latent_shape), n_classes)
     model.load_state_dict(state["ema"])
     return model.eval().requires_grad_(False)
 
 
-def launch(run_cfg: dict, latents_dir, seed: int, epoch: int, out_state, init_state=None, wip_dir=None) -> None:
+def launch(run_cfg: dict, latents_dir, seed: int, epoch: int, out_state, init_state=None, wip_dir=None,
+           max_steps=None) -> None:
     """Train in this process, or under `accelerate launch` with one process per GPU when gpus > 1."""
     gpus = run_cfg["train"]["gpus"]
     if gpus <= 1:
-        train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir)
+        train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir, max_steps)
         return
     import json
     import subprocess
@@ -263,5 +273,7 @@ def launch(run_cfg: dict, latents_dir, seed: int, epoch: int, out_state, init_st
            "--seed", str(seed), "--epoch", str(epoch), "--out", str(out_state), "--wip", str(wip_dir)]
     if init_state:
         cmd += ["--init", str(init_state)]
+    if max_steps is not None:
+        cmd += ["--max-steps", str(max_steps)]
     log.info("launching: %s", " ".join(cmd))
     subprocess.run(cmd, check=True)

@@ -2,6 +2,7 @@
 import json
 
 from ddaepp import config as ddaepp_config
+from ddaepp import layer_search as ddaepp_layer_search
 
 try:
     CONFIG = ddaepp_config.validate(
@@ -23,6 +24,7 @@ _tok_tag = (
 LATENTS_DIR = f"{DATASET_DIR}/{_tok_tag}"
 RUN_DIR = "results/runs/{run}/s{seed}/ep{epoch}"
 STATE = f"{RUN_DIR}/state.pt"
+LAYER_SEARCH_DIR = "results/runs/{run}/s{seed}/layer_search"
 CONDA_ENV = "../../envs/ddaepp.yaml"
 
 
@@ -43,6 +45,7 @@ STAGE_SECTIONS = {
     "sample": ("dataset", "tokenizer", "model", "sample"),
     "metrics": ("dataset", "metrics", "sample"),
     "probe": ("dataset", "model", "probe"),
+    "layer_search": ("dataset", "tokenizer", "model", "train", "layer_search"),
 }
 
 
@@ -67,6 +70,25 @@ def previous_state(wildcards):
     return STATE.format(run=wildcards.run, seed=wildcards.seed, epoch=prev)
 
 
+def layer_choice_path(run, seed):
+    """choice.json of the run's layer search when its self_cond_layer is auto, else None."""
+    if not ddaepp_layer_search.is_auto(run_cfg(run)):
+        return None
+    return f"{LAYER_SEARCH_DIR}/choice.json".format(run=run, seed=seed)
+
+
+def layer_choice(wildcards):
+    return layer_choice_path(wildcards.run, wildcards.seed) or []
+
+
+def layer_search_summaries(wildcards):
+    """The short runs' train.json files, in candidate order."""
+    return [
+        f"{LAYER_SEARCH_DIR}/layer{layer}/train.json".format(**wildcards)
+        for layer in ddaepp_layer_search.candidates(run_cfg(wildcards.run))
+    ]
+
+
 def table_records(name):
     """Every (variant, seed, epoch) of a table with the files its cells come from."""
     table = CONFIG["tables"][name]
@@ -87,6 +109,7 @@ def table_records(name):
                             f"{d}/metrics-cfg.json" if "cfg" in guides(run) else None
                         ),
                         "probe": f"{d}/probe.json",
+                        "layer_choice": layer_choice_path(run, seed),
                     }
                 )
     return records
@@ -141,6 +164,8 @@ def table_inputs(wildcards):
     files = []
     for record in table_records(wildcards.table):
         files += [
-            f for key, f in record.items() if key.startswith(("metrics", "probe")) and f
+            f
+            for key, f in record.items()
+            if key.startswith(("metrics", "probe", "layer_choice")) and f
         ]
     return files

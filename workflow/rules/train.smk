@@ -6,6 +6,7 @@ rule train:
         latents_inputs(["train"]),
         stats=f"{LATENTS_DIR}/stats.json",
         prev=previous_state,
+        layer_choice=layer_choice,
     output:
         state=STATE,
         summary=f"{RUN_DIR}/train.json",

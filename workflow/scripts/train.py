@@ -1,11 +1,13 @@
 from pathlib import Path
 
 from ddaepp import io
+from ddaepp.layer_search import resolve
 from ddaepp.train import launch
 
 with io.job_log(snakemake.log[0], snakemake.threads):
     launch(
-        snakemake.params.run_cfg,
+        # self_cond_layer: auto is resolved here, not in the params, so making the choice reruns nothing
+        resolve(snakemake.params.run_cfg, snakemake.input.layer_choice or None),
         latents_dir=Path(snakemake.input.stats).parent,
         seed=int(snakemake.wildcards.seed),
         epoch=int(snakemake.wildcards.epoch),

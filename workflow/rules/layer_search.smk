@@ -1,0 +1,46 @@
+# model.self_cond_layer: auto -> one short training run per candidate block (parallel jobs),
+# then the block with the lowest smoothed training loss; the run's training reads the choice.
+
+
+rule layer_search_run:
+    input:
+        latents_inputs(["train"]),
+        stats=f"{LATENTS_DIR}/stats.json",
+    output:
+        summary=f"{LAYER_SEARCH_DIR}/layer{{layer}}/train.json",
+        # Only the loss curve is kept: the short run's weights are not reused.
+        state=temp(f"{LAYER_SEARCH_DIR}/layer{{layer}}/state.pt"),
+    log:
+        "logs/layer_search/{run}/s{seed}/layer{layer}.log",
+    wildcard_constraints:
+        layer=r"\d+",
+    conda:
+        CONDA_ENV
+    resources:
+        gpu=gpus,
+    params:
+        run_cfg=run_params("layer_search"),
+    script:
+        "../scripts/layer_search_run.py"
+
+
+rule choose_layer:
+    input:
+        layer_search_summaries,
+    output:
+        choice=f"{LAYER_SEARCH_DIR}/choice.json",
+        curves=report(
+            f"{LAYER_SEARCH_DIR}/curves.png",
+            caption="../report/layer_search.rst",
+            category="Layer search",
+            subcategory="{run}",
+            labels={"run": "{run}", "seed": "{seed}"},
+        ),
+    log:
+        "logs/layer_search/{run}/s{seed}/choose.log",
+    conda:
+        CONDA_ENV
+    params:
+        run_cfg=run_params("layer_search"),
+    script:
+        "../scripts/choose_layer.py"
