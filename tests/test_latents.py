@@ -5,8 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
-from ddaepp import data, latents, tokenizers
+from ddaepp import config, data, latents, tokenizers
 from standins import make_imagefolder, make_sd_vae
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,26 +40,42 @@ def test_shard_rows_are_contiguous_and_cover_everything():
         latents.shard_rows(10, 4, 4)
 
 
-def test_encode_and_merge_digits(tmp_path):
-    index, index_path = write_index(tmp_path, DIGITS, "train", n=40)
-    paths = encode_all(tmp_path, DIGITS, PIXEL, "train", index_path)
+@pytest.mark.parametrize("hflip", [False, True])
+def test_encode_and_merge_digits(tmp_path, hflip):
+    dataset_cfg = {**DIGITS, "hflip": hflip}
+    index, index_path = write_index(tmp_path, dataset_cfg, "train", n=40)
+    paths = encode_all(tmp_path, dataset_cfg, PIXEL, "train", index_path)
     assert not (tmp_path / "shards" / "_wip").exists()
     latents.merge_shards(paths[::-1], tmp_path, "train")  # order given does not matter
     z, labels = latents.load_latents(tmp_path, "train")
-    assert isinstance(z, np.memmap) and z.dtype == np.float16 and z.shape == (40, 2, 4, 8, 8)
+    views = 2 if hflip else 1
+    assert isinstance(z, np.memmap) and z.dtype == np.float16 and z.shape == (40, views, 4, 8, 8)
     assert (labels == index.label.to_numpy()).all()
-    images, _ = data.load_images(DIGITS, index)
+    images, _ = data.load_images(dataset_cfg, index)
     x = torch.from_numpy(images).float() / 127.5 - 1
-    pixel = tokenizers.build(PIXEL, DIGITS)
-    expected = torch.stack([pixel.encode(x), pixel.encode(x.flip(-1))], 1).half().numpy()
-    assert np.array_equal(z, expected)  # view 1 is the encoding of the flipped image
+    pixel = tokenizers.build(PIXEL, dataset_cfg)
+    expected = torch.stack([pixel.encode(x), pixel.encode(x.flip(-1))][:views], 1).half().numpy()
+    assert np.array_equal(z, expected)  # view 0 the image as it is; view 1 (hflip only) its mirror
     stats = json.loads((tmp_path / "stats.json").read_text())
     flat = np.asarray(z, dtype=np.float64).transpose(2, 0, 1, 3, 4).reshape(4, -1)
     np.testing.assert_allclose(stats["mean"], flat.mean(1), rtol=1e-10)
     np.testing.assert_allclose(stats["std"], flat.std(1), rtol=1e-10)
     assert stats["n"] == 40 and stats["latent_shape"] == [4, 8, 8] and stats["skipped"] == 0
+    assert stats["views"] == views
     mean, std = latents.load_stats(tmp_path)
     assert mean.shape == std.shape == (4, 1, 1)
+
+
+def test_hflip_defaults_per_dataset(repo, tmp_path):
+    raw = yaml.safe_load(open(f"{repo}/config.yaml"))
+    assert config.validate(raw)["dataset"]["hflip"] is False  # a mirrored digit is not a digit
+    folder = {"name": "imagefolder", "root": str(tmp_path), "image_size": 32}
+    assert config.validate({**raw, "dataset": folder}, check_paths=False)["dataset"]["hflip"] is True
+    on = config.merge(raw, {"dataset": {"hflip": True}})
+    assert config.validate(on)["dataset"]["hflip"] is True
+    assert config.load(f"{repo}/config/imagenet-dit-b.yaml", check_paths=False)["dataset"]["hflip"] is True
+    assert data.views({"name": "digits"}, "train") == 1 and data.views({"name": "imagefolder"}, "train") == 2
+    assert data.views({"name": "imagefolder", "hflip": True}, "val") == 1
 
 
 def test_val_has_one_view_and_no_stats(tmp_path):
@@ -117,7 +134,7 @@ def test_stale_wip_from_another_config_is_discarded(tmp_path):
     (wip / "meta.json").write_text(json.dumps({"made by": "another config"}))
     np.savez(wip / "chunk-000000000.npz", latents=np.zeros((16, 2, 4, 8, 8), np.float16))
     out = tmp_path / "shards" / "train-0.npz"
-    latents.encode_shard(DIGITS, {**PIXEL, "shards": 1}, "train", 0, 1, index_path, out)
+    latents.encode_shard({**DIGITS, "hflip": True}, {**PIXEL, "shards": 1}, "train", 0, 1, index_path, out)
     with np.load(out) as shard:
         assert shard["latents"].shape == (20, 2, 4, 8, 8) and np.abs(shard["latents"]).max() > 0
 
