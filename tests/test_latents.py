@@ -183,3 +183,103 @@ def test_truncated_latents_name_the_file(tmp_path):
     (tmp_path / "latents-val.npy").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"latents-val.npy or its labels file is corrupt or truncated"):
         load_latents(tmp_path, "val")
+
+
+# ------------------------------------------------------------------ views reach training and probes
+
+def _asymmetric_latents(folder, views, n=64, classes=4):
+    """Random latents (no mirror reproduces one), view 1 (if any) the mirror of view 0; stats 0/1
+    so that the normalised batches the model sees equal the stored latents."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, 4, 8, 8)).astype(np.float16)
+    for split, z in (("train", np.stack([x, x[..., ::-1]][:views], 1)), ("val", x[:32, None])):
+        np.save(folder / f"latents-{split}.npy", np.ascontiguousarray(z))
+        np.save(folder / f"labels-{split}.npy", np.arange(len(z)) % classes)
+    (folder / "stats.json").write_text(json.dumps({"mean": [0.0] * 4, "std": [1.0] * 4}))
+    return x
+
+
+def _orientations(rows, x) -> list[str]:
+    """'stored' or 'mirrored' for each (c, h, w) row: which of the images' two orientations it is."""
+    known = {img.tobytes(): "stored" for img in x}
+    known.update({np.ascontiguousarray(img[..., ::-1]).tobytes(): "mirrored" for img in x})
+    return [known.get(np.asarray(r, np.float16).tobytes(), "unknown") for r in rows]
+
+
+def _spy_training(monkeypatch, run_cfg, folder):
+    """Train (CSD on, so the second view is drawn too); what the objectives see, per view."""
+    from ddaepp import objectives
+    from ddaepp.train import train
+
+    seen = {"batch": [], "other": [], "crop": []}
+    extra_loss, crop = objectives.extra_loss, objectives.random_resized_crop
+
+    def spy_extra_loss(run_cfg, heads, teacher, student, feats, x1, x1_other, *rest):
+        seen["batch"] += list(x1.detach().cpu().numpy())
+        seen["other"] += [] if x1_other is None else list(x1_other.detach().cpu().numpy())
+        return extra_loss(run_cfg, heads, teacher, student, feats, x1, x1_other, *rest)
+
+    def spy_crop(x, min_scale, gen):
+        seen["crop"] += list(x.detach().cpu().numpy())
+        return crop(x, min_scale, gen)
+
+    monkeypatch.setattr(objectives, "extra_loss", spy_extra_loss)
+    monkeypatch.setattr(objectives, "random_resized_crop", spy_crop)
+    train(run_cfg, folder, seed=0, epoch=2, out_state=folder / "state.pt")
+    return seen
+
+
+def _spy_probe(monkeypatch, run_cfg, folder):
+    """Probe the state at t = 1 (x_t = x1: the model sees the latents themselves); what it sees."""
+    from ddaepp import probe, train
+
+    seen, load_ema = [], train.load_ema
+
+    def spy_load_ema(*args, **kwargs):
+        model = load_ema(*args, **kwargs)
+        forward = model.forward
+
+        def recording_forward(x, t, y=None, **kw):
+            seen.extend(x.detach().float().cpu().numpy())
+            return forward(x, t, y, **kw)
+
+        model.forward = recording_forward
+        return model
+
+    monkeypatch.setattr(train, "load_ema", spy_load_ema)
+    probe.probe_state(run_cfg, folder / "state.pt", folder, folder / "probe.parquet", folder / "probe.json",
+                      folder / "probe.png", folder / "_wip")
+    return seen
+
+
+def _views_run(default_config):
+    """The CSD variant (it draws a second view), on 64 latents, probed at t = 1 only."""
+    from ddaepp import config as config_lib
+
+    run = config_lib.run_config(default_config, "uncond", "selfcond+csd")
+    run["train"]["batch_size"] = 32
+    run["probe"].update(t=[1.0], selection_per_class=8, epochs=2, final_epochs=2, batch_size=32)
+    return run
+
+
+def test_flips_off_nothing_is_ever_mirrored(monkeypatch, default_config, tmp_path):
+    x = _asymmetric_latents(tmp_path, views=1)
+    seen = _spy_training(monkeypatch, _views_run(default_config), tmp_path)
+    assert len(seen["batch"]) == 4 * 32 and seen["crop"]
+    for name, rows in seen.items():
+        assert set(_orientations(rows, x)) == {"stored"}, name
+    # CSD's second view is the same latent (then cropped), not a mirror
+    assert all(np.array_equal(a, b) for a, b in zip(seen["batch"], seen["other"] or seen["crop"]))
+    probed = _spy_probe(monkeypatch, _views_run(default_config), tmp_path)
+    assert probed and set(_orientations(probed, x)) == {"stored"}
+
+
+def test_flips_on_both_views_are_used(monkeypatch, default_config, tmp_path):
+    x = _asymmetric_latents(tmp_path, views=2)
+    seen = _spy_training(monkeypatch, _views_run(default_config), tmp_path)
+    batch, other = _orientations(seen["batch"], x), _orientations(seen["other"], x)
+    assert set(batch) == {"stored", "mirrored"}
+    assert all({a, b} == {"stored", "mirrored"} for a, b in zip(batch, other))  # the other view is the flip
+    assert all(np.array_equal(a[..., ::-1], b) for a, b in zip(seen["batch"], seen["other"]))
+    probed = _orientations(_spy_probe(monkeypatch, _views_run(default_config), tmp_path), x)
+    assert set(probed) == {"stored", "mirrored"}  # train features see both orientations (val: as stored)
