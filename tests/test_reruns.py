@@ -57,6 +57,10 @@ def test_result_config_drops_operational_keys_only(default_config):
                        ("sample", {"sample": {"shards": 2}}), ("train", {"dataset": {"hflip": True}})]:
         assert config.result_config(config.merge(run, key), stage) != config.result_config(run, stage), key
     assert "probe" not in config.result_config(run, "train")  # a probe setting does not retrain
+    flipped = config.merge(run, {"dataset": {"hflip": True}})
+    changed = {stage for stage in config.STAGE_SECTIONS
+               if config.result_config(flipped, stage) != config.result_config(run, stage)}
+    assert {"encode", "train"} <= changed and not changed & {"index", "classifier", "reference"}  # images only
 
 
 def test_stage_config_is_recorded_as_its_result_config(default_config):

@@ -78,6 +78,9 @@ STAGE_SECTIONS = {
     # what a table shows: everything a run's cells come from, and the paper comparison reads
     "table": ("dataset", "tokenizer", "model", "train", "sample", "probe", "metrics", "conditional"),
 }
+# Keys of those sections a stage never reads: the stages that read images, not latents, ignore
+# whether the latents store flips.
+STAGE_IGNORES = {stage: {"dataset": ("hflip",)} for stage in ("index", "classifier", "reference")}
 
 
 class ConfigError(ValueError):
@@ -262,20 +265,17 @@ def run_config(config: dict, setting: str, variant: str) -> dict:
     return _sorted(out)
 
 
-def result_section(section: str, values):
-    """A config section without its operational keys (values that are not sections pass as they are)."""
-    if not isinstance(values, dict):
-        return copy.deepcopy(values)
-    skip = OPERATIONAL_KEYS.get(section, ())
-    return {k: copy.deepcopy(v) for k, v in values.items() if k not in skip}
-
-
 def result_config(cfg: dict, stage: str) -> dict:
     """The part of `cfg` (a run config, or the validated config for the data stages) that decides
-    what `stage` computes: its STAGE_SECTIONS without the OPERATIONAL_KEYS."""
+    what `stage` computes: its STAGE_SECTIONS without the OPERATIONAL_KEYS (nor its STAGE_IGNORES)."""
     if stage not in STAGE_SECTIONS:
         raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(STAGE_SECTIONS)})")
-    return {section: result_section(section, cfg[section]) for section in STAGE_SECTIONS[stage]}
+    out = {}
+    for section in STAGE_SECTIONS[stage]:
+        skip = OPERATIONAL_KEYS.get(section, ()) + STAGE_IGNORES.get(stage, {}).get(section, ())
+        value = cfg[section]
+        out[section] = {k: v for k, v in value.items() if k not in skip} if isinstance(value, dict) else value
+    return copy.deepcopy(out)
 
 
 def table_result_config(config: dict, table: str) -> dict:

@@ -43,17 +43,16 @@ def run_params(stage):
     return params
 
 
-def section_params(section, **recorded_extra):
-    """One shared config section (for the data rules), recorded without its operational keys."""
-    values = CONFIG[section]
-    recorded = ddaepp_config.result_section(section, values)
-    return ddaepp_config.StageConfig(values, {**recorded, **recorded_extra})
+def section_params(stage, section, **recorded_extra):
+    """One shared config section for a data rule, recorded as far as `stage` computes from it."""
+    recorded = ddaepp_config.result_config(CONFIG, stage)[section]
+    return ddaepp_config.StageConfig(CONFIG[section], {**recorded, **recorded_extra})
 
 
 def reference_params(wildcards):
     """The metrics section; a reference file is recorded by the statistics it holds, not its path."""
     digest = ddaepp_config.reference_digest(CONFIG["metrics"]["reference"])
-    return section_params("metrics", reference_digest=digest)
+    return section_params("reference", "metrics", reference_digest=digest)
 
 
 def table_params(wildcards):

@@ -9,7 +9,7 @@ rule index:
     conda:
         CONDA_ENV
     params:
-        dataset=section_params("dataset"),
+        dataset=section_params("index", "dataset"),
     script:
         "../scripts/index.py"
 
@@ -26,8 +26,8 @@ rule encode_shard:
     resources:
         gpu=lambda w: 0 if CONFIG["tokenizer"]["name"] == "pixel" else 1,
     params:
-        dataset=section_params("dataset"),
-        tokenizer=section_params("tokenizer"),
+        dataset=section_params("encode", "dataset"),
+        tokenizer=section_params("encode", "tokenizer"),
     script:
         "../scripts/encode_shard.py"
 

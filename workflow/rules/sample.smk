@@ -28,7 +28,7 @@ rule train_classifier:
     conda:
         CONDA_ENV
     params:
-        dataset=section_params("dataset"),
+        dataset=section_params("classifier", "dataset"),
         epochs=CONFIG["metrics"]["classifier_epochs"],
     script:
         "../scripts/train_classifier.py"
@@ -46,7 +46,7 @@ rule reference_stats:
     resources:
         gpu=lambda w: 1 if CONFIG["metrics"]["features"] == "inception" else 0,
     params:
-        dataset=section_params("dataset"),
+        dataset=section_params("reference", "dataset"),
         metrics=reference_params,
     script:
         "../scripts/reference_stats.py"
