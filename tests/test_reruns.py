@@ -63,6 +63,16 @@ def test_result_config_drops_operational_keys_only(default_config):
     assert {"encode", "train"} <= changed and not changed & {"index", "classifier", "reference"}  # images only
 
 
+def test_resume_fingerprint_ignores_operational_keys_only(default_config):
+    from ddaepp.train import fingerprint
+
+    run = config.run_config(default_config, "uncond", "baseline")
+    moved = config.merge(run, {"train": {"gpus": 2, "num_workers": 4, "compile": True},
+                               "dataset": {"root": "/scratch"}, "tokenizer": {"batch_size": 1, "path": "/w"}})
+    assert fingerprint(moved, 0) == fingerprint(run, 0) == {**config.result_config(run, "train"), "seed": 0}
+    assert fingerprint(config.merge(run, {"train": {"precision": "fp32"}}), 0) != fingerprint(run, 0)
+
+
 def test_stage_config_is_recorded_as_its_result_config(default_config):
     run = config.run_config(default_config, "uncond", "baseline")
     params = config.StageConfig(run, config.result_config(run, "train"))

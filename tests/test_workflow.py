@@ -101,6 +101,7 @@ def test_bad_config_fails_before_any_job(tmp_path, patch, message):
     ("results/runs/uncond-baseline/s3/ep10/state.pt", r"seed 3 is not in the config \(seeds: \[0\]\)"),
     ("results/runs/cond-baseline/s0/ep15/metrics-cfg.json", r"epoch 15 is not a budget of setting 'cond' \(budgets: \[10, 20, 40\]\)"),
     ("results/runs/uncond-baseline/s0/ep10/metrics-cfg.json", r"guidance 'cfg' is not built for setting 'uncond'"),
+    ("results/runs/uncond-baseline/s0/ep10/samples-nocfg/shard1.npz", r"sample shard 1 does not exist"),
     ("results/runs/uncond-baseline/s0/ep10/samples-nocfg/shard0.npz", None),  # a valid target plans
 ])
 def test_a_target_outside_the_config_names_what_exists(target, message):

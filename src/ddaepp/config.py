@@ -350,10 +350,10 @@ def check_run(config: dict, run: str) -> tuple[str, str]:
     return setting, variant
 
 
-def check_target(config: dict, run: str, seed=None, epoch=None, guide=None) -> None:
-    """Refuse a target outside the config's grid (a run, seed, epoch budget or guidance it lacks),
-    naming what exists, before anything is built for it."""
-    setting, _ = check_run(config, run)
+def check_target(config: dict, run: str, seed=None, epoch=None, guide=None, shard=None) -> None:
+    """Refuse a target outside the config's grid (a run, seed, epoch budget, guidance or sample
+    shard it lacks), naming what exists, before anything is built for it."""
+    setting, variant = check_run(config, run)
     if seed is not None and int(seed) not in config["seeds"]:
         raise ConfigError(f"run {run}: seed {seed} is not in the config (seeds: {config['seeds']}); "
                           "add it to `seeds` to build it")
@@ -363,6 +363,10 @@ def check_target(config: dict, run: str, seed=None, epoch=None, guide=None) -> N
     if guide is not None and guide not in guides:
         raise ConfigError(f"run {run}: guidance '{guide}' is not built for setting '{setting}' "
                           f"(built: {', '.join(guides)}; CFG needs a conditional setting)")
+    shards = run_config(config, setting, variant)["sample"]["shards"] if shard is not None else 0
+    if shard is not None and int(shard) >= shards:
+        raise ConfigError(f"run {run}: sample shard {shard} does not exist (sample.shards is {shards}: "
+                          f"shards 0..{shards - 1})")
 
 
 def check_table(config: dict, table: str) -> None:

@@ -69,6 +69,7 @@ def check_target(wildcards):
         wildcards.get("seed"),
         wildcards.get("epoch"),
         wildcards.get("guide"),
+        wildcards.get("shard"),
     )
 
 
