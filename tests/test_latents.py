@@ -5,8 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
-from ddaepp import data, latents, tokenizers
+from ddaepp import config, data, latents, tokenizers
 from standins import make_imagefolder, make_sd_vae
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,26 +40,42 @@ def test_shard_rows_are_contiguous_and_cover_everything():
         latents.shard_rows(10, 4, 4)
 
 
-def test_encode_and_merge_digits(tmp_path):
-    index, index_path = write_index(tmp_path, DIGITS, "train", n=40)
-    paths = encode_all(tmp_path, DIGITS, PIXEL, "train", index_path)
+@pytest.mark.parametrize("hflip", [False, True])
+def test_encode_and_merge_digits(tmp_path, hflip):
+    dataset_cfg = {**DIGITS, "hflip": hflip}
+    index, index_path = write_index(tmp_path, dataset_cfg, "train", n=40)
+    paths = encode_all(tmp_path, dataset_cfg, PIXEL, "train", index_path)
     assert not (tmp_path / "shards" / "_wip").exists()
     latents.merge_shards(paths[::-1], tmp_path, "train")  # order given does not matter
     z, labels = latents.load_latents(tmp_path, "train")
-    assert isinstance(z, np.memmap) and z.dtype == np.float16 and z.shape == (40, 2, 4, 8, 8)
+    views = 2 if hflip else 1
+    assert isinstance(z, np.memmap) and z.dtype == np.float16 and z.shape == (40, views, 4, 8, 8)
     assert (labels == index.label.to_numpy()).all()
-    images, _ = data.load_images(DIGITS, index)
+    images, _ = data.load_images(dataset_cfg, index)
     x = torch.from_numpy(images).float() / 127.5 - 1
-    pixel = tokenizers.build(PIXEL, DIGITS)
-    expected = torch.stack([pixel.encode(x), pixel.encode(x.flip(-1))], 1).half().numpy()
-    assert np.array_equal(z, expected)  # view 1 is the encoding of the flipped image
+    pixel = tokenizers.build(PIXEL, dataset_cfg)
+    expected = torch.stack([pixel.encode(x), pixel.encode(x.flip(-1))][:views], 1).half().numpy()
+    assert np.array_equal(z, expected)  # view 0 the image as it is; view 1 (hflip only) its mirror
     stats = json.loads((tmp_path / "stats.json").read_text())
     flat = np.asarray(z, dtype=np.float64).transpose(2, 0, 1, 3, 4).reshape(4, -1)
     np.testing.assert_allclose(stats["mean"], flat.mean(1), rtol=1e-10)
     np.testing.assert_allclose(stats["std"], flat.std(1), rtol=1e-10)
     assert stats["n"] == 40 and stats["latent_shape"] == [4, 8, 8] and stats["skipped"] == 0
+    assert stats["views"] == views
     mean, std = latents.load_stats(tmp_path)
     assert mean.shape == std.shape == (4, 1, 1)
+
+
+def test_hflip_defaults_per_dataset(repo, tmp_path):
+    raw = yaml.safe_load(open(f"{repo}/config.yaml"))
+    assert config.validate(raw)["dataset"]["hflip"] is False  # a mirrored digit is not a digit
+    folder = {"name": "imagefolder", "root": str(tmp_path), "image_size": 32}
+    assert config.validate({**raw, "dataset": folder}, check_paths=False)["dataset"]["hflip"] is True
+    on = config.merge(raw, {"dataset": {"hflip": True}})
+    assert config.validate(on)["dataset"]["hflip"] is True
+    assert config.load(f"{repo}/config/imagenet-dit-b.yaml", check_paths=False)["dataset"]["hflip"] is True
+    assert data.views({"name": "digits"}, "train") == 1 and data.views({"name": "imagefolder"}, "train") == 2
+    assert data.views({"name": "imagefolder", "hflip": True}, "val") == 1
 
 
 def test_val_has_one_view_and_no_stats(tmp_path):
@@ -117,7 +134,7 @@ def test_stale_wip_from_another_config_is_discarded(tmp_path):
     (wip / "meta.json").write_text(json.dumps({"made by": "another config"}))
     np.savez(wip / "chunk-000000000.npz", latents=np.zeros((16, 2, 4, 8, 8), np.float16))
     out = tmp_path / "shards" / "train-0.npz"
-    latents.encode_shard(DIGITS, {**PIXEL, "shards": 1}, "train", 0, 1, index_path, out)
+    latents.encode_shard({**DIGITS, "hflip": True}, {**PIXEL, "shards": 1}, "train", 0, 1, index_path, out)
     with np.load(out) as shard:
         assert shard["latents"].shape == (20, 2, 4, 8, 8) and np.abs(shard["latents"]).max() > 0
 
@@ -199,3 +216,103 @@ def test_truncated_latents_name_the_file(tmp_path):
     (tmp_path / "latents-val.npy").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"latents-val.npy or its labels file is corrupt or truncated"):
         load_latents(tmp_path, "val")
+
+
+# ------------------------------------------------------------------ views reach training and probes
+
+def _asymmetric_latents(folder, views, n=64, classes=4):
+    """Random latents (no mirror reproduces one), view 1 (if any) the mirror of view 0; stats 0/1
+    so that the normalised batches the model sees equal the stored latents."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, 4, 8, 8)).astype(np.float16)
+    for split, z in (("train", np.stack([x, x[..., ::-1]][:views], 1)), ("val", x[:32, None])):
+        np.save(folder / f"latents-{split}.npy", np.ascontiguousarray(z))
+        np.save(folder / f"labels-{split}.npy", np.arange(len(z)) % classes)
+    (folder / "stats.json").write_text(json.dumps({"mean": [0.0] * 4, "std": [1.0] * 4}))
+    return x
+
+
+def _orientations(rows, x) -> list[str]:
+    """'stored' or 'mirrored' for each (c, h, w) row: which of the images' two orientations it is."""
+    known = {img.tobytes(): "stored" for img in x}
+    known.update({np.ascontiguousarray(img[..., ::-1]).tobytes(): "mirrored" for img in x})
+    return [known.get(np.asarray(r, np.float16).tobytes(), "unknown") for r in rows]
+
+
+def _spy_training(monkeypatch, run_cfg, folder):
+    """Train (CSD on, so the second view is drawn too); what the objectives see, per view."""
+    from ddaepp import objectives
+    from ddaepp.train import train
+
+    seen = {"batch": [], "other": [], "crop": []}
+    extra_loss, crop = objectives.extra_loss, objectives.random_resized_crop
+
+    def spy_extra_loss(run_cfg, heads, teacher, student, feats, x1, x1_other, *rest):
+        seen["batch"] += list(x1.detach().cpu().numpy())
+        seen["other"] += [] if x1_other is None else list(x1_other.detach().cpu().numpy())
+        return extra_loss(run_cfg, heads, teacher, student, feats, x1, x1_other, *rest)
+
+    def spy_crop(x, min_scale, gen):
+        seen["crop"] += list(x.detach().cpu().numpy())
+        return crop(x, min_scale, gen)
+
+    monkeypatch.setattr(objectives, "extra_loss", spy_extra_loss)
+    monkeypatch.setattr(objectives, "random_resized_crop", spy_crop)
+    train(run_cfg, folder, seed=0, epoch=2, out_state=folder / "state.pt")
+    return seen
+
+
+def _spy_probe(monkeypatch, run_cfg, folder):
+    """Probe the state at t = 1 (x_t = x1: the model sees the latents themselves); what it sees."""
+    from ddaepp import probe, train
+
+    seen, load_ema = [], train.load_ema
+
+    def spy_load_ema(*args, **kwargs):
+        model = load_ema(*args, **kwargs)
+        forward = model.forward
+
+        def recording_forward(x, t, y=None, **kw):
+            seen.extend(x.detach().float().cpu().numpy())
+            return forward(x, t, y, **kw)
+
+        model.forward = recording_forward
+        return model
+
+    monkeypatch.setattr(train, "load_ema", spy_load_ema)
+    probe.probe_state(run_cfg, folder / "state.pt", folder, folder / "probe.parquet", folder / "probe.json",
+                      folder / "probe.png", folder / "_wip")
+    return seen
+
+
+def _views_run(default_config):
+    """The CSD variant (it draws a second view), on 64 latents, probed at t = 1 only."""
+    from ddaepp import config as config_lib
+
+    run = config_lib.run_config(default_config, "uncond", "selfcond+csd")
+    run["train"]["batch_size"] = 32
+    run["probe"].update(t=[1.0], selection_per_class=8, epochs=2, final_epochs=2, batch_size=32)
+    return run
+
+
+def test_flips_off_nothing_is_ever_mirrored(monkeypatch, default_config, tmp_path):
+    x = _asymmetric_latents(tmp_path, views=1)
+    seen = _spy_training(monkeypatch, _views_run(default_config), tmp_path)
+    assert len(seen["batch"]) == 4 * 32 and seen["crop"]
+    for name, rows in seen.items():
+        assert set(_orientations(rows, x)) == {"stored"}, name
+    # CSD's second view is the same latent (then cropped), not a mirror
+    assert all(np.array_equal(a, b) for a, b in zip(seen["batch"], seen["other"] or seen["crop"]))
+    probed = _spy_probe(monkeypatch, _views_run(default_config), tmp_path)
+    assert probed and set(_orientations(probed, x)) == {"stored"}
+
+
+def test_flips_on_both_views_are_used(monkeypatch, default_config, tmp_path):
+    x = _asymmetric_latents(tmp_path, views=2)
+    seen = _spy_training(monkeypatch, _views_run(default_config), tmp_path)
+    batch, other = _orientations(seen["batch"], x), _orientations(seen["other"], x)
+    assert set(batch) == {"stored", "mirrored"}
+    assert all({a, b} == {"stored", "mirrored"} for a, b in zip(batch, other))  # the other view is the flip
+    assert all(np.array_equal(a[..., ::-1], b) for a, b in zip(seen["batch"], seen["other"]))
+    probed = _orientations(_spy_probe(monkeypatch, _views_run(default_config), tmp_path), x)
+    assert set(probed) == {"stored", "mirrored"}  # train features see both orientations (val: as stored)

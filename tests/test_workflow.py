@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
 
 from standins import make_imagefolder, make_vavae_checkpoint
 
@@ -35,7 +37,7 @@ def paper_standins(tmp_path_factory):
     make_imagefolder(root / "imagenet", image_size=64)
     make_vavae_checkpoint(root / "vavae.pt")
     (root / "inception.pth").write_bytes(b"stand-in: the dry run only checks that the file is there")
-    (root / "ref.npz").write_bytes(b"stand-in")
+    np.savez(root / "ref.npz", mu=np.zeros(4), sigma=np.eye(4))  # the DAG records a digest of mu, sigma
     return root
 
 
@@ -60,10 +62,18 @@ def test_paper_grid_dry_run(paper_standins):
 
 
 def test_slurm_profile_resolves_and_asks_for_gpus(paper_standins):
-    out = snakemake("--profile", "slurm", "-n", "results/tables/uncond.md", *paper_args(paper_standins)).stdout
-    assert "Using profile slurm" in out or "profile" in out.lower()
-    train_jobs = out.split("rule train:")[1:]
-    assert train_jobs and all("gpu=8" in job.split("\n\n")[0] for job in train_jobs)
+    proc = snakemake("--profile", "slurm", "-n", "results/tables/uncond.md", *paper_args(paper_standins))
+    out = proc.stdout
+    assert "Using profile slurm" in proc.stderr + proc.stdout
+    profile = yaml.safe_load((REPO / "slurm/config.yaml").read_text())
+    train_jobs = [job.split("\n\n")[0] for job in out.split("rule train:")[1:]]
+    assert train_jobs and all("gpu=8" in job for job in train_jobs)
+    # the profile's own job sizes reach every train job (not just any output mentioning "profile")
+    expected = {**profile.get("default-resources", {}), **profile.get("set-resources", {}).get("train", {})}
+    assert expected
+    for job in train_jobs:
+        resources = dict(kv.split("=", 1) for kv in job.split("resources: ")[1].splitlines()[0].split(", "))
+        assert all(resources.get(k) == str(v) for k, v in expected.items()), (expected, resources)
     assert "--gres" not in (REPO / "slurm/config.yaml").read_text().replace("never add --gres", "")
 
 
@@ -82,6 +92,25 @@ def test_bad_config_fails_before_any_job(tmp_path, patch, message):
     proc = snakemake("-n", "--config", patch, check=False)
     assert proc.returncode != 0
     assert re.search(message, proc.stdout + proc.stderr), proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("target, message", [
+    ("results/tables/uncnd.md", r"unknown table 'uncnd' \(tables: cond, uncond, variants"),
+    ("results/runs/uncond-basline/s0/ep10/probe.json", r"unknown run 'uncond-basline'.* uncond-baseline, uncond-dispersive"),
+    ("results/runs/uncond-baseline/s3/ep10/probe.json", r"seed 3 is not in the config \(seeds: \[0\]\)"),
+    ("results/runs/uncond-baseline/s3/ep10/state.pt", r"seed 3 is not in the config \(seeds: \[0\]\)"),
+    ("results/runs/cond-baseline/s0/ep15/metrics-cfg.json", r"epoch 15 is not a budget of setting 'cond' \(budgets: \[10, 20, 40\]\)"),
+    ("results/runs/uncond-baseline/s0/ep10/metrics-cfg.json", r"guidance 'cfg' is not built for setting 'uncond'"),
+    ("results/runs/uncond-baseline/s0/ep10/samples-nocfg/shard1.npz", r"sample shard 1 does not exist"),
+    ("results/runs/uncond-baseline/s0/ep10/samples-nocfg/shard0.npz", None),  # a valid target plans
+])
+def test_a_target_outside_the_config_names_what_exists(target, message):
+    proc = snakemake("-n", target, check=False)
+    out = proc.stdout + proc.stderr
+    if message is None:
+        assert proc.returncode == 0, out[-2000:]
+    else:
+        assert proc.returncode != 0 and re.search(message, out), out[-2000:]
 
 
 def test_missing_inputs_fail_with_what_to_put_where(paper_standins):

@@ -46,6 +46,20 @@ def image_channels(dataset_cfg: dict) -> int:
     return 1 if dataset_cfg["name"] == "digits" else 3
 
 
+def hflip(dataset_cfg: dict) -> bool:
+    """Whether train images get a mirrored copy: dataset.hflip, else the dataset's own default
+    (config.HFLIP_DEFAULT: whether a mirrored image is still an image of its class)."""
+    from ddaepp.config import HFLIP_DEFAULT
+
+    value = dataset_cfg.get("hflip")
+    return HFLIP_DEFAULT[dataset_cfg["name"]] if value is None else bool(value)
+
+
+def views(dataset_cfg: dict, split: str) -> int:
+    """Views stored per image of `split`: (image, its mirror) for train with hflip, else the image."""
+    return 2 if split == "train" and hflip(dataset_cfg) else 1
+
+
 def build_index(dataset_cfg: dict, split: str) -> pd.DataFrame:
     """Rows (source: str, label: int64) of one split, in a fixed order."""
     if split not in SPLITS:

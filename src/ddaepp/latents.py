@@ -4,9 +4,10 @@ Layout under a latents folder (the rules choose it):
   shards/{split}-{k}.npz     one encoding job each: latents float16 (n, V, c, h, w), labels, rows, skipped
   shards/_wip/{split}-{k}/   a running job's finished chunks (one per tokenizer batch); a killed job
                              resumes from them, a finished one deletes them
-  latents-{split}.npy        float16 (N, V, c, h, w); V = 2 for train (image, horizontal flip), 1 for val
+  latents-{split}.npy        float16 (N, V, c, h, w); V = 2 for train with dataset.hflip (image, its
+                             horizontal flip), else 1 (val always)
   labels-{split}.npy         int64 (N,)
-  stats.json                 per-channel mean/std of the train latents over both views (float64)
+  stats.json                 per-channel mean/std of the train latents over their views (float64)
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def encode_shard(dataset_cfg: dict, tokenizer_cfg: dict, split: str, shard: int,
 def _encode_shard(dataset_cfg, tokenizer_cfg, split, shard, num_shards, index_path, out_path, device) -> None:
     index = pd.read_parquet(index_path)
     rows = shard_rows(len(index), shard, num_shards)
-    batch, views = tokenizer_cfg["batch_size"], 2 if split == "train" else 1
+    batch, views = tokenizer_cfg["batch_size"], data.views(dataset_cfg, split)
     wip = out_path.parent / "_wip" / out_path.stem
     _open_wip(wip, {"dataset": dataset_cfg, "tokenizer": tokenizer_cfg, "split": split,
                     "rows": [rows.start, rows.stop], "index": _fingerprint(index.iloc[rows.start:rows.stop])})

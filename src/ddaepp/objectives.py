@@ -4,7 +4,9 @@
   (student, at the training timestep) predicts, through a projector and a predictor, the
   projected feature the EMA model (teacher, no gradient) gives another view of the same image
   at a fixed low-noise timestep; MoCo v3's symmetric InfoNCE over the batch, negatives from
-  every process. Views: the stored flip copy, then a latent-space random crop-and-resize.
+  every process. The other view: the stored flip copy where the latents hold one
+  (dataset.hflip), else the same latent; then a latent-space random crop-and-resize, so with
+  flips off the two views differ by the crop alone and nothing is mirrored.
 - Dispersive loss (`train.dispersive`, Wang & He 2025): log-mean-exp of -||z_i - z_j||^2 / tau
   over the batch's pooled features of one block; it pushes representations apart with no
   positive pairs.
@@ -78,10 +80,11 @@ def random_resized_crop(x: torch.Tensor, min_scale: float, gen: torch.Generator)
 
 
 def csd_loss(run_cfg, heads, teacher, student, feats_a, x1_a, x1_b, t, x0, y, gen, gather, rank):
-    """Symmetric self-distillation between views a (the diffusion batch) and b (its other view)."""
+    """Symmetric self-distillation between views a (the diffusion batch) and b: a random resized crop
+    of x1_b, the other stored view (its flip), or of x1_a itself when x1_b is None (no flips stored)."""
     cfg, layer = run_cfg["train"]["csd"], run_cfg["model"]["self_cond_layer"]
     null_y = None if y is None else torch.full_like(y, teacher.num_classes)
-    x1_b = random_resized_crop(x1_b, cfg["crop_scale"], gen)
+    x1_b = random_resized_crop(x1_a if x1_b is None else x1_b, cfg["crop_scale"], gen)
     xt_b, _ = interpolate(x1_b, x0, t)
     feat_b = student(xt_b, t, y, stop_after=layer)[:, layer]  # the blocks after `layer` are not needed
     t_teacher = torch.full_like(t, cfg["timestep"])

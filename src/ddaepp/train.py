@@ -21,21 +21,18 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from . import io, latents as latent_store, layer_search, objectives
+from .config import result_config
 from .data import num_classes as dataset_num_classes
 from .models import model_from_run_config
 from .transport import interpolate, sample_t, velocity_loss
 
 log = logging.getLogger("ddaepp.train")
 
-# Train keys that change how a job runs, not what it computes: free to differ on resume.
-OPERATIONAL_KEYS = {"gpus", "num_workers", "checkpoint_minutes", "compile", "precision"}
-
 
 def fingerprint(run_cfg: dict, seed: int) -> dict:
-    """What a state was trained with; resuming under a different fingerprint is refused."""
-    train = {k: v for k, v in run_cfg["train"].items() if k not in OPERATIONAL_KEYS}
-    return {"model": run_cfg["model"], "train": train, "dataset": run_cfg["dataset"],
-            "tokenizer": run_cfg["tokenizer"], "conditional": run_cfg["conditional"], "seed": seed}
+    """What a state was trained with (config.result_config: the train rule's params too); resuming
+    under a different fingerprint is refused, operational keys are free to differ."""
+    return {**result_config(run_cfg, "train"), "seed": seed}
 
 
 def _diff(a, b, prefix=""):

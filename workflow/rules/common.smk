@@ -29,33 +29,60 @@ CONDA_ENV = "../../envs/ddaepp.yaml"
 
 
 def run_cfg(run):
-    setting, variant = ddaepp_config.split_run(run)
-    if setting not in CONFIG["settings"] or variant not in CONFIG["variants"]:
-        raise WorkflowError(
-            f"unknown run '{run}': runs are <setting>-<variant> with settings "
-            f"{list(CONFIG['settings'])} and variants {list(CONFIG['variants'])}"
-        )
+    setting, variant = ddaepp_config.check_run(CONFIG, run)
     return ddaepp_config.run_config(CONFIG, setting, variant)
 
 
-# The run-config sections each stage reads: passed as params, so editing a section reruns the
-# stages that read it (a new probe setting re-probes, it does not retrain).
-STAGE_SECTIONS = {
-    "train": ("dataset", "tokenizer", "model", "train"),
-    "sample": ("dataset", "tokenizer", "model", "sample"),
-    "metrics": ("dataset", "metrics", "sample"),
-    "probe": ("dataset", "model", "probe"),
-    "layer_search": ("dataset", "tokenizer", "model", "train", "layer_search"),
-}
-
-
+# What reruns: every script gets the whole config it needs, but Snakemake records (and compares)
+# only ddaepp.config.result_config of it, so an operational key (GPUs, workers, batch sizes of
+# encoding/sampling/features, memory budgets, data and weights locations) reruns nothing, and a
+# result key reruns the stages that read it (a new probe setting re-probes, it does not retrain).
 def run_params(stage):
-    keep = STAGE_SECTIONS[stage] + ("setting", "variant", "conditional")
-    return lambda wildcards: {k: v for k, v in run_cfg(wildcards.run).items() if k in keep}
+    def params(wildcards):
+        cfg = run_cfg(wildcards.run)
+        return ddaepp_config.StageConfig(cfg, ddaepp_config.result_config(cfg, stage))
+
+    return params
+
+
+def section_params(stage, section, **recorded_extra):
+    """One shared config section for a data rule, recorded as far as `stage` computes from it."""
+    recorded = ddaepp_config.result_config(CONFIG, stage)[section]
+    return ddaepp_config.StageConfig(CONFIG[section], {**recorded, **recorded_extra})
+
+
+def reference_params(wildcards):
+    """The metrics section; a reference file is recorded by the statistics it holds, not its path."""
+    digest = ddaepp_config.reference_digest(CONFIG["metrics"]["reference"])
+    return section_params("reference", "metrics", reference_digest=digest)
+
+
+def table_params(wildcards):
+    ddaepp_config.check_table(CONFIG, wildcards.table)
+    shown = ddaepp_config.table_result_config(CONFIG, wildcards.table)
+    return ddaepp_config.StageConfig(CONFIG, shown)
+
+
+def check_target(wildcards):
+    """Refuse a run, seed, epoch or guidance outside the config, naming what exists."""
+    ddaepp_config.check_target(
+        CONFIG,
+        wildcards.run,
+        wildcards.get("seed"),
+        wildcards.get("epoch"),
+        wildcards.get("guide"),
+        wildcards.get("shard"),
+    )
 
 
 def gpus(wildcards):
     return run_cfg(wildcards.run)["train"]["gpus"]
+
+
+def state_input(wildcards):
+    """The state of this run, seed and epoch (checked against the config)."""
+    check_target(wildcards)
+    return STATE.format(**wildcards)
 
 
 def guides(run):
@@ -63,6 +90,7 @@ def guides(run):
 
 
 def previous_state(wildcards):
+    check_target(wildcards)
     setting, _ = ddaepp_config.split_run(wildcards.run)
     prev = ddaepp_config.previous_epoch(CONFIG, setting, int(wildcards.epoch))
     if prev is None:
@@ -144,6 +172,7 @@ def latents_inputs(splits=("train", "val")):
 
 
 def sample_shards(wildcards):
+    check_target(wildcards)
     n = run_cfg(wildcards.run)["sample"]["shards"]
     return [
         f"{RUN_DIR}/samples-{{guide}}/shard{k}.npz".format(**wildcards)
@@ -161,6 +190,7 @@ def feature_network():
 
 
 def table_inputs(wildcards):
+    ddaepp_config.check_table(CONFIG, wildcards.table)
     files = []
     for record in table_records(wildcards.table):
         files += [

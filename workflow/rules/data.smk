@@ -1,4 +1,4 @@
-# Dataset -> images index -> latents in shards (+ flip copies for train) -> memory-mappable arrays + stats.
+# Dataset -> images index -> latents in shards (+ flip copies for train with dataset.hflip) -> memory-mappable arrays + stats.
 
 
 rule index:
@@ -9,7 +9,7 @@ rule index:
     conda:
         CONDA_ENV
     params:
-        dataset=CONFIG["dataset"],
+        dataset=section_params("index", "dataset"),
     script:
         "../scripts/index.py"
 
@@ -26,8 +26,8 @@ rule encode_shard:
     resources:
         gpu=lambda w: 0 if CONFIG["tokenizer"]["name"] == "pixel" else 1,
     params:
-        dataset=CONFIG["dataset"],
-        tokenizer=CONFIG["tokenizer"],
+        dataset=section_params("encode", "dataset"),
+        tokenizer=section_params("encode", "tokenizer"),
     script:
         "../scripts/encode_shard.py"
 

@@ -5,7 +5,7 @@ rule probe:
     input:
         latents_inputs(),
         stats=f"{LATENTS_DIR}/stats.json",
-        state=STATE,
+        state=state_input,
     output:
         table=f"{RUN_DIR}/probe.parquet",
         summary=f"{RUN_DIR}/probe.json",

@@ -35,7 +35,7 @@ rule table:
     conda:
         CONDA_ENV
     params:
-        config=CONFIG,
+        config=table_params,
         records=lambda w: table_records(w.table),
     script:
         "../scripts/table.py"

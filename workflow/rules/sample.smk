@@ -4,7 +4,7 @@
 rule sample_shard:
     input:
         stats=f"{LATENTS_DIR}/stats.json",
-        state=STATE,
+        state=state_input,
     output:
         f"{RUN_DIR}/samples-{{guide}}/shard{{shard}}.npz",
     log:
@@ -28,7 +28,7 @@ rule train_classifier:
     conda:
         CONDA_ENV
     params:
-        dataset=CONFIG["dataset"],
+        dataset=section_params("classifier", "dataset"),
         epochs=CONFIG["metrics"]["classifier_epochs"],
     script:
         "../scripts/train_classifier.py"
@@ -46,8 +46,8 @@ rule reference_stats:
     resources:
         gpu=lambda w: 1 if CONFIG["metrics"]["features"] == "inception" else 0,
     params:
-        dataset=CONFIG["dataset"],
-        metrics=CONFIG["metrics"],
+        dataset=section_params("reference", "dataset"),
+        metrics=reference_params,
     script:
         "../scripts/reference_stats.py"
 
