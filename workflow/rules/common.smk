@@ -87,6 +87,7 @@ def table_records(name):
                             f"{d}/metrics-cfg.json" if "cfg" in guides(run) else None
                         ),
                         "probe": f"{d}/probe.json",
+                        "probe_val": f"{d}/probe-val.parquet",
                     }
                 )
     return records
@@ -138,9 +139,10 @@ def feature_network():
 
 
 def table_inputs(wildcards):
+    """Every record's files, and the raw-latent floor (FLOOR, defined in probe.smk) for the caption."""
     files = []
     for record in table_records(wildcards.table):
         files += [
             f for key, f in record.items() if key.startswith(("metrics", "probe")) and f
         ]
-    return files
+    return {"records": files, "floor": FLOOR}

@@ -1,4 +1,7 @@
 # Linear probes of every (block, t) at once; the pair is chosen on held-out train, reported on val.
+# The raw-latent floor is one job per dataset and tokenizer, shown in every table's caption.
+
+FLOOR = f"{LATENTS_DIR}/floor.json"  # the raw-latent floor probe, read by every table
 
 
 rule probe:
@@ -9,6 +12,7 @@ rule probe:
     output:
         table=f"{RUN_DIR}/probe.parquet",
         summary=f"{RUN_DIR}/probe.json",
+        predictions=f"{RUN_DIR}/probe-val.parquet",
         heatmap=report(
             f"{RUN_DIR}/probe.png",
             caption="../report/heatmap.rst",
@@ -26,3 +30,21 @@ rule probe:
         run_cfg=run_params("probe"),
     script:
         "../scripts/probe.py"
+
+
+rule probe_floor:
+    input:
+        latents_inputs(),
+        stats=f"{LATENTS_DIR}/stats.json",
+    output:
+        FLOOR,
+    log:
+        "logs/probe/floor.log",
+    conda:
+        CONDA_ENV
+    resources:
+        gpu=1 if CONFIG["train"]["gpus"] else 0,
+    params:
+        probe=CONFIG["probe"],
+    script:
+        "../scripts/floor.py"
