@@ -369,3 +369,14 @@ def test_floor_probe_same_recipe_and_converges(tmp_path):
     assert result["floor_acc"] > 80 and result["converged"] and result["views"] == "random"
     assert result["dim"] == 4 * 8 * 8 and result["epochs"] == 10
     assert result["se"] == pytest.approx(probe.binomial_se(result["floor_acc"], 32))
+
+
+def test_noise_free_draws_are_extracted_once_per_view(tmp_path, monkeypatch):
+    assert probe.distinct_draws([1.0], 1, 4) == 1 and probe.distinct_draws([1.0], 2, 4) == 2
+    assert probe.distinct_draws([0.9, 1.0], 1, 4) == 4 and probe.distinct_draws([1.0], 2, 1) == 1
+    names = []
+    real = probe.extract_features
+    monkeypatch.setattr(probe, "extract_features", lambda *a, **kw: (names.append(a[6]), real(*a, **kw))[1])
+    run(tmp_path, "a", t=[1.0], noise_draws=4)  # train latents have a flip copy: two distinct draws
+    assert sorted(n for n in names if n.startswith(("selection-fit", "final"))) == [
+        "final-d0", "final-d1", "selection-fit-d0", "selection-fit-d1"]

@@ -15,7 +15,7 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ddaepp import config as config_lib
-from ddaepp import report
+from ddaepp import report, report_figures
 from ddaepp.io import read_json, write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -249,7 +249,7 @@ def test_figures_are_written(tmp_path):
     config = digits_config(seeds=[0, 1])
     records = fake_records(tmp_path, ["baseline", "selfcond"], [0, 1], [5, 10, 20], conditional=True)
     fid_png, lp_png = tmp_path / "fig" / "fid.png", tmp_path / "fig" / "lp.png"
-    report.plot_curves(config, "cond", records, fid_png, lp_png)
+    report_figures.plot_curves(config, "cond", records, fid_png, lp_png)
     for png in (fid_png, lp_png):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert sorted(p.name for p in fid_png.parent.iterdir()) == ["fid.png", "lp.png"]  # no temporary files left

@@ -108,6 +108,12 @@ def selection_stats(scores: Scores, labels, best: int, pair_names: list[tuple[in
             "selection_margin_se": float(100 * diff.std(ddof=1) / math.sqrt(n)) if n > 1 else None}
 
 
+def distinct_draws(t_values, num_views: int, noise_draws: int) -> int:
+    """How many of the noise draws differ. At t = 1 there is no noise, so draws differ only by view:
+    min(K, V) of them cycle exactly as all K would (draw d shows view (coin + d) mod V)."""
+    return min(noise_draws, num_views) if all(float(t) == 1.0 for t in t_values) else noise_draws
+
+
 def _load_sources(paths, pair: int | None = None) -> list[FeatureSource]:
     return [array_source(np.load(p, mmap_mode="r"), pair=pair) for p in paths]
 
@@ -120,7 +126,8 @@ def _grid_search(model, latents, labels, val_latents, val_labels, mean, std, cfg
     t_grid = [float(t) for t in cfg["t"]]
     fit, holdout = selection_split(labels, cfg["selection_per_class"], cfg["holdout_fraction"], cfg["seed"])
     fit_paths = [extract_features(model, latents, mean, std, t_grid, work_dir, f"selection-fit-d{d}", views=views,
-                                  indices=fit, draw=d, **extract_kw) for d in range(cfg["noise_draws"])]
+                                  indices=fit, draw=d, **extract_kw)
+                 for d in range(distinct_draws(t_grid, latents.shape[1], cfg["noise_draws"]))]
     holdout_path = extract_features(model, latents, mean, std, t_grid, work_dir, "selection-holdout", views=views,
                                     indices=holdout, **extract_kw)
     val_path = extract_features(model, val_latents, mean, std, t_grid, work_dir, "val", views="first", **extract_kw)
@@ -189,7 +196,8 @@ def run_probe(model: nn.Module, train_latents, train_labels, val_latents, val_la
     # the chosen pair, retrained on the full train split over the same noise draws
     final_paths = [extract_features(model, train_latents, mean, std, [best_t], work_dir, f"final-d{d}", views=views,
                                     blocks=[best_block], batch_size=cfg["feature_batch_size"], seed=cfg["seed"],
-                                    device=device, draw=d) for d in range(cfg["noise_draws"])]
+                                    device=device, draw=d)
+                   for d in range(distinct_draws([best_t], train_latents.shape[1], cfg["noise_draws"]))]
     final = train_probes(_load_sources(final_paths), np.arange(len(train_labels)), train_labels,
                          epochs=cfg["final_epochs"], desc="final probe", **train_kw)
     val_pair = _load_sources([paths[-1]], pair=best)[0]
@@ -224,10 +232,9 @@ def run_floor(train_latents, train_labels, val_latents, val_labels, mean, std, p
     train_labels, val_labels, num_classes = _check_inputs(train_latents, train_labels, val_latents, val_labels)
     num_views = train_latents.shape[1]
     views = "random" if num_views > 1 else "first"
-    # Latents carry no noise, so draws differ only by view: min(K, V) distinct sources cycle the same way.
     sources = [latent_source(train_latents, mean, std, choose_views(len(train_labels), num_views, cfg["seed"],
                                                                     views, draw=d))
-               for d in range(min(cfg["noise_draws"], num_views))]
+               for d in range(distinct_draws([1.0], num_views, cfg["noise_draws"]))]  # latents carry no noise
     val_source = latent_source(val_latents, mean, std, np.zeros(len(val_latents), np.int64))
     train_kw, eval_kw = _train_kw(cfg, num_classes, device)
     accs = []
