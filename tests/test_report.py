@@ -420,3 +420,13 @@ def test_floor_in_the_caption(tmp_path):
     write_json(floor, {"floor_acc": 90.0, "se": 1.5, "converged": False, "floor_acc_double_epochs": 95.0})
     report.write_table(config, "uncond", records, *out, floor=floor)
     assert "not converged (95.00% at twice the epochs)" in out[0].read_text()
+
+
+def test_no_lp_mark_without_stored_predictions(tmp_path):
+    config = digits_config()
+    records = [{k: v for k, v in r.items() if k != "probe_val"}  # records from before probe-val.parquet
+               for r in fake_records(tmp_path, ["baseline", "selfcond"], [0], [5, 10, 20], conditional=False)]
+    md, _, _ = write(tmp_path, config, "uncond", records)
+    _, rows, text = read_md_table(md)
+    assert re.fullmatch(r"62\.00\[\d\]", rows["10"][4]) and rows["10"][2] == "61.00"
+    assert "no per-image val predictions (`probe-val.parquet`) of the variant and baseline" in text

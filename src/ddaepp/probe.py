@@ -31,9 +31,10 @@ import torch.nn as nn
 
 from ddaepp import io, latents as latent_store
 from ddaepp.data import num_classes as dataset_num_classes
+# The probe's building blocks, importable from here as one API (tests and benchmarks use them so).
 from ddaepp.linear_probe import (BatchedLinearProbe, FeatureSource, Scores, array_source, epoch_batches,  # noqa: F401
                                  evaluate, latent_source, train_probes)
-from ddaepp.probe_features import choose_views, extract_features  # noqa: F401
+from ddaepp.probe_features import choose_views, extract_features
 
 log = logging.getLogger("ddaepp.probe")
 

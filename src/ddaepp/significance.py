@@ -51,10 +51,11 @@ def mcnemar_exact(correct_variant, correct_baseline) -> float:
 
 def lp_test(variant_predictions, baseline_predictions) -> Paired:
     """McNemar on two `probe-val.parquet` files (columns index, label, pred) of the same val split."""
-    missing = [str(p) for p in (variant_predictions, baseline_predictions) if p is None or not Path(p).is_file()]
+    missing = [who for who, p in (("variant", variant_predictions), ("baseline", baseline_predictions))
+               if p is None or not Path(p).is_file()]
     if missing:
-        return untestable(f"no per-image val predictions ({', '.join(missing) or 'probe-val.parquet'}), so no "
-                          "paired test")
+        return untestable(f"no per-image val predictions (`probe-val.parquet`) of the {' and '.join(missing)}, "
+                          "so no paired test")
     v, b = pd.read_parquet(variant_predictions), pd.read_parquet(baseline_predictions)
     if len(v) != len(b) or not np.array_equal(v["label"].to_numpy(), b["label"].to_numpy()):
         return untestable("the two probes' val predictions are not of the same images, so no paired test")

@@ -2,6 +2,9 @@
 # The raw-latent floor is one job per dataset and tokenizer, shown in every table's caption.
 
 FLOOR = f"{LATENTS_DIR}/floor.json"  # the raw-latent floor probe, read by every table
+# The probe keys ddaepp.probe.run_floor reads: editing t or the selection split does not rerun it.
+FLOOR_KEYS = ("final_epochs", "lr", "weight_decay", "batch_size", "seed", "noise_draws")
+FLOOR_KEYS += ("max_memory_gb", "feature_batch_size")  # operational (see issue 14)
 
 
 rule probe:
@@ -45,6 +48,6 @@ rule probe_floor:
     resources:
         gpu=1 if CONFIG["train"]["gpus"] else 0,
     params:
-        probe=CONFIG["probe"],
+        probe={k: CONFIG["probe"][k] for k in FLOOR_KEYS},
     script:
         "../scripts/floor.py"
