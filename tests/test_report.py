@@ -202,6 +202,7 @@ def test_paper_columns_only_for_the_paper_setup(tmp_path):
     assert header[1:7] == ["baseline FID_10k", "baseline FID_10k (paper)", "baseline Δ FID_10k",
                            "baseline LP Acc.", "baseline LP Acc. (paper)", "baseline Δ LP Acc."]
     assert "selfcond IS_10k_CFG (paper)" in header and len(header) == 1 + 2 * 4 * 3
+    assert "CFG: scale 10 on the first 3 latent channels, from t ≥ 0.11" in text  # the guidance the files record
     base = dict(zip(header, rows["20"]))
     assert base["baseline FID_10k (paper)"] == "31.64" and base["baseline Δ FID_10k"] == "-21.64"
     assert base["selfcond IS_10k_CFG (paper)"] == "93.70" and base["selfcond Δ IS_10k_CFG"] == "-83.70"

@@ -146,7 +146,9 @@ def _read_record(record: dict, conditional: bool) -> tuple[dict, dict, dict]:
     nocfg, cfg_data, probe = data["metrics_nocfg"], data["metrics_cfg"] or {}, data["probe"]
     row.update(n=nocfg.get("n"), features=nocfg.get("features"), reference=nocfg.get("reference"))
     if conditional:
-        row.update(n_cfg=cfg_data.get("n"), features_cfg=cfg_data.get("features"), cfg_scale=cfg_data.get("cfg_scale"))
+        guidance = cfg_data.get("guidance") if isinstance(cfg_data.get("guidance"), dict) else {}
+        row.update(n_cfg=cfg_data.get("n"), features_cfg=cfg_data.get("features"),
+                   cfg_scale=guidance.get("scale", cfg_data.get("cfg_scale")), cfg_channels=guidance.get("channels"))
     row.update(probe_block=probe.get("block"), probe_t=probe.get("t"),
                probe_n_train=probe.get("n_train"), probe_n_val=probe.get("n_val"), probe_n_pairs=probe.get("n_pairs"),
                probe_selection_n=probe.get("n_selection_holdout"), probe_selection_se=probe.get("selection_se"),
@@ -366,7 +368,10 @@ def _header(cfg: dict, table_name: str, frame: pd.DataFrame, floor: dict | None 
     if setting["conditional"]:
         scales = sorted({float(s) for s in frame["cfg_scale"].dropna()} or {r["sample"]["cfg"]["scale"] for r in runs})
         start = runs[0]["sample"]["cfg"]["interval_start"]
-        line += f"CFG: scale {'/'.join(f'{s:g}' for s in scales)}, from t ≥ {start:g}. "
+        channels = sorted({str(c) for c in frame["cfg_channels"].dropna()}
+                          or {str(r["sample"]["cfg"].get("channels", "?")) for r in runs})
+        which = " or ".join("all" if c == "all" else f"the first {c}" for c in channels)
+        line += f"CFG: scale {'/'.join(f'{s:g}' for s in scales)} on {which} latent channels, from t ≥ {start:g}. "
     seeds = sorted(int(s) for s in frame["seed"].unique())
     line += f"Seeds: {', '.join(map(str, seeds))}" + (" (mean ± sample std over seeds)." if len(seeds) > 1 else ".")
     if any(paper_values(r) for r in runs):
