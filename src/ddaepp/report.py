@@ -156,9 +156,10 @@ def _read_record(record: dict, conditional: bool) -> tuple[dict, dict, dict]:
     return row, notes, data
 
 
-def _collect(config: dict, table_name: str, records: list[dict]) -> tuple[dict, pd.DataFrame, dict, dict]:
+def _collect(config: dict, table_name: str, records: list[dict]) -> tuple[dict, pd.DataFrame, dict, tuple]:
     """(validated config, long frame with each row's test against the baseline, {(variant, seed,
-    epoch, metric): why it is missing}, {(variant, epoch, metric): (beyond noise, why untestable)})."""
+    epoch, metric): why it is missing}, ({(variant, epoch, metric): (beyond noise, why untestable)},
+    {(variant, seed, epoch): the record's loaded files}))."""
     cfg = config_lib.validate(config, check_paths=False)
     if table_name not in cfg["tables"]:
         known = ", ".join(cfg["tables"])
@@ -185,7 +186,8 @@ def _collect(config: dict, table_name: str, records: list[dict]) -> tuple[dict, 
     frame = pd.DataFrame(rows)
     frame.insert(0, "table", table_name)
     frame.insert(1, "setting", table["setting"])
-    for column in ("seed", "epoch", "n", "n_cfg", "probe_block", "probe_n_train", "probe_n_val", "probe_n_pairs"):
+    for column in ("seed", "epoch", "n", "n_cfg", "probe_block", "probe_n_train", "probe_n_val", "probe_n_pairs",
+                   "probe_selection_n"):
         if column in frame:
             frame[column] = frame[column].astype("Int64")
     order = {v: i for i, v in enumerate(table["variants"])}
