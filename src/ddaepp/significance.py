@@ -54,11 +54,10 @@ def lp_test(variant_predictions, baseline_predictions) -> Paired:
     missing = [who for who, p in (("variant", variant_predictions), ("baseline", baseline_predictions))
                if p is None or not Path(p).is_file()]
     if missing:
-        return untestable(f"no per-image val predictions (`probe-val.parquet`) of the {' and '.join(missing)}, "
-                          "so no paired test")
+        return untestable(f"no per-image val predictions (`probe-val.parquet`) of the {' and '.join(missing)}")
     v, b = pd.read_parquet(variant_predictions), pd.read_parquet(baseline_predictions)
     if len(v) != len(b) or not np.array_equal(v["label"].to_numpy(), b["label"].to_numpy()):
-        return untestable("the two probes' val predictions are not of the same images, so no paired test")
+        return untestable("the two probes' val predictions are not of the same images")
     cv, cb = v["pred"].to_numpy() == v["label"].to_numpy(), b["pred"].to_numpy() == b["label"].to_numpy()
     p = mcnemar_exact(cv, cb)
     return Paired(100 * (cv.mean() - cb.mean()), math.nan, math.nan, p, p < 1 - LEVEL)
@@ -68,11 +67,10 @@ def bootstrap_test(variant: dict, baseline: dict, key: str, name: str) -> Paired
     """The paired-bootstrap interval of variant - baseline from two metrics files' `key` replicates."""
     absent = [who for who, data in (("variant", variant), ("baseline", baseline)) if not data.get(key)]
     if absent:
-        return untestable(f"no '{key}' in the {' and '.join(absent)}'s `{name}` (an older metrics file), so no "
-                          "significance mark")
+        return untestable(f"no '{key}' in the {' and '.join(absent)}'s `{name}` (an older metrics file)")
     if variant.get("n") != baseline.get("n") or len(variant[key]) != len(baseline[key]):
         return untestable(f"'{key}' of variant and baseline come from different sample counts or replicate "
-                          "counts, so they are not paired")
+                          "counts: not paired")
     diffs = np.asarray(variant[key], float) - np.asarray(baseline[key], float)
     lo, hi = np.percentile(diffs, [50 * (1 - LEVEL), 50 * (1 + LEVEL)])
     return Paired(float(np.mean(diffs)), float(lo), float(hi), math.nan, bool(lo > 0 or hi < 0))
@@ -133,5 +131,5 @@ def _test(variant: dict, baseline: dict, metric: str, bootstrap_keys: dict) -> P
         return lp_test(variant["probe_val"], baseline["probe_val"])
     source, key = bootstrap_keys[metric]
     if variant[source] is None or baseline[source] is None:
-        return untestable(f"no `{source}` file, so no paired test")
+        return untestable(f"no `{source}` file")
     return bootstrap_test(variant[source], baseline[source], key, f"{source.replace('_', '-')}.json")
