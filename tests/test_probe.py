@@ -330,6 +330,10 @@ def test_probe_epochs_cycle_through_the_draws():
     assert torch.equal(one.weight, same.weight)  # K identical draws are one draw
     fresh = probe.train_probes([probe.array_source(a) for a in x[:2]], np.arange(40), y, epochs=4, **kw)
     assert not torch.equal(one.weight, fresh.weight)
+    a, b = probe.array_source(x[0]), probe.array_source(x[1])  # draws 0 and 2 equal: one source, held once
+    shared = probe.train_probes([a, b, a], np.arange(40), y, epochs=5, **kw)
+    copies = probe.train_probes([a, b, probe.array_source(x[0].copy())], np.arange(40), y, epochs=5, **kw)
+    assert torch.equal(shared.weight, copies.weight)
 
 
 def test_run_probe_extracts_each_draw_of_the_fit_subset_only(tmp_path, monkeypatch):

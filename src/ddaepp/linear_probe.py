@@ -113,8 +113,9 @@ def train_probes(sources: FeatureSource | Sequence[FeatureSource], rows, labels,
                  probe: BatchedLinearProbe | None = None, desc: str = "probes") -> BatchedLinearProbe:
     """Train one probe per pair on `rows` (sorted row ids; `labels` aligned with the sources' rows):
     AdamW, cosine schedule per step, cross-entropy summed over pairs. `sources` is one source or
-    one per noise draw; epoch e reads draw e mod K. Features are held in RAM when all draws fit in
-    `max_memory_gb`, else streamed; the result is the same either way."""
+    one per noise draw (one source may stand for several equal draws); epoch e reads draw e mod K.
+    Features are held in RAM when all distinct draws fit in `max_memory_gb`, else streamed; the
+    result is the same either way."""
     draws, rows = _as_draws(sources), np.asarray(rows, np.int64)
     if len(rows) < 2:
         raise ValueError(f"{desc}: need at least 2 training rows, got {len(rows)}")
@@ -124,17 +125,17 @@ def train_probes(sources: FeatureSource | Sequence[FeatureSource], rows, labels,
         probe = BatchedLinearProbe(draws[0].num_pairs, draws[0].dim, num_classes, generator)
     probe = probe.to(device).train()
     y_all = torch.as_tensor(np.asarray(labels)[rows], dtype=torch.long, device=device)
-    in_ram: dict[int, np.ndarray | None] = {}  # draw -> its rows, read on first use
-    per_draw_gb = max_memory_gb / len(draws)
+    in_ram: dict[int, np.ndarray | None] = {}  # id of a distinct source -> its rows, read on first use
+    per_draw_gb = max_memory_gb / len({id(s) for s in draws})  # a draw listed twice is held once
     opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * len(epoch_batches(len(rows), batch_size, seed, 0))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     for epoch in tqdm(range(epochs), desc=desc, unit="epoch"):
-        k = epoch % len(draws)
-        if k not in in_ram:
-            in_ram[k] = _read_if_fits(draws[k], rows, per_draw_gb)
+        source = draws[epoch % len(draws)]
+        if id(source) not in in_ram:
+            in_ram[id(source)] = _read_if_fits(source, rows, per_draw_gb)
         batches = epoch_batches(len(rows), batch_size, seed, epoch)
-        for b, x in zip(batches, _stream(draws[k], rows, batches, per_draw_gb, in_ram[k])):
+        for b, x in zip(batches, _stream(source, rows, batches, per_draw_gb, in_ram[id(source)])):
             logits = probe(torch.from_numpy(x).to(device, torch.float32))
             y = y_all[torch.from_numpy(b).to(device)]
             loss = F.cross_entropy(logits.flatten(0, 1), y.repeat(len(logits)), reduction="sum") / len(b)

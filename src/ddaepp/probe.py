@@ -110,13 +110,16 @@ def selection_stats(scores: Scores, labels, best: int, pair_names: list[tuple[in
 
 
 def distinct_draws(t_values, num_views: int, noise_draws: int) -> int:
-    """How many of the noise draws differ. At t = 1 there is no noise, so draws differ only by view:
-    min(K, V) of them cycle exactly as all K would (draw d shows view (coin + d) mod V)."""
+    """How many of the noise draws differ. At t = 1 there is no noise, so draws differ only by view
+    (draw d shows view (coin + d) mod V): draw d equals draw d mod min(K, V)."""
     return min(noise_draws, num_views) if all(float(t) == 1.0 for t in t_values) else noise_draws
 
 
-def _load_sources(paths, pair: int | None = None) -> list[FeatureSource]:
-    return [array_source(np.load(p, mmap_mode="r"), pair=pair) for p in paths]
+def _load_sources(paths, pair: int | None = None, noise_draws: int | None = None) -> list[FeatureSource]:
+    """One source per file; with `noise_draws` = K, K sources, draw d reading file d mod len(paths)
+    (the distinct draws, see distinct_draws), so epochs cycle exactly as over K stored draws."""
+    sources = [array_source(np.load(p, mmap_mode="r"), pair=pair) for p in paths]
+    return sources if noise_draws is None else [sources[d % len(sources)] for d in range(noise_draws)]
 
 
 def _grid_search(model, latents, labels, val_latents, val_labels, mean, std, cfg, work_dir, views, train_kw, eval_kw):
@@ -133,7 +136,8 @@ def _grid_search(model, latents, labels, val_latents, val_labels, mean, std, cfg
                                     indices=holdout, **extract_kw)
     val_path = extract_features(model, val_latents, mean, std, t_grid, work_dir, "val", views="first", **extract_kw)
     depth = np.load(holdout_path, mmap_mode="r").shape[2]
-    probes = train_probes(_load_sources(fit_paths), np.arange(len(fit)), labels[fit], epochs=cfg["epochs"],
+    probes = train_probes(_load_sources(fit_paths, noise_draws=cfg["noise_draws"]), np.arange(len(fit)), labels[fit],
+                          epochs=cfg["epochs"],
                           desc="probes (all pairs)", **train_kw)
     sel = evaluate(probes, _load_sources([holdout_path])[0], np.arange(len(holdout)), labels[holdout], **eval_kw)
     val_acc = evaluate(probes, _load_sources([val_path])[0], np.arange(len(val_labels)), val_labels, **eval_kw).acc
@@ -199,7 +203,8 @@ def run_probe(model: nn.Module, train_latents, train_labels, val_latents, val_la
                                     blocks=[best_block], batch_size=cfg["feature_batch_size"], seed=cfg["seed"],
                                     device=device, draw=d)
                    for d in range(distinct_draws([best_t], train_latents.shape[1], cfg["noise_draws"]))]
-    final = train_probes(_load_sources(final_paths), np.arange(len(train_labels)), train_labels,
+    final = train_probes(_load_sources(final_paths, noise_draws=cfg["noise_draws"]), np.arange(len(train_labels)),
+                         train_labels,
                          epochs=cfg["final_epochs"], desc="final probe", **train_kw)
     val_pair = _load_sources([paths[-1]], pair=best)[0]
     scores = evaluate(final, val_pair, np.arange(len(val_labels)), val_labels, **eval_kw)
@@ -233,9 +238,10 @@ def run_floor(train_latents, train_labels, val_latents, val_labels, mean, std, p
     train_labels, val_labels, num_classes = _check_inputs(train_latents, train_labels, val_latents, val_labels)
     num_views = train_latents.shape[1]
     views = "random" if num_views > 1 else "first"
-    sources = [latent_source(train_latents, mean, std, choose_views(len(train_labels), num_views, cfg["seed"],
-                                                                    views, draw=d))
-               for d in range(distinct_draws([1.0], num_views, cfg["noise_draws"]))]  # latents carry no noise
+    distinct = [latent_source(train_latents, mean, std, choose_views(len(train_labels), num_views, cfg["seed"],
+                                                                     views, draw=d))
+                for d in range(distinct_draws([1.0], num_views, cfg["noise_draws"]))]  # latents carry no noise
+    sources = [distinct[d % len(distinct)] for d in range(cfg["noise_draws"])]
     val_source = latent_source(val_latents, mean, std, np.zeros(len(val_latents), np.int64))
     train_kw, eval_kw = _train_kw(cfg, num_classes, device)
     accs = []
