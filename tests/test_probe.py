@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ddaepp import probe
+from ddaepp import probe, probe_features
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
@@ -54,7 +54,7 @@ def make_latents(n, views, classes=4, seed=0):
 
 def probe_cfg(**changes):
     cfg = dict(t=[0.5, 0.9], selection_per_class=16, holdout_fraction=0.25, epochs=4, final_epochs=3, lr=1e-2,
-               weight_decay=0.0, batch_size=16, feature_batch_size=16, max_memory_gb=1.0, seed=0)
+               weight_decay=0.0, batch_size=16, feature_batch_size=16, max_memory_gb=1.0, seed=0, noise_draws=2)
     return {**cfg, **changes}
 
 
@@ -68,7 +68,8 @@ def run(tmp_path, name, model=None, val_labels=None, val_latents=None, **cfg):
     result = probe.run_probe(model or StandIn(), train_lat, train_y,
                              val_lat if val_latents is None else val_latents,
                              val_y if val_labels is None else val_labels, MEAN, STD, probe_cfg(**cfg),
-                             out / "probe.parquet", out / "probe.json", out / "probe.png", out / "work")
+                             out / "probe.parquet", out / "probe.json", out / "probe.png", out / "probe-val.parquet",
+                             out / "work")
     return result, pd.read_parquet(out / "probe.parquet"), out
 
 
@@ -109,7 +110,7 @@ def test_extraction_resumes_after_kill(tmp_path, monkeypatch):
     lat, _ = make_latents(40, 2)
     model = StandIn()
     whole = np.load(probe.extract_features(model, lat, MEAN, STD, [0.5, 0.8], tmp_path / "whole", "f", batch_size=8))
-    real, calls = probe._forward_features, []
+    real, calls = probe_features._forward_features, []
 
     def dies_on_third(*args, **kwargs):
         calls.append(1)
@@ -117,12 +118,12 @@ def test_extraction_resumes_after_kill(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(probe, "_forward_features", dies_on_third)
+    monkeypatch.setattr(probe_features, "_forward_features", dies_on_third)
     with pytest.raises(KeyboardInterrupt):
         probe.extract_features(model, lat, MEAN, STD, [0.5, 0.8], tmp_path / "killed", "f", batch_size=8)
     assert json.loads((tmp_path / "killed/_wip/f.json").read_text())["rows_done"] == 16
     assert not (tmp_path / "killed/f.npy").exists()
-    monkeypatch.setattr(probe, "_forward_features", real)
+    monkeypatch.setattr(probe_features, "_forward_features", real)
     resumed = np.load(probe.extract_features(model, lat, MEAN, STD, [0.5, 0.8], tmp_path / "killed", "f", batch_size=8))
     np.testing.assert_array_equal(resumed, whole)
     assert not (tmp_path / "killed/_wip/f.json").exists()
@@ -172,7 +173,7 @@ def test_batched_probe_equals_independent_probes():
         single.eval()
         with torch.no_grad():
             expect = (single(torch.from_numpy(x[:, p])).argmax(1).numpy() == y).mean() * 100
-        acc, _ = probe.evaluate(batched, probe.array_source(x), np.arange(n), y, 7, 1.0)
+        acc = probe.evaluate(batched, probe.array_source(x), np.arange(n), y, 7, 1.0).acc
         assert acc[p] == pytest.approx(expect)
 
 
@@ -185,7 +186,8 @@ def test_separable_features_reach_full_accuracy():
     source = probe.array_source(x)
     trained = probe.train_probes(source, np.arange(300), y, classes, epochs=20, lr=1e-2, weight_decay=0.0,
                                  batch_size=32, seed=0, max_memory_gb=1.0)
-    acc, loss = probe.evaluate(trained, source, np.arange(300, n), y, 64, 1.0)
+    acc, loss, pred = probe.evaluate(trained, source, np.arange(300, n), y, 64, 1.0)
+    assert pred.shape == (2, 100) and (pred[0] == y[300:]).mean() * 100 == pytest.approx(acc[0])
     assert acc[0] >= 99 and acc[1] < 40  # the informative pair vs pure noise
     assert probe.choose_pair(acc, loss) == 0
 
@@ -204,8 +206,8 @@ def test_memory_budget_does_not_change_results(tmp_path):
     assert torch.equal(in_ram.norm.running_var, streamed.norm.running_var)
     res_ram = probe.evaluate(in_ram, probe.array_source(x), np.arange(120), y, 16, 10.0)
     res_stream = probe.evaluate(streamed, probe.array_source(mm), np.arange(120), y, 16, 1e-9)
-    np.testing.assert_array_equal(res_ram[0], res_stream[0])
-    np.testing.assert_array_equal(res_ram[1], res_stream[1])
+    for got, expect in zip(res_stream, res_ram):
+        np.testing.assert_array_equal(got, expect)
 
 
 def test_selection_split_is_per_class_and_disjoint():
@@ -225,7 +227,15 @@ def test_run_probe_outputs_and_determinism(tmp_path):
     assert result["selection_acc"] == pytest.approx(chosen["selection_acc"])
     assert result == json.loads((out / "probe.json").read_text())
     assert result["n_pairs"] == 6 and result["n_train"] == 96 and result["n_val"] == 32
-    assert result["lp_acc"] > 50 and result["floor_acc"] > 50  # 4 well-separated classes, chance is 25
+    assert result["lp_acc"] > 50  # 4 well-separated classes, chance is 25
+    predictions = pd.read_parquet(out / "probe-val.parquet")
+    assert list(predictions.columns) == ["index", "label", "pred"] and len(predictions) == 32
+    assert (predictions.pred == predictions.label).mean() * 100 == pytest.approx(result["lp_acc"])
+    assert result["n_selection_holdout"] == 4 * 4 and result["noise_draws"] == 2
+    assert result["selection_se"] == pytest.approx(probe.binomial_se(result["selection_acc"], 16))
+    runner = result["runner_up"]
+    assert (runner["block"], runner["t"]) != (result["block"], result["t"])
+    assert result["selection_margin"] == pytest.approx(result["selection_acc"] - runner["selection_acc"])
     assert (out / "probe.png").stat().st_size > 0
     assert not list((out / "work").glob("*.npy"))  # features deleted once the outputs exist
     again, table_again, _ = run(tmp_path, "b", max_memory_gb=1e-6)  # and everything streamed in small reads
@@ -273,6 +283,104 @@ def test_probe_state_on_the_latents_stage_files(small_latents, default_config, t
     model = model_from_run_config(run_cfg, (4, 8, 8), 10)
     io.save_checkpoint({"ema": model.state_dict()}, tmp_path / "state.pt")
     result = probe.probe_state(run_cfg, tmp_path / "state.pt", small_latents, tmp_path / "probe.parquet",
-                               tmp_path / "probe.json", tmp_path / "probe.png", tmp_path / "work", device="cpu")
+                               tmp_path / "probe.json", tmp_path / "probe.png", tmp_path / "probe-val.parquet",
+                               tmp_path / "work", device="cpu")
     assert result["n_train"] == 256 and result["n_val"] == 128 and result["n_pairs"] == 4  # T: 4 blocks
-    assert result["floor_acc"] > 50  # raw digits pixels are linearly readable
+    assert 0 <= result["lp_acc"] <= 100 and (tmp_path / "probe-val.parquet").exists()
+
+
+# ---------------------------------------------------------------------------- fresh noise, selection, floor
+
+def test_noise_draws_give_fresh_noise_and_alternate_views(tmp_path):
+    lat, _ = make_latents(48, 2)
+    first, second = (probe.choose_views(48, 2, 0, "random", draw=d) for d in (0, 1))
+    assert np.array_equal(second, 1 - first)  # two draws show every image both ways
+    assert np.array_equal(probe.choose_views(48, 2, 0, "random", draw=2), first)
+    model = StandIn()
+    draws = [np.load(probe.extract_features(model, lat, MEAN, STD, [0.5], tmp_path, f"d{d}", draw=d)).astype(np.float32)
+             for d in range(3)]
+    again = np.load(probe.extract_features(model, lat, MEAN, STD, [0.5], tmp_path, "d1-again", draw=1))
+    np.testing.assert_array_equal(again, draws[1].astype(np.float16))  # a draw is seeded: reruns are identical
+    # draws 0 and 2 share each image's view: only the noise differs, and it does
+    assert np.abs(draws[0] - draws[2]).max() > 0.05
+    flat = lat[:, :1]
+    same_view = [np.load(probe.extract_features(model, flat, MEAN, STD, [1.0], tmp_path, f"clean{d}", views="first",
+                                                draw=d)) for d in range(2)]
+    np.testing.assert_array_equal(*same_view)  # at t = 1 there is no noise: one view, identical draws
+
+
+def test_probe_epochs_cycle_through_the_draws():
+    rng = np.random.default_rng(0)
+    x = [rng.normal(size=(40, 3, 5)).astype(np.float32) for _ in range(3)]
+    y = rng.integers(0, 2, 40)
+    reads = []
+
+    def recording(k):
+        source = probe.array_source(x[k])
+        return source._replace(read=lambda r: (reads.append(k), source.read(r))[1])
+
+    kw = dict(num_classes=2, lr=1e-2, weight_decay=0.0, batch_size=8, seed=0, max_memory_gb=1.0)
+    probe.train_probes([recording(k) for k in range(3)], np.arange(40), y, epochs=5, **kw)
+    assert reads == [0, 1, 2]  # each draw read once into RAM, in epoch order (epochs 3, 4 reuse 0, 1)
+    reads.clear()
+    probe.train_probes([recording(k) for k in range(3)], np.arange(40), y, epochs=5, **{**kw, "max_memory_gb": 1e-9})
+    assert [k for i, k in enumerate(reads) if i == 0 or reads[i - 1] != k] == [0, 1, 2, 0, 1]  # streamed per epoch
+    one = probe.train_probes(probe.array_source(x[0]), np.arange(40), y, epochs=4, **kw)
+    same = probe.train_probes([probe.array_source(x[0])] * 2, np.arange(40), y, epochs=4, **kw)
+    assert torch.equal(one.weight, same.weight)  # K identical draws are one draw
+    fresh = probe.train_probes([probe.array_source(a) for a in x[:2]], np.arange(40), y, epochs=4, **kw)
+    assert not torch.equal(one.weight, fresh.weight)
+    a, b = probe.array_source(x[0]), probe.array_source(x[1])  # draws 0 and 2 equal: one source, held once
+    shared = probe.train_probes([a, b, a], np.arange(40), y, epochs=5, **kw)
+    copies = probe.train_probes([a, b, probe.array_source(x[0].copy())], np.arange(40), y, epochs=5, **kw)
+    assert torch.equal(shared.weight, copies.weight)
+
+
+def test_run_probe_extracts_each_draw_of_the_fit_subset_only(tmp_path, monkeypatch):
+    calls = []
+    real = probe.extract_features
+
+    def spy(model, latents, mean, std, t_grid, out_dir, name, **kw):
+        calls.append((name, kw.get("draw", 0), None if kw.get("indices") is None else len(kw["indices"])))
+        return real(model, latents, mean, std, t_grid, out_dir, name, **kw)
+
+    monkeypatch.setattr(probe, "extract_features", spy)
+    run(tmp_path, "a", noise_draws=3)
+    names = {name: (draw, n) for name, draw, n in calls}
+    assert names["selection-fit-d0"] == (0, 48) and names["selection-fit-d2"] == (2, 48)
+    assert names["selection-holdout"] == (0, 16) and names["val"] == (0, None)
+    assert [names[f"final-d{d}"] for d in range(3)] == [(0, None), (1, None), (2, None)]
+
+
+def test_selection_stats_margin_and_paired_se():
+    labels = np.zeros(100, np.int64)
+    pred = np.ones((3, 100), np.int64)
+    pred[0, :80], pred[1, :70], pred[2, :75] = 0, 0, 0  # pair 0: 80 %, pair 2 runner-up at 75 %
+    scores = probe.Scores(np.array([80.0, 70.0, 75.0]), np.array([0.5, 0.6, 0.55]), pred)
+    stats = probe.selection_stats(scores, labels, 0, [(0, 0.5), (1, 0.5), (2, 0.9)])
+    assert stats["runner_up"] == {"block": 2, "t": 0.9, "selection_acc": 75.0}
+    assert stats["selection_margin"] == 5.0 and stats["selection_se"] == pytest.approx(4.0)
+    diff = np.r_[np.zeros(75), np.ones(5), np.zeros(20)]  # images 75..79: only pair 0 right
+    assert stats["selection_margin_se"] == pytest.approx(100 * diff.std(ddof=1) / 10)
+
+
+def test_floor_probe_same_recipe_and_converges(tmp_path):
+    train_lat, train_y = make_latents(96, 2)
+    val_lat, val_y = make_latents(32, 1, seed=1)
+    cfg = probe_cfg(final_epochs=10)
+    result = probe.run_floor(train_lat, train_y, val_lat, val_y, MEAN, STD, cfg, tmp_path / "floor.json")
+    assert result == json.loads((tmp_path / "floor.json").read_text())
+    assert result["floor_acc"] > 80 and result["converged"] and result["views"] == "random"
+    assert result["dim"] == 4 * 8 * 8 and result["epochs"] == 10
+    assert result["se"] == pytest.approx(probe.binomial_se(result["floor_acc"], 32))
+
+
+def test_noise_free_draws_are_extracted_once_per_view(tmp_path, monkeypatch):
+    assert probe.distinct_draws([1.0], 1, 4) == 1 and probe.distinct_draws([1.0], 2, 4) == 2
+    assert probe.distinct_draws([0.9, 1.0], 1, 4) == 4 and probe.distinct_draws([1.0], 2, 1) == 1
+    names = []
+    real = probe.extract_features
+    monkeypatch.setattr(probe, "extract_features", lambda *a, **kw: (names.append(a[6]), real(*a, **kw))[1])
+    run(tmp_path, "a", t=[1.0], noise_draws=4)  # train latents have a flip copy: two distinct draws
+    assert sorted(n for n in names if n.startswith(("selection-fit", "final"))) == [
+        "final-d0", "final-d1", "selection-fit-d0", "selection-fit-d1"]

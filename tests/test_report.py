@@ -7,6 +7,7 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -14,7 +15,7 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ddaepp import config as config_lib
-from ddaepp import report
+from ddaepp import report, report_figures
 from ddaepp.io import read_json, write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,24 +34,50 @@ def paper_config(**overrides):
     return config_lib.load(path, overrides={**epochs, **overrides}, check_paths=False)
 
 
-def fake_records(tmp_path, variants, seeds, epochs, conditional, n=500, features="digits-net", value=None):
-    """Write metrics/probe JSON files the way the pipeline would; `value(variant, seed, epoch, metric)`."""
+PAPER_PROTOCOL = {"steps": 250, "shift": 0.3, "evaluator": "adm"}  # with n=10_000: how the paper measured
+PAPER_GUIDANCE = {"scale": 10.0, "interval_start": 0.11, "channels": 3}
+
+
+def fake_records(tmp_path, variants, seeds, epochs, conditional, n=500, features="digits-net", value=None,
+                 protocol=None, replicates=None, predictions=None):
+    """Write metrics/probe JSON files the way the pipeline would; `value(variant, seed, epoch, metric)`.
+
+    protocol: the paper-protocol keys to record (None: an older file without them); replicates(variant,
+    seed, epoch, metric, value) -> bootstrap list (default: value + wide independent noise, a null
+    difference); predictions(variant, seed, epoch) -> (labels, preds) (default: the same for all)."""
     value = value or (lambda v, s, e, m: {"fid": 50.0 - e, "lp_acc": 60.0 + e / 10, "fid_cfg": 20.0 - e / 10,
                                           "is_cfg": 100.0 + e}[m] + s + variants.index(v))
+
+    def null_replicates(v, s, e, m, x):
+        rng = np.random.default_rng([variants.index(v), s, e, len(m)])
+        return (x + 5.0 * rng.normal(size=200)).tolist()
+
+    replicates = replicates or null_replicates
+    predictions = predictions or (lambda v, s, e: (np.arange(360) % 10, np.where(np.arange(360) < 300,
+                                                                                  np.arange(360) % 10, 0)))
+    guidance = {"nocfg": None, "cfg": PAPER_GUIDANCE} if protocol else {"nocfg": "nocfg", "cfg": "cfg"}
     records = []
     for v, s, e in itertools.product(variants, seeds, epochs):
         d = tmp_path / "runs" / v / f"s{s}" / f"ep{e}"
         common = {"n": n, "features": features, "reference": "train", "steps": 32, "shift": 0.3,
-                  "is_std": 1.0, "is_splits": 10}
-        write_json(d / "metrics-nocfg.json",
-                   {**common, "fid": value(v, s, e, "fid"), "is_mean": 2.0, "guidance": "nocfg", "cfg_scale": 1.0})
+                  "is_std": 1.0, "is_splits": 10, **(protocol or {})}
+        fid = value(v, s, e, "fid")
+        write_json(d / "metrics-nocfg.json", {**common, "fid": fid, "is_mean": 2.0, "guidance": guidance["nocfg"],
+                                              "cfg_scale": 1.0, "fid_bootstrap": replicates(v, s, e, "fid", fid)})
         write_json(d / "probe.json", {"block": 2, "t": 0.9, "lp_acc": value(v, s, e, "lp_acc"), "selection_acc": 55.0,
-                                      "floor_acc": 10.0, "n_train": 1437, "n_val": 360, "n_pairs": 16})
+                                      "n_train": 1437, "n_val": 360, "n_pairs": 16, "n_selection_holdout": 720,
+                                      "selection_se": 1.85})
+        labels, preds = predictions(v, s, e)
+        pd.DataFrame({"index": np.arange(len(labels)), "label": labels, "pred": preds}).to_parquet(
+            d / "probe-val.parquet")
         record = {"variant": v, "seed": s, "epoch": e, "metrics_nocfg": d / "metrics-nocfg.json",
-                  "metrics_cfg": None, "probe": d / "probe.json"}
+                  "metrics_cfg": None, "probe": d / "probe.json", "probe_val": d / "probe-val.parquet"}
         if conditional:
             record["metrics_cfg"] = d / "metrics-cfg.json"
-            cfg_metrics = {"fid": value(v, s, e, "fid_cfg"), "is_mean": value(v, s, e, "is_cfg"), "guidance": "cfg"}
+            fid_cfg, is_cfg = value(v, s, e, "fid_cfg"), value(v, s, e, "is_cfg")
+            cfg_metrics = {"fid": fid_cfg, "is_mean": is_cfg, "guidance": guidance["cfg"],
+                           "fid_bootstrap": replicates(v, s, e, "fid_cfg", fid_cfg),
+                           "is_bootstrap": replicates(v, s, e, "is_cfg", is_cfg)}
             write_json(record["metrics_cfg"], {**common, **cfg_metrics, "cfg_scale": 3.0})
         records.append(record)
     return records
@@ -80,7 +107,8 @@ def test_uncond_table_columns_rows_and_single_seed_values(tmp_path):
                       "selfcond FID_500 (digits-net)", "selfcond LP Acc."]
     assert list(rows) == ["5", "10", "20"]
     assert rows["10"][1:] == ["40.00", "61.00", "41.00", "62.00"]  # one seed: the value, no ± or n=
-    for fact in ("setting `uncond`", "digits", "digits-net features", "500 samples", "60 train images per class"):
+    for fact in ("setting `uncond`", "digits", "digits-net features", "500 samples", "720 held-out train images",
+                 "at most 1.85 points"):
         assert fact in text.splitlines()[0]
     assert "paper" not in text.lower()  # the digits default is not the paper's setup
     page = html.read_text()
@@ -168,12 +196,13 @@ def test_bad_records_get_clear_errors(tmp_path):
 def test_paper_columns_only_for_the_paper_setup(tmp_path):
     config = paper_config()
     records = fake_records(tmp_path, ["baseline", "selfcond"], [0], [20, 40], conditional=True, n=10_000,
-                           features="inception", value=lambda v, s, e, m: 10.0)
+                           features="inception", value=lambda v, s, e, m: 10.0, protocol=PAPER_PROTOCOL)
     md, _, _ = write(tmp_path, config, "cond", records)
     header, rows, text = read_md_table(md)
     assert header[1:7] == ["baseline FID_10k", "baseline FID_10k (paper)", "baseline Δ FID_10k",
                            "baseline LP Acc.", "baseline LP Acc. (paper)", "baseline Δ LP Acc."]
     assert "selfcond IS_10k_CFG (paper)" in header and len(header) == 1 + 2 * 4 * 3
+    assert "CFG: scale 10 on the first 3 latent channels, from t ≥ 0.11" in text  # the guidance the files record
     base = dict(zip(header, rows["20"]))
     assert base["baseline FID_10k (paper)"] == "31.64" and base["baseline Δ FID_10k"] == "-21.64"
     assert base["selfcond IS_10k_CFG (paper)"] == "93.70" and base["selfcond Δ IS_10k_CFG"] == "-83.70"
@@ -183,12 +212,12 @@ def test_paper_columns_only_for_the_paper_setup(tmp_path):
 def test_paper_delta_withheld_when_fid_measured_differently(tmp_path):
     config = paper_config()
     records = fake_records(tmp_path, ["baseline", "selfcond"], [0], [20, 40], conditional=False, n=5000,
-                           features="inception", value=lambda v, s, e, m: 60.0)
+                           features="inception", value=lambda v, s, e, m: 60.0, protocol=PAPER_PROTOCOL)
     md, _, _ = write(tmp_path, config, "uncond", records)
     header, rows, text = read_md_table(md)
     row = dict(zip(header, rows["40"]))
     assert "baseline FID_5k" in header and row["baseline FID_10k (paper)"] == "35.39"
-    assert row["baseline Δ FID_10k"].startswith("—[") and "not comparable: ours is FID_5k" in text
+    assert row["baseline Δ FID_10k"].startswith("—[") and "measured with n 5000 (paper 10000)" in text
     assert row["baseline Δ LP Acc."] == "-2.87"  # the probe is comparable at any sample count
 
 
@@ -221,7 +250,7 @@ def test_figures_are_written(tmp_path):
     config = digits_config(seeds=[0, 1])
     records = fake_records(tmp_path, ["baseline", "selfcond"], [0, 1], [5, 10, 20], conditional=True)
     fid_png, lp_png = tmp_path / "fig" / "fid.png", tmp_path / "fig" / "lp.png"
-    report.plot_curves(config, "cond", records, fid_png, lp_png)
+    report_figures.plot_curves(config, "cond", records, fid_png, lp_png)
     for png in (fid_png, lp_png):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert sorted(p.name for p in fid_png.parent.iterdir()) == ["fid.png", "lp.png"]  # no temporary files left
@@ -255,3 +284,150 @@ def test_captions_render_as_snakemake_would(caption):
 def test_every_artifact_kind_has_a_caption():
     names = {p.stem for p in (REPO / "workflow" / "report").glob("*.rst")}
     assert {"table", "fid_curve", "lp_curve", "heatmap", "samples", "workflow"} <= names
+
+
+# ---------------------------------------------------------------------------- which differences are real
+
+def shared_replicates(shift_of):
+    """Paired replicates: the same resampling noise in every run (replicate b of all runs shares
+    it), plus `shift_of(variant)` -- a clear difference when it exceeds the small residual noise."""
+    def replicates(v, s, e, m, x):
+        shared = np.random.default_rng([s, e, len(m)]).normal(size=200)
+        own = np.random.default_rng([hash(v) % 2**32, s, e]).normal(size=200)
+        return (x + 3.0 * shared + 0.05 * own + shift_of(v)).tolist()
+    return replicates
+
+
+def test_mcnemar_exact_and_bootstrap_interval():
+    from ddaepp import significance
+    base = np.ones(1000, bool)
+    better = base.copy()
+    assert significance.mcnemar_exact(better, base) == 1.0  # no discordant images
+    a, b = np.zeros(200, bool), np.zeros(200, bool)
+    a[:30] = True  # 30 images only the variant gets right, none the other way
+    assert significance.mcnemar_exact(a, b) == pytest.approx(2 * 0.5**30)
+    a[:], b[:] = False, False
+    a[:10], b[10:20] = True, True  # 10 each way: no evidence
+    assert significance.mcnemar_exact(a, b) == 1.0
+    test = significance.bootstrap_test({"n": 10, "fid_bootstrap": [5, 6, 7, 8]}, {"n": 10, "fid_bootstrap": [1, 2, 3, 4]},
+                                       "fid_bootstrap", "metrics-nocfg.json")
+    assert test.beyond and test.lo == pytest.approx(4) and test.hi == pytest.approx(4)
+    unpaired = significance.bootstrap_test({"n": 10, "fid_bootstrap": [5]}, {"n": 20, "fid_bootstrap": [1]},
+                                           "fid_bootstrap", "metrics-nocfg.json")
+    assert unpaired.beyond is None and "not paired" in unpaired.why
+
+
+def test_clear_differences_are_marked_null_ones_are_not(tmp_path):
+    config = digits_config()
+    labels = np.arange(360) % 10
+
+    def predictions(v, s, e):  # selfcond gets 60 more val images right at epoch 20 only
+        right = 250 + (60 if (v, e) == ("selfcond", 20) else 0)
+        return labels, np.where(np.arange(360) < right, labels, (labels + 1) % 10)
+
+    def value(v, s, e, m):
+        return {"fid": 50.0, "lp_acc": 60.0, "fid_cfg": 20.0, "is_cfg": 100.0}[m] + (v == "selfcond") * (e == 20)
+
+    records = fake_records(tmp_path, ["baseline", "selfcond"], [0], [5, 10, 20], conditional=True, value=value,
+                           replicates=shared_replicates(lambda v: 0.0), predictions=predictions)
+    md, html, parquet = write(tmp_path, config, "cond", records)
+    header, rows, text = read_md_table(md)
+    cells = {e: dict(zip(header, rows[e])) for e in rows}
+    for metric in ("FID_500 (digits-net)", "LP Acc.", "FID_500_CFG (digits-net)", "IS_500_CFG (digits-net)"):
+        assert cells["20"][f"selfcond {metric}"].endswith("†"), metric  # a 1-point shift over paired noise
+        assert "†" not in cells["10"][f"selfcond {metric}"]  # identical runs: no mark
+        assert "†" not in cells["20"][f"baseline {metric}"]  # the baseline is what others are compared with
+    assert "† differs from `baseline` at the same epoch beyond noise (95%" in text and "McNemar" in text
+    frame = pd.read_parquet(parquet)
+    row = frame[(frame.variant == "selfcond") & (frame.epoch == 20)].iloc[0]
+    assert row.lp_acc_p < 1e-10 and row.fid_beyond_noise and 0.8 < row.fid_lo < 1 < row.fid_hi < 1.2
+    assert frame[frame.variant == "baseline"]["fid_beyond_noise"].isna().all()
+    assert "†" in html.read_text()
+
+
+def test_no_mark_without_replicates_and_it_says_so(tmp_path):
+    config = digits_config()
+    records = fake_records(tmp_path, ["baseline", "selfcond"], [0], [5, 10, 20], conditional=False,
+                           replicates=shared_replicates(lambda v: 10.0 * (v == "selfcond")))
+    for record in records:  # an older metrics file: no bootstrap replicates
+        data = read_json(record["metrics_nocfg"])
+        del data["fid_bootstrap"]
+        write_json(record["metrics_nocfg"], data)
+    md, _, _ = write(tmp_path, config, "uncond", records)
+    _, rows, text = read_md_table(md)
+    assert re.fullmatch(r"41\.00\[\d\]", rows["10"][3]) and rows["10"][1] == "40.00"
+    assert "no significance mark: no 'fid_bootstrap' in the variant and baseline's `metrics-nocfg.json`" in text
+
+
+def test_several_seeds_need_every_seed_and_the_spread(tmp_path):
+    config = digits_config(seeds=[0, 1, 2])
+    shifts = {0: 1.0, 1: 1.0, 2: -1.0}  # seed 2 goes the other way: each seed is clear, the seeds disagree
+
+    def value(v, s, e, m):
+        return 50.0 + (v == "selfcond") * (shifts[s] if e == 20 else 1.0 + 0.01 * s)
+
+    records = fake_records(tmp_path, ["baseline", "selfcond"], [0, 1, 2], [5, 10, 20], conditional=False,
+                           value=value, replicates=shared_replicates(lambda v: 0.0))
+    md, _, _ = write(tmp_path, config, "uncond", records)
+    header, rows, text = read_md_table(md)
+    assert rows["10"][3].endswith("(n=3)†")  # +1.00, +1.01, +1.02: every seed and the spread agree
+    assert "†" not in rows["20"][3]
+    assert "t-test over the seeds' differences" in text
+
+
+def test_paper_delta_needs_the_papers_guidance_steps_count_and_evaluator(tmp_path):
+    config = paper_config()
+    kw = dict(conditional=True, n=10_000, features="inception", value=lambda v, s, e, m: 10.0)
+    md, _, _ = write(tmp_path / "old", config, "cond", fake_records(tmp_path / "old", ["baseline", "selfcond"], [0],
+                                                                    [20, 40], **kw))
+    header, rows, text = read_md_table(md)
+    row = dict(zip(header, rows["20"]))
+    assert row["baseline Δ FID_10k"].startswith("—[") and row["baseline Δ LP Acc."] == "-50.90"
+    assert "does not record evaluator (an older metrics file)" in text
+    records = fake_records(tmp_path / "new", ["baseline", "selfcond"], [0], [20, 40], protocol=PAPER_PROTOCOL, **kw)
+    for record in records:  # all-channel guidance: not the paper's
+        data = read_json(record["metrics_cfg"])
+        data["guidance"] = {**PAPER_GUIDANCE, "channels": "all"}
+        write_json(record["metrics_cfg"], data)
+    md, _, _ = write(tmp_path / "new", config, "cond", records)
+    header, rows, text = read_md_table(md)
+    row = dict(zip(header, rows["20"]))
+    assert row["baseline Δ FID_10k"] == "-21.64"  # without CFG all matches
+    assert row["baseline Δ FID_10k_CFG"].startswith("—[") and row["baseline Δ IS_10k_CFG"].startswith("—[")
+    assert "guidance channels all (paper 3)" in text
+
+
+def test_protocol_check_reads_each_key():
+    good = {"steps": 250, "shift": 0.3, "n": 10_000, "evaluator": "adm", "guidance": dict(PAPER_GUIDANCE)}
+    assert report.paper_protocol_mismatch(good, guided=True) is None
+    assert report.paper_protocol_mismatch({**good, "guidance": None}, guided=False) is None
+    assert "guidance" in report.paper_protocol_mismatch(good, guided=False)  # CFG where the paper had none
+    for key, wrong in (("steps", 50), ("shift", 1.0), ("n", 5000), ("evaluator", "torch-fidelity")):
+        assert f"{key} {wrong}" in report.paper_protocol_mismatch({**good, key: wrong}, guided=True)
+    assert "scale 6.7" in report.paper_protocol_mismatch({**good, "guidance": {**PAPER_GUIDANCE, "scale": 6.7}}, True)
+    assert "does not record steps" in report.paper_protocol_mismatch({k: v for k, v in good.items() if k != "steps"},
+                                                                     guided=True)
+
+
+def test_floor_in_the_caption(tmp_path):
+    config = digits_config()
+    records = fake_records(tmp_path, ["baseline", "selfcond"], [0], [5, 10, 20], conditional=False)
+    floor = tmp_path / "floor.json"
+    write_json(floor, {"floor_acc": 96.39, "se": 0.98, "converged": True, "floor_acc_double_epochs": 96.67})
+    out = [tmp_path / f"uncond.{ext}" for ext in ("md", "html", "parquet")]
+    report.write_table(config, "uncond", records, *out, floor=floor)
+    caption = out[0].read_text().splitlines()[0]
+    assert "Floor: the same probe on the raw latents reaches 96.39% (± 0.98)" in caption
+    write_json(floor, {"floor_acc": 90.0, "se": 1.5, "converged": False, "floor_acc_double_epochs": 95.0})
+    report.write_table(config, "uncond", records, *out, floor=floor)
+    assert "not converged (95.00% at twice the epochs)" in out[0].read_text()
+
+
+def test_no_lp_mark_without_stored_predictions(tmp_path):
+    config = digits_config()
+    records = [{k: v for k, v in r.items() if k != "probe_val"}  # records from before probe-val.parquet
+               for r in fake_records(tmp_path, ["baseline", "selfcond"], [0], [5, 10, 20], conditional=False)]
+    md, _, _ = write(tmp_path, config, "uncond", records)
+    _, rows, text = read_md_table(md)
+    assert re.fullmatch(r"62\.00\[\d\]", rows["10"][4]) and rows["10"][2] == "61.00"
+    assert "no per-image val predictions (`probe-val.parquet`) of the variant and baseline" in text

@@ -53,6 +53,7 @@ def test_paper_grid_dry_run(paper_standins):
     uncond, cond = 8, 5  # epoch budgets; 2 variants each, one seed
     assert jobs["train"] == 2 * (uncond + cond)
     assert jobs["probe"] == 2 * (uncond + cond)
+    assert jobs["probe_floor"] == 1  # one raw-latent floor per dataset, shared by both tables
     assert jobs["metrics"] == 2 * uncond + 2 * cond * 2  # cond: with and without CFG
     assert jobs["sample_shard"] == 10 * jobs["metrics"]  # 10k samples in 10 shards
     assert jobs["encode_shard"] == 2 * 64 and jobs["table"] == 2
@@ -80,7 +81,17 @@ def test_slurm_profile_resolves_and_asks_for_gpus(paper_standins):
 def test_default_dag_dry_run():
     jobs = job_counts(snakemake("-n", "--forceall").stdout)
     assert jobs["train"] == 12 and jobs["probe"] == 12 and jobs["metrics"] == 18 and jobs["table"] == 2
+    assert jobs["probe_floor"] == 1
     assert "index" in jobs and "train_classifier" in jobs
+
+
+def test_every_table_reads_the_floor_and_each_probes_val_predictions():
+    out = snakemake("-n", "--forceall", "-p", "results/tables/uncond.md").stdout
+    floor_jobs = out.split("rule probe_floor:")[1:]
+    assert len(floor_jobs) == 1 and "output: results/data/digits16/pixel2/floor.json" in floor_jobs[0]
+    table_job = out.split("rule table:")[1].split("\n\n")[0]
+    assert "results/data/digits16/pixel2/floor.json" in table_job
+    assert "results/runs/uncond-selfcond/s0/ep40/probe-val.parquet" in table_job
 
 
 @pytest.mark.parametrize("patch, message", [

@@ -1,10 +1,12 @@
-"""Results tables and curves in the shape of the upstream README.
+"""Results tables in the shape of the upstream README (curves: ddaepp.report_figures).
 
 A table is one setting (uncond, cond, ...): one row per epoch budget, one column group per
 variant holding FID and LP Acc. (plus FID and IS with CFG for conditional settings). Cells
 are built from the per-(run, seed, epoch) JSON files the metrics and probe stages write.
 Where a run is set up like the paper's (ImageNet 256, VA-VAE, B/1), the paper's value and
-our difference stand beside ours. A value that is missing or not finite is never filled
+our difference stand beside ours, where the metrics files record the paper's sampling and
+evaluation (PAPER_PROTOCOL). A variant's value differing from the baseline's beyond noise
+carries a mark (ddaepp.significance). A value that is missing or not finite is never filled
 in: its cell is a dash with a numbered note that says why.
 """
 
@@ -17,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 
-from ddaepp import config as config_lib, layer_search
+from ddaepp import config as config_lib, layer_search, significance
 from ddaepp.io import atomic_path, read_json
 
 # Long-frame column: (record key of the JSON file, key inside it, name in the table)
@@ -31,6 +32,16 @@ METRICS = {
 }
 PAPER_COLUMNS = {"fid": "fid_10k", "lp_acc": "lp_acc", "fid_cfg": "fid_10k_cfg", "is_cfg": "is_10k_cfg"}
 PAPER_N, PAPER_FEATURES = 10_000, "inception"  # how the paper measured FID and IS
+# The paper's sampling and evaluation, as recorded in metrics-{guide}.json: LightningDiT's sampler
+# (configs/lightningdit_xl_vavae_f16d32.yaml: 250 Euler steps, timestep shift 0.3; CFG scale 10 on
+# the first 3 latent channels from t >= 0.11), 10k samples, ADM's evaluator. A Δ against the paper
+# is printed only where a metrics file records all of these and they match.
+PAPER_PROTOCOL = {"steps": 250, "shift": 0.3, "n": PAPER_N, "evaluator": "adm"}
+PAPER_GUIDANCE = {"scale": 10.0, "interval_start": 0.11, "channels": 3}
+# Bootstrap replicates of each FID/IS column: (record key of the JSON file, key inside it)
+BOOTSTRAP = {"fid": ("metrics_nocfg", "fid_bootstrap"), "fid_cfg": ("metrics_cfg", "fid_bootstrap"),
+             "is_cfg": ("metrics_cfg", "is_bootstrap")}
+MARK = "†"  # beyond noise at 95% against the table's baseline
 DASH = "—"
 
 
@@ -56,6 +67,38 @@ def paper_values(run: dict) -> dict[int, dict] | None:
     return {int(r["epoch"]): r for r in rows.to_dict("records")} or None
 
 
+def baseline_variant(variants: list[str]) -> str:
+    """What the marks compare against: the variant named `baseline`, else the table's first."""
+    return "baseline" if "baseline" in variants else variants[0]
+
+
+def _same(ours, theirs) -> bool:
+    if isinstance(theirs, (int, float)) and not isinstance(ours, bool) and isinstance(ours, (int, float)):
+        return math.isclose(float(ours), float(theirs), rel_tol=1e-6, abs_tol=1e-9)
+    return str(ours) == str(theirs)
+
+
+def paper_protocol_mismatch(metrics: dict, guided: bool) -> str | None:
+    """Why FID/IS from this metrics file are not measured as the paper measured them (None: they are).
+
+    Reads `guidance` ({scale, interval_start, channels}; null or scale 1 without CFG), `steps`,
+    `shift`, `n` and `evaluator`; a file that lacks any of them is never compared."""
+    missing = [k for k in ("guidance", *PAPER_PROTOCOL) if k not in metrics]
+    if missing:
+        return f"does not record {', '.join(missing)} (an older metrics file), so it is not compared with the paper"
+    wrong = [f"{k} {metrics[k]} (paper {v})" for k, v in PAPER_PROTOCOL.items() if not _same(metrics[k], v)]
+    guidance = metrics["guidance"]
+    unguided = guidance in (None, "nocfg") or (isinstance(guidance, dict) and _same(guidance.get("scale"), 1.0))
+    if guided and not isinstance(guidance, dict):
+        wrong.append(f"guidance {guidance!r} (paper {PAPER_GUIDANCE})")
+    elif guided:
+        wrong += [f"guidance {k} {guidance.get(k)} (paper {v})" for k, v in PAPER_GUIDANCE.items()
+                  if not _same(guidance.get(k), v)]
+    elif not unguided:
+        wrong.append(f"guidance {guidance} (paper: none)")
+    return f"measured with {', '.join(wrong)}, so it is not compared with the paper" if wrong else None
+
+
 def count_label(n: int) -> str:
     """10000 -> '10k', 1500 -> '1.5k', 500 -> '500'."""
     return f"{n / 1000:g}k" if n >= 1000 and n % 100 == 0 else str(n)
@@ -76,7 +119,7 @@ def _value(data: dict | None, key: str, path, seed: int) -> tuple[float, str | N
     return float(value), None
 
 
-def _read_record(record: dict, conditional: bool) -> tuple[dict, dict]:
+def _read_record(record: dict, conditional: bool) -> tuple[dict, dict, dict]:
     missing = [k for k in ("variant", "seed", "epoch", "metrics_nocfg", "probe") if k not in record]
     if missing:
         raise ValueError(f"report record {record!r} lacks {', '.join(missing)}; each record needs "
@@ -90,6 +133,7 @@ def _read_record(record: dict, conditional: bool) -> tuple[dict, dict]:
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"report input {name} = {path} does not exist; build it first (snakemake {path})")
         data[name] = None if path is None else read_json(path)
+    data["probe_val"] = record.get("probe_val")
     seed = int(record["seed"])
     row = {"variant": str(record["variant"]), "seed": seed, "epoch": int(record["epoch"])}
     notes = {}
@@ -101,14 +145,20 @@ def _read_record(record: dict, conditional: bool) -> tuple[dict, dict]:
     nocfg, cfg_data, probe = data["metrics_nocfg"], data["metrics_cfg"] or {}, data["probe"]
     row.update(n=nocfg.get("n"), features=nocfg.get("features"), reference=nocfg.get("reference"))
     if conditional:
-        row.update(n_cfg=cfg_data.get("n"), features_cfg=cfg_data.get("features"), cfg_scale=cfg_data.get("cfg_scale"))
+        guidance = cfg_data.get("guidance") if isinstance(cfg_data.get("guidance"), dict) else {}
+        row.update(n_cfg=cfg_data.get("n"), features_cfg=cfg_data.get("features"),
+                   cfg_scale=guidance.get("scale", cfg_data.get("cfg_scale")), cfg_channels=guidance.get("channels"))
     row.update(probe_block=probe.get("block"), probe_t=probe.get("t"),
-               probe_n_train=probe.get("n_train"), probe_n_val=probe.get("n_val"), probe_n_pairs=probe.get("n_pairs"))
-    return row, notes
+               probe_n_train=probe.get("n_train"), probe_n_val=probe.get("n_val"), probe_n_pairs=probe.get("n_pairs"),
+               probe_selection_n=probe.get("n_selection_holdout"), probe_selection_se=probe.get("selection_se"),
+               probe_selection_margin=probe.get("selection_margin"))
+    return row, notes, data
 
 
-def _collect(config: dict, table_name: str, records: list[dict]) -> tuple[dict, pd.DataFrame, dict]:
-    """(validated config, long frame, {(variant, seed, epoch, metric): why it is missing})."""
+def _collect(config: dict, table_name: str, records: list[dict]) -> tuple[dict, pd.DataFrame, dict, tuple]:
+    """(validated config, long frame with each row's test against the baseline, {(variant, seed,
+    epoch, metric): why it is missing}, ({(variant, epoch, metric): (beyond noise, why untestable)},
+    {(variant, seed, epoch): the record's loaded files}))."""
     cfg = config_lib.validate(config, check_paths=False)
     if table_name not in cfg["tables"]:
         known = ", ".join(cfg["tables"])
@@ -117,9 +167,9 @@ def _collect(config: dict, table_name: str, records: list[dict]) -> tuple[dict, 
     setting = cfg["settings"][table["setting"]]
     if not records:
         raise ValueError(f"no records given for table '{table_name}'; pass one per (variant, seed, epoch)")
-    rows, notes = [], {}
+    rows, notes, raw = [], {}, {}
     for record in records:
-        row, row_notes = _read_record(record, setting["conditional"])
+        row, row_notes, raw_data = _read_record(record, setting["conditional"])
         key = (row["variant"], row["seed"], row["epoch"])
         if row["variant"] not in table["variants"]:
             raise ValueError(f"record variant '{row['variant']}' is not in table '{table_name}' "
@@ -130,16 +180,20 @@ def _collect(config: dict, table_name: str, records: list[dict]) -> tuple[dict, 
         if any((r["variant"], r["seed"], r["epoch"]) == key for r in rows):
             raise ValueError(f"two records for variant {key[0]} seed {key[1]} epoch {key[2]}; pass each once")
         rows.append(row)
+        raw[key] = raw_data
         notes.update({(*key, metric): note for metric, note in row_notes.items()})
     frame = pd.DataFrame(rows)
     frame.insert(0, "table", table_name)
     frame.insert(1, "setting", table["setting"])
-    for column in ("seed", "epoch", "n", "n_cfg", "probe_block", "probe_n_train", "probe_n_val", "probe_n_pairs"):
+    for column in ("seed", "epoch", "n", "n_cfg", "probe_block", "probe_n_train", "probe_n_val", "probe_n_pairs",
+                   "probe_selection_n"):
         if column in frame:
             frame[column] = frame[column].astype("Int64")
     order = {v: i for i, v in enumerate(table["variants"])}
     frame = frame.sort_values(["variant", "epoch", "seed"], key=lambda c: c.map(order) if c.name == "variant" else c)
-    return cfg, frame.reset_index(drop=True), notes
+    frame, verdicts = significance.compare(frame.reset_index(drop=True), raw, baseline_variant(table["variants"]),
+                                           BOOTSTRAP, table_metrics(setting["conditional"]))
+    return cfg, frame, notes, (verdicts, raw)
 
 
 def _with_notes(frame: pd.DataFrame, notes: dict) -> pd.DataFrame:
@@ -153,11 +207,14 @@ def _with_notes(frame: pd.DataFrame, notes: dict) -> pd.DataFrame:
 
 def collect(config: dict, table_name: str, records: list[dict]) -> pd.DataFrame:
     """One row per (variant, seed, epoch): fid, lp_acc (and fid_cfg, is_cfg for conditional settings),
-    n, features, the probe's chosen (block, t), and `notes` saying why a metric is NaN.
+    n, features, the probe's chosen (block, t), each metric's paired test against the table's
+    baseline at the same seed and epoch (`<metric>_diff`, `_lo`, `_hi`, `_p`, `_beyond_noise`, see
+    ddaepp.significance), and `notes` saying why a metric is NaN.
 
-    `records`: dicts {variant, seed, epoch, metrics_nocfg, metrics_cfg (path or None), probe} of paths.
+    `records`: dicts {variant, seed, epoch, metrics_nocfg, metrics_cfg (path or None), probe, and
+    optionally probe_val (the probe's per-image val predictions, for the LP test)} of paths.
     """
-    _, frame, notes = _collect(config, table_name, records)
+    _, frame, notes, _ = _collect(config, table_name, records)
     return _with_notes(frame, notes)
 
 
@@ -182,8 +239,8 @@ def metric_label(metric: str, counts: list[int], features: list[str]) -> str:
     return label if features == [PAPER_FEATURES] else f"{label} ({'/'.join(features)})"
 
 
-def _ours(cells: pd.DataFrame, metric: str, notes: dict, mark) -> tuple[str, float]:
-    """The text of one of our cells and the mean it shows (NaN when it shows none)."""
+def _ours(cells: pd.DataFrame, metric: str, notes: dict, mark, sign: str = "") -> tuple[str, float]:
+    """The text of one of our cells (`sign`: its significance mark) and the mean it shows (NaN when none)."""
     if cells.empty:
         return DASH + mark("no result: no run of this variant at this epoch was given"), math.nan
     values = cells[metric].to_numpy(dtype=float)
@@ -194,16 +251,40 @@ def _ours(cells: pd.DataFrame, metric: str, notes: dict, mark) -> tuple[str, flo
         return DASH + why, math.nan
     mean = float(finite.mean())
     if len(values) == 1:
-        return f"{mean:.2f}{why}", mean
+        return f"{mean:.2f}{sign}{why}", mean
     if len(finite) == 1:
-        return f"{mean:.2f} (n=1){why}", mean
-    return f"{mean:.2f} ± {finite.std(ddof=1):.2f} (n={len(finite)}){why}", mean
+        return f"{mean:.2f} (n=1){sign}{why}", mean
+    return f"{mean:.2f} ± {finite.std(ddof=1):.2f} (n={len(finite)}){sign}{why}", mean
 
 
-def _grid(cfg: dict, table_name: str, frame: pd.DataFrame, notes: dict) -> tuple[list, list, list]:
+def _sign(verdicts: dict, variant: str, epoch: int, metric: str, mark) -> str:
+    """MARK where the cell differs from the baseline beyond noise; a note where no test could be made."""
+    beyond, why = verdicts.get((variant, epoch, metric), (False, None))
+    if beyond is None:
+        return mark(f"no significance mark: {why}")
+    return MARK if beyond else ""
+
+
+def _paper_cells(paper: dict, epoch: int, metric: str, mean: float, records: list[dict], mark) -> list[str]:
+    """The paper's value and Δ = ours − paper, or dashes with the reason there is no Δ."""
+    theirs = paper.get(epoch, {}).get(PAPER_COLUMNS[metric], math.nan)
+    if not math.isfinite(theirs):
+        reported = ", ".join(str(e) for e, r in paper.items() if math.isfinite(r[PAPER_COLUMNS[metric]]))
+        return [DASH + mark(f"not in the paper, which reports epochs {reported}"), DASH]
+    if metric != "lp_acc":
+        source = METRICS[metric][0]
+        for data in records:
+            why = paper_protocol_mismatch(data[source] or {}, guided=source == "metrics_cfg")
+            if why:
+                return [f"{theirs:.2f}", DASH + mark(f"no Δ: `{source.replace('_', '-')}.json` {why}")]
+    return [f"{theirs:.2f}", f"{mean - theirs:+.2f}" if math.isfinite(mean) else DASH]
+
+
+def _grid(cfg: dict, table_name: str, frame: pd.DataFrame, notes: dict, tests: tuple) -> tuple[list, list, list]:
     """(column (group, label) pairs, rows of cell strings, footnotes) shared by markdown and HTML."""
     table = cfg["tables"][table_name]
     setting = cfg["settings"][table["setting"]]
+    verdicts, raw = tests
     footnotes: dict[str, int] = {}
 
     def mark(text: str) -> str:
@@ -216,30 +297,54 @@ def _grid(cfg: dict, table_name: str, frame: pd.DataFrame, notes: dict) -> tuple
     for variant, run in runs.items():
         ours, paper = frame[frame.variant == variant], paper_values(run)
         for metric in table_metrics(setting["conditional"]):
-            counts, features = _protocol(ours, run, metric)
-            label = metric_label(metric, counts, features)
+            label = metric_label(metric, *_protocol(ours, run, metric))
             columns.append((variant, label))
-            comparable = metric == "lp_acc" or (counts == [PAPER_N] and features == [PAPER_FEATURES])
             paper_label = metric_label(metric, [PAPER_N], [PAPER_FEATURES])
             if paper:
                 columns += [(variant, f"{paper_label} (paper)"), (variant, f"Δ {paper_label}")]
             for row, epoch in zip(rows, setting["epochs"]):
-                text, mean = _ours(ours[ours.epoch == epoch], metric, notes, mark)
+                cells = ours[ours.epoch == epoch]
+                text, mean = _ours(cells, metric, notes, mark, _sign(verdicts, variant, epoch, metric, mark))
                 row.append(text)
-                if not paper:
-                    continue
-                theirs = paper.get(epoch, {}).get(PAPER_COLUMNS[metric], math.nan)
-                if not math.isfinite(theirs):
-                    reported = ", ".join(str(e) for e, r in paper.items() if math.isfinite(r[PAPER_COLUMNS[metric]]))
-                    row += [DASH + mark(f"not in the paper, which reports epochs {reported}"), DASH]
-                elif not comparable:
-                    row += [f"{theirs:.2f}", DASH + mark(f"not comparable: ours is {label}, the paper's {paper_label}")]
-                else:
-                    row += [f"{theirs:.2f}", f"{mean - theirs:+.2f}" if math.isfinite(mean) else DASH]
+                if paper:
+                    records = [raw[(variant, int(s), epoch)] for s in cells.seed]
+                    row += _paper_cells(paper, epoch, metric, mean, records, mark)
     return columns, rows, [f"[{i}] {text}" for text, i in footnotes.items()]
 
 
-def _header(cfg: dict, table_name: str, frame: pd.DataFrame) -> str:
+def legend(cfg: dict, table_name: str) -> str | None:
+    """How to read the marks (None for a one-variant table)."""
+    table = cfg["tables"][table_name]
+    if len(table["variants"]) < 2:
+        return None
+    seeds = (" With several seeds, every seed's test must agree in direction and a t-test over the seeds' "
+             "differences (the seed spread) must reject 0." if len(cfg["seeds"]) > 1 else "")
+    return (f"{MARK} differs from `{baseline_variant(table['variants'])}` at the same epoch beyond noise "
+            "(95%, two-sided): LP Acc. by an exact McNemar test on the two probes' per-image val predictions; "
+            "FID and IS by a paired bootstrap over samples (the 95% interval of variant − baseline excludes 0)."
+            f"{seeds} No mark: no difference shown.")
+
+
+def _probe_caption(frame: pd.DataFrame, probe: dict, floor: dict | None) -> str:
+    """The probe protocol, how sure its (block, t) choice is, and the raw-latent floor."""
+    n_val, n_train, n_pairs, n_sel = (sorted({int(n) for n in frame[f"probe_{c}"].dropna()})
+                                      for c in ("n_val", "n_train", "n_pairs", "selection_n"))
+    noise_levels = ", ".join(f"{t:g}" for t in probe["t"])
+    line = (f"LP Acc.: top-1 % on {_counts(n_val, 'the')} val images of a linear probe trained on "
+            f"{_counts(n_train, 'the')} train images' token-mean block features ({probe['noise_draws']} noise "
+            f"draws), at the (block, t) pair (of {_counts(n_pairs, 'all')}, t ∈ {{{noise_levels}}}) that scored best "
+            f"on {_counts(n_sel, 'held-out')} held-out train images ({probe['selection_per_class']} per class in the "
+            "selection")
+    se = frame["probe_selection_se"].dropna()
+    line += f"; standard error of that score at most {se.max():.2f} points). " if len(se) else "). "
+    if floor is not None:
+        line += (f"Floor: the same probe on the raw latents reaches {floor['floor_acc']:.2f}% (± {floor['se']:.2f})"
+                 + ("" if floor["converged"] else
+                    f", not converged ({floor['floor_acc_double_epochs']:.2f}% at twice the epochs)") + ". ")
+    return line
+
+
+def _header(cfg: dict, table_name: str, frame: pd.DataFrame, floor: dict | None = None) -> str:
     """One line naming the setting, data, feature network, sample count and probe protocol."""
     table = cfg["tables"][table_name]
     setting = cfg["settings"][table["setting"]]
@@ -259,19 +364,15 @@ def _header(cfg: dict, table_name: str, frame: pd.DataFrame) -> str:
     line += (f"{'FID/IS' if setting['conditional'] else 'FID'}: {_counts(counts, '?')} samples per run, {net}"
              f"{', reference statistics ' + refs if refs else ''}. ")
 
-    n_val, n_train, n_pairs = (sorted({int(n) for n in frame[f"probe_{c}"].dropna()})
-                               for c in ("n_val", "n_train", "n_pairs"))
-    probe = runs[0]["probe"]
-    noise_levels = ", ".join(f"{t:g}" for t in probe["t"])
-    line += (f"LP Acc.: top-1 % on {_counts(n_val, 'the')} val images of a linear probe trained on "
-             f"{_counts(n_train, 'the')} train images' token-mean block features, at the (block, t) pair "
-             f"(of {_counts(n_pairs, 'all')}) that scored best on {probe['selection_per_class']} train images "
-             f"per class, t ∈ {{{noise_levels}}}. ")
+    line += _probe_caption(frame, runs[0]["probe"], floor)
 
     if setting["conditional"]:
         scales = sorted({float(s) for s in frame["cfg_scale"].dropna()} or {r["sample"]["cfg"]["scale"] for r in runs})
         start = runs[0]["sample"]["cfg"]["interval_start"]
-        line += f"CFG: scale {'/'.join(f'{s:g}' for s in scales)}, from t ≥ {start:g}. "
+        channels = sorted({str(c) for c in frame["cfg_channels"].dropna()}
+                          or {str(r["sample"]["cfg"].get("channels", "?")) for r in runs})
+        which = " or ".join("all" if c == "all" else f"the first {c}" for c in channels)
+        line += f"CFG: scale {'/'.join(f'{s:g}' for s in scales)} on {which} latent channels, from t ≥ {start:g}. "
     seeds = sorted(int(s) for s in frame["seed"].unique())
     line += f"Seeds: {', '.join(map(str, seeds))}" + (" (mean ± sample std over seeds)." if len(seeds) > 1 else ".")
     if any(paper_values(r) for r in runs):
@@ -279,14 +380,19 @@ def _header(cfg: dict, table_name: str, frame: pd.DataFrame) -> str:
     return line
 
 
-def write_table(config: dict, table_name: str, records: list[dict], out_md, out_html, out_parquet) -> pd.DataFrame:
-    """Write the table as GitHub markdown, a standalone HTML page and the long frame as parquet."""
-    cfg, frame, notes = _collect(config, table_name, records)
-    columns, rows, footnotes = _grid(cfg, table_name, frame, notes)
-    header = _header(cfg, table_name, frame) + layer_search.table_note(cfg, table_name, records)
+def write_table(config: dict, table_name: str, records: list[dict], out_md, out_html, out_parquet,
+                floor=None) -> pd.DataFrame:
+    """Write the table as GitHub markdown, a standalone HTML page and the long frame as parquet.
+    `floor`: the raw-latent floor's JSON file (ddaepp.probe.run_floor), shown in the caption."""
+    cfg, frame, notes, tests = _collect(config, table_name, records)
+    columns, rows, footnotes = _grid(cfg, table_name, frame, notes, tests)
+    header = (_header(cfg, table_name, frame, None if floor is None else read_json(floor))
+              + layer_search.table_note(cfg, table_name, records))
+    how_to_read = legend(cfg, table_name)
     flat = [label if group == columns[0][0] else f"{group} {label}" for group, label in columns]
     md = [header, "", "| " + " | ".join(flat) + " |", "|" + "---:|" * len(flat)]
     md += ["| " + " | ".join(row) + " |" for row in rows]
+    md += ["", how_to_read] if how_to_read else []
     md += ([""] + [f"- {note}" for note in footnotes]) if footnotes else []
     with atomic_path(out_md) as tmp:
         tmp.write_text("\n".join(md) + "\n")
@@ -296,6 +402,7 @@ def write_table(config: dict, table_name: str, records: list[dict], out_md, out_
             "<style>body{font-family:sans-serif} table{border-collapse:collapse} "
             "th,td{border:1px solid #bbb;padding:3px 8px;text-align:right} th{text-align:center}</style></head>\n"
             f"<body><p>{_escape(header.replace('**', '').replace('`', ''))}</p>\n{html_table}\n"
+            f"<p>{_escape((how_to_read or '').replace('`', ''))}</p>\n"
             f"<ul>{html_notes}</ul></body></html>\n")
     with atomic_path(out_html) as tmp:
         tmp.write_text(page)
@@ -311,58 +418,3 @@ def _counts(counts: list[int], otherwise: str) -> str:
 
 def _escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-# ---------------------------------------------------------------------------- figures
-
-def _curve(ax, frame: pd.DataFrame, metric: str, epochs: list[int], color: str, style: str, label: str) -> None:
-    """Mean over seeds per epoch budget, with a ±std band where several seeds have a value.
-
-    Budgets without a finite value stay gaps in the line: nothing is interpolated.
-    """
-    stats = frame.groupby("epoch")[metric].agg(["mean", "std", "count"]).reindex(epochs)
-    mean, std = stats["mean"].to_numpy(dtype=float), stats["std"].to_numpy(dtype=float)
-    ax.plot(epochs, mean, style, color=color, marker="o", markersize=3, label=label)
-    if (stats["count"] > 1).any():
-        ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
-
-
-def _figure(cfg: dict, table_name: str, frame: pd.DataFrame, metrics: list[str], ylabel: str, out_png) -> None:
-    table = cfg["tables"][table_name]
-    setting = cfg["settings"][table["setting"]]
-    epochs = setting["epochs"]
-    fig = Figure(figsize=(6, 4), layout="constrained")
-    ax = fig.subplots()
-    for i, variant in enumerate(table["variants"]):
-        run, ours = config_lib.run_config(cfg, table["setting"], variant), frame[frame.variant == variant]
-        paper = paper_values(run)
-        for metric, style in zip(metrics, ("-", "--")):
-            label = variant + (" (CFG)" if metric.endswith("_cfg") else "")
-            _curve(ax, ours, metric, epochs, f"C{i}", style, label)
-            counts, features = _protocol(ours, run, metric)
-            if paper and (metric == "lp_acc" or (counts == [PAPER_N] and features == [PAPER_FEATURES])):
-                shared = [e for e in epochs if e in paper]  # the paper's curve over our budgets only
-                ax.plot(shared, [paper[e][PAPER_COLUMNS[metric]] for e in shared], ":", color=f"C{i}",
-                        marker="x", markersize=4, label=f"{label}, paper")
-    ax.set_xlabel("training epochs")
-    ax.set_ylabel(ylabel)
-    kind = "class-conditional" if setting["conditional"] else "unconditional"
-    ax.set_title(f"table {table_name}: setting {table['setting']} ({kind})", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=150)
-
-
-def plot_curves(config: dict, table_name: str, records: list[dict], out_fid_png, out_lp_png) -> None:
-    """FID vs epoch and LP Acc. vs epoch, one line per variant (dashed: with CFG), ±std over seeds."""
-    cfg, frame, _ = _collect(config, table_name, records)
-    table = cfg["tables"][table_name]
-    conditional = cfg["settings"][table["setting"]]["conditional"]
-    run = config_lib.run_config(cfg, table["setting"], table["variants"][0])
-    measured = [_protocol(frame, run, m) for m in (["fid", "fid_cfg"] if conditional else ["fid"])]
-    counts, features = sorted({n for c, _ in measured for n in c}), sorted({f for _, fs in measured for f in fs})
-    net = "Inception-v3" if features == [PAPER_FEATURES] else "/".join(features)
-    fid_label = f"FID ({net} features, {' / '.join(f'{n:,}' for n in counts)} samples)"
-    _figure(cfg, table_name, frame, ["fid", "fid_cfg"] if conditional else ["fid"], fid_label, out_fid_png)
-    _figure(cfg, table_name, frame, ["lp_acc"], "linear-probe top-1 accuracy on val (%)", out_lp_png)

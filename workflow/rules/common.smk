@@ -138,6 +138,7 @@ def table_records(name):
                         ),
                         "probe": f"{d}/probe.json",
                         "layer_choice": layer_choice_path(run, seed),
+                        "probe_val": f"{d}/probe-val.parquet",
                     }
                 )
     return records
@@ -190,6 +191,7 @@ def feature_network():
 
 
 def table_inputs(wildcards):
+    """Every record's files, and the raw-latent floor (FLOOR, defined in probe.smk) for the caption."""
     ddaepp_config.check_table(CONFIG, wildcards.table)
     files = []
     for record in table_records(wildcards.table):
@@ -198,4 +200,4 @@ def table_inputs(wildcards):
             for key, f in record.items()
             if key.startswith(("metrics", "probe", "layer_choice")) and f
         ]
-    return files
+    return {"records": files, "floor": FLOOR}

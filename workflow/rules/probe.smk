@@ -1,4 +1,9 @@
 # Linear probes of every (block, t) at once; the pair is chosen on held-out train, reported on val.
+# The raw-latent floor is one job per dataset and tokenizer, shown in every table's caption.
+
+FLOOR = f"{LATENTS_DIR}/floor.json"  # the raw-latent floor probe, read by every table
+# The probe keys ddaepp.probe.run_floor reads: editing t or the selection split does not rerun it.
+FLOOR_KEYS = ("final_epochs", "lr", "weight_decay", "batch_size", "seed", "noise_draws")
 
 
 rule probe:
@@ -9,6 +14,7 @@ rule probe:
     output:
         table=f"{RUN_DIR}/probe.parquet",
         summary=f"{RUN_DIR}/probe.json",
+        predictions=f"{RUN_DIR}/probe-val.parquet",
         heatmap=report(
             f"{RUN_DIR}/probe.png",
             caption="../report/heatmap.rst",
@@ -26,3 +32,23 @@ rule probe:
         run_cfg=run_params("probe"),
     script:
         "../scripts/probe.py"
+
+
+rule probe_floor:
+    input:
+        latents_inputs(),
+        stats=f"{LATENTS_DIR}/stats.json",
+    output:
+        FLOOR,
+    log:
+        "logs/probe/floor.log",
+    conda:
+        CONDA_ENV
+    resources:
+        gpu=1 if CONFIG["train"]["gpus"] else 0,
+    params:
+        probe=ddaepp_config.StageConfig(
+            CONFIG["probe"], {k: CONFIG["probe"][k] for k in FLOOR_KEYS}
+        ),
+    script:
+        "../scripts/floor.py"

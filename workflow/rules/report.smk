@@ -3,7 +3,7 @@
 
 rule table:
     input:
-        table_inputs,
+        unpack(table_inputs),
     output:
         md=report(
             "results/tables/{table}.md",

@@ -11,5 +11,6 @@ with io.job_log(snakemake.log[0], snakemake.threads):
         out_parquet=snakemake.output.table,
         out_json=snakemake.output.summary,
         out_png=snakemake.output.heatmap,
+        out_predictions=snakemake.output.predictions,
         work_dir=Path(snakemake.output.table).parent.parent / f"_wip/probe-ep{snakemake.wildcards.epoch}",
     )
