@@ -20,7 +20,7 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from . import io, latents as latent_store, objectives
+from . import io, latents as latent_store, objectives, preemption
 from .data import num_classes as dataset_num_classes
 from .models import model_from_run_config
 from .transport import interpolate, sample_t, velocity_loss
@@ -137,10 +137,11 @@ def train(run_cfg: dict, latents_dir: str | Path, seed: int, epoch: int, out_sta
           init_state: str | Path | None = None, wip_dir: str | Path | None = None) -> dict:
     """Train one run from `init_state` (budget E_prev) or from scratch up to `epoch` epochs."""
     wip_dir = Path(wip_dir) if wip_dir else Path(out_state).parent / "_wip"
-    if int(os.environ.get("RANK", 0)) != 0:  # under accelerate launch, the main process holds the lock
-        return _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir)
-    with io.exclusive(wip_dir / ".lock", f"the in-progress state of {out_state}"):
-        return _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir)
+    with preemption.catch_stop_signals():  # SIGUSR1 / SIGTERM: save _wip after this step and exit
+        if int(os.environ.get("RANK", 0)) != 0:  # under accelerate launch, the main process holds the lock
+            return _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir)
+        with io.exclusive(wip_dir / ".lock", f"the in-progress state of {out_state}"):
+            return _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir)
 
 
 def _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir) -> dict:
@@ -212,6 +213,9 @@ def _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir) ->
         if time.time() - last_ckpt > 60 * train_cfg["checkpoint_minutes"] and step < target_step:
             _save(accelerator, wip_path, model, ema, heads, opt, step, epoch_losses, expected)
             last_ckpt = time.time()
+        if step < target_step and preemption.agreed_stop(accelerator):  # preempted or warned by SLURM
+            _save(accelerator, wip_path, model, ema, heads, opt, step, epoch_losses, expected)
+            preemption.exit_to_resume(wip_path, step, accelerator.is_main_process)
     wall = time.time() - t0
     _save(accelerator, out_state, model, ema, heads, opt, step, epoch_losses, expected)
     summary = {"epoch": epoch, "steps": step, "steps_this_job": step - start_step,
