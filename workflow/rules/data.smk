@@ -8,6 +8,9 @@ rule index:
         f"logs/data/index-{{split}}.log",
     conda:
         CONDA_ENV
+    threads: job_size("index")["cpus"]
+    resources:
+        **job_resources("index"),
     params:
         dataset=CONFIG["dataset"],
     script:
@@ -23,8 +26,9 @@ rule encode_shard:
         f"logs/data/encode-{{split}}-{{shard}}.log",
     conda:
         CONDA_ENV
+    threads: job_size("encode_shard")["cpus"]
     resources:
-        gpu=lambda w: 0 if CONFIG["tokenizer"]["name"] == "pixel" else 1,
+        **job_resources("encode_shard", gpu=ENCODE_GPUS),
     params:
         dataset=CONFIG["dataset"],
         tokenizer=CONFIG["tokenizer"],
@@ -43,6 +47,9 @@ rule merge_train_latents:
         "logs/data/merge-train.log",
     conda:
         CONDA_ENV
+    threads: job_size("merge_train_latents")["cpus"]
+    resources:
+        **job_resources("merge_train_latents"),
     params:
         split="train",
     script:
@@ -59,6 +66,9 @@ rule merge_val_latents:
         "logs/data/merge-val.log",
     conda:
         CONDA_ENV
+    threads: job_size("merge_val_latents")["cpus"]
+    resources:
+        **job_resources("merge_val_latents"),
     params:
         split="val",
     script:

@@ -20,8 +20,9 @@ rule probe:
         "logs/probe/{run}/s{seed}/ep{epoch}.log",
     conda:
         CONDA_ENV
+    threads: job_size("probe")["cpus"]
     resources:
-        gpu=lambda w: 1 if gpus(w) else 0,
+        **job_resources("probe", gpu=run_stage_gpus),
     params:
         run_cfg=run_params("probe"),
     script:

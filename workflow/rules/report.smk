@@ -34,6 +34,9 @@ rule table:
         "logs/report/{table}.log",
     conda:
         CONDA_ENV
+    threads: job_size("table")["cpus"]
+    resources:
+        **job_resources("table"),
     params:
         config=CONFIG,
         records=lambda w: table_records(w.table),

@@ -11,8 +11,9 @@ rule sample_shard:
         "logs/sample/{run}/s{seed}/ep{epoch}-{guide}-{shard}.log",
     conda:
         CONDA_ENV
+    threads: job_size("sample_shard")["cpus"]
     resources:
-        gpu=lambda w: 1 if gpus(w) else 0,
+        **job_resources("sample_shard", gpu=run_stage_gpus),
     params:
         run_cfg=run_params("sample"),
     script:
@@ -27,6 +28,9 @@ rule train_classifier:
         "logs/metrics/digits-net.log",
     conda:
         CONDA_ENV
+    threads: job_size("train_classifier")["cpus"]
+    resources:
+        **job_resources("train_classifier"),
     params:
         dataset=CONFIG["dataset"],
         epochs=CONFIG["metrics"]["classifier_epochs"],
@@ -43,8 +47,9 @@ rule reference_stats:
         "logs/metrics/reference.log",
     conda:
         CONDA_ENV
+    threads: job_size("reference_stats")["cpus"]
     resources:
-        gpu=lambda w: 1 if CONFIG["metrics"]["features"] == "inception" else 0,
+        **job_resources("reference_stats", gpu=REFERENCE_GPUS),
     params:
         dataset=CONFIG["dataset"],
         metrics=CONFIG["metrics"],
@@ -75,8 +80,9 @@ rule metrics:
         "logs/metrics/{run}/s{seed}/ep{epoch}-{guide}.log",
     conda:
         CONDA_ENV
+    threads: job_size("metrics")["cpus"]
     resources:
-        gpu=lambda w: 1 if CONFIG["metrics"]["features"] == "inception" else 0,
+        **job_resources("metrics", gpu=metrics_gpus),
     params:
         run_cfg=run_params("metrics"),
     script:
