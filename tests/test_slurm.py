@@ -107,8 +107,8 @@ class Interrupter(threading.Thread):
         wait_until(f"job {job} to train 3 steps past {start}",
                    lambda: job_restarts(job) == ("RUNNING", restarts) and progress(log) >= start + 3)
         subprocess.run(command + [job], check=True)
-        # The job saves _wip and comes back: read the saved step before the next attempt moves on.
-        wait_until(f"job {job} to be requeued", lambda: job_restarts(job)[1] == restarts + 1)
+        # The job saves _wip, exits and waits to come back (PENDING): read the step it saved then.
+        wait_until(f"job {job} to be requeued", lambda: job_restarts(job) == ("PENDING", restarts + 1))
         self.stopped_at.append(io.load_checkpoint(wip)["step"])
 
     def run(self):

@@ -23,7 +23,6 @@ _tok_tag = (
 LATENTS_DIR = f"{DATASET_DIR}/{_tok_tag}"
 RUN_DIR = "results/runs/{run}/s{seed}/ep{epoch}"
 STATE = f"{RUN_DIR}/state.pt"
-CONDA_ENV = "../../envs/ddaepp.yaml"
 
 
 def run_cfg(run):

@@ -6,8 +6,6 @@ rule index:
         f"{DATASET_DIR}/index-{{split}}.parquet",
     log:
         f"logs/data/index-{{split}}.log",
-    conda:
-        CONDA_ENV
     threads: job_size("index")["cpus"]
     resources:
         **job_resources("index"),
@@ -24,8 +22,6 @@ rule encode_shard:
         f"{LATENTS_DIR}/shards/{{split}}-{{shard}}.npz",
     log:
         f"logs/data/encode-{{split}}-{{shard}}.log",
-    conda:
-        CONDA_ENV
     threads: job_size("encode_shard")["cpus"]
     resources:
         **job_resources("encode_shard", gpu=ENCODE_GPUS),
@@ -45,8 +41,6 @@ rule merge_train_latents:
         stats=f"{LATENTS_DIR}/stats.json",
     log:
         "logs/data/merge-train.log",
-    conda:
-        CONDA_ENV
     threads: job_size("merge_train_latents")["cpus"]
     resources:
         **job_resources("merge_train_latents"),
@@ -64,8 +58,6 @@ rule merge_val_latents:
         labels=f"{LATENTS_DIR}/labels-val.npy",
     log:
         "logs/data/merge-val.log",
-    conda:
-        CONDA_ENV
     threads: job_size("merge_val_latents")["cpus"]
     resources:
         **job_resources("merge_val_latents"),

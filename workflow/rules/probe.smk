@@ -18,8 +18,6 @@ rule probe:
         ),
     log:
         "logs/probe/{run}/s{seed}/ep{epoch}.log",
-    conda:
-        CONDA_ENV
     threads: job_size("probe")["cpus"]
     resources:
         **job_resources("probe", gpu=run_stage_gpus),

@@ -32,8 +32,6 @@ rule table:
         ),
     log:
         "logs/report/{table}.log",
-    conda:
-        CONDA_ENV
     threads: job_size("table")["cpus"]
     resources:
         **job_resources("table"),

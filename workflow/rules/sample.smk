@@ -9,8 +9,6 @@ rule sample_shard:
         f"{RUN_DIR}/samples-{{guide}}/shard{{shard}}.npz",
     log:
         "logs/sample/{run}/s{seed}/ep{epoch}-{guide}-{shard}.log",
-    conda:
-        CONDA_ENV
     threads: job_size("sample_shard")["cpus"]
     resources:
         **job_resources("sample_shard", gpu=run_stage_gpus),
@@ -26,8 +24,6 @@ rule train_classifier:
         summary=f"{DATASET_DIR}/digits-net.json",
     log:
         "logs/metrics/digits-net.log",
-    conda:
-        CONDA_ENV
     threads: job_size("train_classifier")["cpus"]
     resources:
         **job_resources("train_classifier"),
@@ -45,8 +41,6 @@ rule reference_stats:
         f"{DATASET_DIR}/fid-ref-{CONFIG['metrics']['features']}.npz",
     log:
         "logs/metrics/reference.log",
-    conda:
-        CONDA_ENV
     threads: job_size("reference_stats")["cpus"]
     resources:
         **job_resources("reference_stats", gpu=REFERENCE_GPUS),
@@ -78,8 +72,6 @@ rule metrics:
         ),
     log:
         "logs/metrics/{run}/s{seed}/ep{epoch}-{guide}.log",
-    conda:
-        CONDA_ENV
     threads: job_size("metrics")["cpus"]
     resources:
         **job_resources("metrics", gpu=metrics_gpus),

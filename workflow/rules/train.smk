@@ -11,8 +11,6 @@ rule train:
         summary=f"{RUN_DIR}/train.json",
     log:
         "logs/train/{run}/s{seed}/ep{epoch}.log",
-    conda:
-        CONDA_ENV
     threads: job_size("train")["cpus"]
     resources:
         **job_resources("train", gpu=gpus),
