@@ -34,7 +34,7 @@ def readme_commands() -> list[str]:
     for line in lines:
         line = re.sub(r"\s+#.*$", "", line.strip())  # a trailing comment
         for part in line.split("&&"):
-            part = " ".join(part.split())
+            part = " ".join(part.split()).removeprefix(".venv/bin/")  # the same command either way
             if COMMAND.match(part) and part not in commands:
                 commands.append(part)
     return commands
