@@ -5,7 +5,7 @@ directory that sees the repository's workflow, configs and profile, with small r
 where the paper config expects ImageNet and weights (data/imagenet, weights/...). Snakemake
 commands run as dry runs (`-n` appended): none may crash or fail. A `--report` of a run that has
 built nothing may only fail with Snakemake's "does not exist" (the README says to name finished
-targets then; tests/test_report_view.py builds real reports).
+targets then; tests/test_e2e.py opens a real report in Chromium).
 """
 
 import os
