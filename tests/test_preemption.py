@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +69,20 @@ def test_handlers_are_restored_after_training(default_config, small_latents, tmp
     train(run_cfg(default_config), small_latents, seed=0, epoch=1, out_state=tmp_path / "state.pt")
     assert {sig: signal.getsignal(sig) for sig in preemption.STOP_SIGNALS} == before
     assert preemption.requested() is None
+
+
+def test_a_training_failure_a_retry_cannot_fix_is_not_retried(tmp_path):
+    """Snakemake's retries (the profile's 2) never rerun training: a NaN loss fails once, at once."""
+    repo = Path(__file__).resolve().parents[1]
+    for name in ("Snakefile", "workflow", "config.yaml", "tests"):
+        (tmp_path / name).symlink_to(repo / name)
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-c2", "--retries", "2",
+                           "results/runs/uncond-baseline/s0/ep6/state.pt",
+                           "--configfile", "tests/cluster/smoke-slurm.yaml", "--config", "train={lr: 1.0e+6}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "FloatingPointError" in (tmp_path / "logs/train/uncond-baseline/s0/ep6.log").read_text()
+    assert len(re.findall(r"^(?:local)?rule train:", out, re.M)) == 1, out[-3000:]  # one attempt
+    assert "Trying to restart" not in out
