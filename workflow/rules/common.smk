@@ -153,6 +153,7 @@ from ddaepp import preemption
 preemption.shield_workflow_process()  # SLURM's SIGUSR1 warning is for training, not for Snakemake
 workflow.localrules(*CONFIG["jobs"]["local"])
 
+
 # Seconds of warning before the time limit a training job gets (SIGUSR1): a tenth of its runtime,
 # between 30 s and 10 min -- enough to finish the step and write the in-progress state.
 def warning_seconds(runtime_minutes):
@@ -167,7 +168,12 @@ def job_size(rule):
 def job_resources(rule, gpu=0):
     """A rule's `resources`: its size, its GPUs (a count or a function of wildcards), one node."""
     size = job_size(rule)
-    return {"runtime": size["runtime"], "mem_mb": size["mem_mb"], "gpu": gpu, "nodes": 1}
+    return {
+        "runtime": size["runtime"],
+        "mem_mb": size["mem_mb"],
+        "gpu": gpu,
+        "nodes": 1,
+    }
 
 
 def any_run_on_gpus():
@@ -185,7 +191,9 @@ def run_stage_gpus(wildcards):
 
 def metrics_gpus(wildcards):
     """Inception features of 10k samples want a GPU; digits-net does not."""
-    return 1 if CONFIG["metrics"]["features"] == "inception" and gpus(wildcards) > 0 else 0
+    return (
+        1 if CONFIG["metrics"]["features"] == "inception" and gpus(wildcards) > 0 else 0
+    )
 
 
 # Encoding: the VAEs want a GPU, the exact pixel tokenizer does not. Reference statistics: a GPU
