@@ -3,6 +3,7 @@ nothing to do on a rerun, --forcerun of one epoch redoes only that epoch, a new 
 new work. Minutes, not seconds: marked slow (still part of the default test run)."""
 
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -86,6 +87,61 @@ def test_report_builds(smoke_run):
     snakemake(smoke_run, "results/tables/uncond.md", "results/tables/cond.md", "--report", "report.html")
     html = (smoke_run / "report.html").read_text(errors="ignore")
     assert len(html) > 10_000 and "uncond" in html
+
+
+# What each category of the report shows when a reader opens its first entry (the eye icon).
+REPORT_VIEWS = {"Tables": "table", "Curves": "image", "Samples": "image", "Layer x noise heatmaps": "image"}
+SHOWN = {  # true once the opened entry is on screen: an image that loaded, a table in its frame
+    "image": lambda page: page.evaluate(
+        "[...document.images].some(i => i.complete && i.naturalWidth >= 64 && i.offsetParent !== null)"),
+    "table": lambda page: any("FID" in text and "LP Acc" in text for text in page.frame_texts()),
+}
+
+
+def test_report_opens_in_a_browser_with_tables_curves_samples_and_heatmaps(smoke_run, tmp_path):
+    """The report as a person sees it in Chromium: no script errors; every category lists its
+    entries, and opening one shows the table or the image. Screenshots are kept in tmp_path."""
+    from browser import Page, chromium
+
+    if chromium() is None:
+        message = "no Chromium (Debian: apt-get install chromium); .ci/run installs it"
+        pytest.fail(message) if os.environ.get("CI") == "true" else pytest.skip(message)
+    report = smoke_run / "report.html"
+    if not report.exists():
+        snakemake(smoke_run, "results/tables/uncond.md", "results/tables/cond.md", "--report", "report.html")
+    eyes = 'document.querySelectorAll(\'a[iconname="eye"]\').length'
+    for category, kind in REPORT_VIEWS.items():
+        page = Page(report.as_uri())
+        try:
+            page.wait_for_text("Layer x noise heatmaps")  # the results menu, drawn by the report's script
+            page.click(category)
+            try:
+                page.wait_for(f"the entries of {category}", lambda: page.evaluate(eyes), timeout=5)
+            except TimeoutError:  # per-run subcategories first (samples, heatmaps)
+                page.click("cond-baseline")
+                page.wait_for(f"the entries of {category}/cond-baseline", lambda: page.evaluate(eyes))
+            page.click_css('a[iconname="eye"]')
+            page.wait_for(f"the first entry of {category} on screen", lambda: SHOWN[kind](page))
+            page.screenshot(tmp_path / f"report-{category}.png")
+            assert page.errors == [], (category, page.errors)
+        finally:
+            page.close()
+
+
+def test_report_of_a_partly_finished_run(smoke_run):
+    """While some results are missing, the README's form -- name the finished targets -- works."""
+    missing = smoke_run / "results/figures/cond-lp.png"
+    hidden = missing.with_name("cond-lp.png.away")
+    missing.rename(hidden)
+    try:
+        cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(smoke_run),
+               "--report", "partial.html"]
+        whole = subprocess.run([*cmd, "--configfile", str(smoke_run / "smoke.yaml")], capture_output=True, text=True)
+        assert whole.returncode != 0 and "marked for report but does not exist" in whole.stdout + whole.stderr
+        snakemake(smoke_run, "--report", "partial.html", "results/tables/uncond.md")
+        assert "uncond" in (smoke_run / "partial.html").read_text(errors="ignore")
+    finally:
+        hidden.rename(missing)
 
 
 def test_kill_9_at_random_points_then_rerun_gives_identical_tables(smoke_run, tmp_path):

@@ -147,7 +147,7 @@ def test_operational_edit_reruns_nothing(finished_run, edit):
 @pytest.mark.slow
 @pytest.mark.parametrize("edit, jobs", [
     ("train={lr: 0.002}", {"train": 1, "sample_shard": 1, "metrics": 1, "probe": 1, "table": 1}),
-    ("probe={lr: 0.02}", {"probe": 1, "table": 1}),
+    ("probe={lr: 0.02}", {"probe": 1, "probe_floor": 1, "table": 1}),  # the floor uses the final probe's recipe
     ("sample={steps: 5}", {"sample_shard": 1, "metrics": 1, "table": 1}),
     ("metrics={reference: ref/other.npz}", {"reference_stats": 1, "metrics": 1, "table": 1}),
 ])

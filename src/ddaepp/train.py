@@ -20,7 +20,7 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from . import io, latents as latent_store, layer_search, objectives
+from . import io, latents as latent_store, layer_search, objectives, preemption
 from .config import result_config
 from .data import num_classes as dataset_num_classes
 from .models import model_from_run_config
@@ -139,10 +139,11 @@ def train(run_cfg: dict, latents_dir: str | Path, seed: int, epoch: int, out_sta
     summary then also holds every step's loss (`step_losses`, from step `first_step`).
     """
     wip_dir = Path(wip_dir) if wip_dir else Path(out_state).parent / "_wip"
-    if int(os.environ.get("RANK", 0)) != 0:  # under accelerate launch, the main process holds the lock
-        return _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir, max_steps)
-    with io.exclusive(wip_dir / ".lock", f"the in-progress state of {out_state}"):
-        return _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir, max_steps)
+    with preemption.catch_stop_signals():  # SIGUSR1 / SIGTERM: save _wip after this step and exit
+        if int(os.environ.get("RANK", 0)) != 0:  # under accelerate launch, the main process holds the lock
+            return _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir, max_steps)
+        with io.exclusive(wip_dir / ".lock", f"the in-progress state of {out_state}"):
+            return _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir, max_steps)
 
 
 def _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir, max_steps=None) -> dict:
@@ -215,6 +216,9 @@ def _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir, ma
         if time.time() - last_ckpt > 60 * train_cfg["checkpoint_minutes"] and step < target_step:
             _save(accelerator, wip_path, model, ema, heads, opt, step, epoch_losses, expected)
             last_ckpt = time.time()
+        if step < target_step and preemption.agreed_stop(accelerator):  # preempted or warned by SLURM
+            _save(accelerator, wip_path, model, ema, heads, opt, step, epoch_losses, expected)
+            preemption.exit_to_resume(wip_path, step, accelerator.is_main_process)
     wall = time.time() - t0
     _save(accelerator, out_state, model, ema, heads, opt, step, epoch_losses, expected)
     summary = {"epoch": epoch, "steps": step, "steps_this_job": step - start_step,

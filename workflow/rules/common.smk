@@ -25,7 +25,6 @@ LATENTS_DIR = f"{DATASET_DIR}/{_tok_tag}"
 RUN_DIR = "results/runs/{run}/s{seed}/ep{epoch}"
 STATE = f"{RUN_DIR}/state.pt"
 LAYER_SEARCH_DIR = "results/runs/{run}/s{seed}/layer_search"
-CONDA_ENV = "../../envs/ddaepp.yaml"
 
 
 def run_cfg(run):
@@ -201,3 +200,66 @@ def table_inputs(wildcards):
             if key.startswith(("metrics", "probe", "layer_choice")) and f
         ]
     return {"records": files, "floor": FLOOR}
+
+
+# --- Cluster jobs: sizes from config `jobs`, GPUs from the run config, one node each ----------
+# With `device: cpu` (the rehearsal switch) jobs still request their GPUs, so the scheduling
+# path is the one a GPU cluster takes; the code then runs on the CPU.
+from ddaepp import preemption
+
+preemption.shield_workflow_process()  # SLURM's SIGUSR1 warning is for training, not for Snakemake
+workflow.localrules(*CONFIG["jobs"]["local"])
+
+
+# Seconds of warning before the time limit a training job gets (SIGUSR1): a tenth of its runtime,
+# between 30 s and 10 min -- enough to finish the step and write the in-progress state.
+def warning_seconds(runtime_minutes):
+    return min(600, max(30, runtime_minutes * 6))
+
+
+def job_size(rule):
+    """Runtime (minutes), memory (MB) and CPUs of `rule`'s cluster job: jobs.<rule> over jobs.default."""
+    return {**CONFIG["jobs"]["default"], **CONFIG["jobs"].get(rule, {})}
+
+
+def job_resources(rule, gpu=0):
+    """A rule's `resources`: its size, its GPUs (a count or a function of wildcards), one node."""
+    size = job_size(rule)
+    return {
+        "runtime": size["runtime"],
+        "mem_mb": size["mem_mb"],
+        "gpu": gpu,
+        "nodes": 1,
+    }
+
+
+def any_run_on_gpus():
+    return any(
+        run_cfg(ddaepp_config.run_name(setting, variant))["train"]["gpus"] > 0
+        for setting in CONFIG["settings"]
+        for variant in CONFIG["variants"]
+    )
+
+
+def run_stage_gpus(wildcards):
+    """Sampling and probing: one GPU for runs that train on GPUs."""
+    return 1 if gpus(wildcards) > 0 else 0
+
+
+def metrics_gpus(wildcards):
+    """Inception features of 10k samples want a GPU; digits-net does not."""
+    return (
+        1 if CONFIG["metrics"]["features"] == "inception" and gpus(wildcards) > 0 else 0
+    )
+
+
+# Encoding: the VAEs want a GPU, the exact pixel tokenizer does not. Reference statistics: a GPU
+# only to compute Inception statistics of the train images, not to copy a given npz.
+ENCODE_GPUS = 0 if _tokenizer["name"] == "pixel" or not any_run_on_gpus() else 1
+REFERENCE_GPUS = (
+    1
+    if CONFIG["metrics"]["features"] == "inception"
+    and CONFIG["metrics"]["reference"] is None
+    and any_run_on_gpus()
+    else 0
+)

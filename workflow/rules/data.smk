@@ -6,8 +6,9 @@ rule index:
         f"{DATASET_DIR}/index-{{split}}.parquet",
     log:
         f"logs/data/index-{{split}}.log",
-    conda:
-        CONDA_ENV
+    threads: job_size("index")["cpus"]
+    resources:
+        **job_resources("index"),
     params:
         dataset=section_params("index", "dataset"),
     script:
@@ -21,10 +22,9 @@ rule encode_shard:
         f"{LATENTS_DIR}/shards/{{split}}-{{shard}}.npz",
     log:
         f"logs/data/encode-{{split}}-{{shard}}.log",
-    conda:
-        CONDA_ENV
+    threads: job_size("encode_shard")["cpus"]
     resources:
-        gpu=lambda w: 0 if CONFIG["tokenizer"]["name"] == "pixel" else 1,
+        **job_resources("encode_shard", gpu=ENCODE_GPUS),
     params:
         dataset=section_params("encode", "dataset"),
         tokenizer=section_params("encode", "tokenizer"),
@@ -41,8 +41,9 @@ rule merge_train_latents:
         stats=f"{LATENTS_DIR}/stats.json",
     log:
         "logs/data/merge-train.log",
-    conda:
-        CONDA_ENV
+    threads: job_size("merge_train_latents")["cpus"]
+    resources:
+        **job_resources("merge_train_latents"),
     params:
         split="train",
     script:
@@ -57,8 +58,9 @@ rule merge_val_latents:
         labels=f"{LATENTS_DIR}/labels-val.npy",
     log:
         "logs/data/merge-val.log",
-    conda:
-        CONDA_ENV
+    threads: job_size("merge_val_latents")["cpus"]
+    resources:
+        **job_resources("merge_val_latents"),
     params:
         split="val",
     script:

@@ -14,10 +14,9 @@ rule layer_search_run:
         "logs/layer_search/{run}/s{seed}/layer{layer}.log",
     wildcard_constraints:
         layer=r"\d+",
-    conda:
-        CONDA_ENV
+    threads: job_size("layer_search_run")["cpus"]
     resources:
-        gpu=gpus,
+        **job_resources("layer_search_run", gpu=gpus),
     params:
         run_cfg=run_params("layer_search"),
     script:
@@ -38,8 +37,9 @@ rule choose_layer:
         ),
     log:
         "logs/layer_search/{run}/s{seed}/choose.log",
-    conda:
-        CONDA_ENV
+    threads: job_size("choose_layer")["cpus"]
+    resources:
+        **job_resources("choose_layer"),
     params:
         run_cfg=run_params("layer_search"),
     script:

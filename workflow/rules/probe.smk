@@ -24,10 +24,9 @@ rule probe:
         ),
     log:
         "logs/probe/{run}/s{seed}/ep{epoch}.log",
-    conda:
-        CONDA_ENV
+    threads: job_size("probe")["cpus"]
     resources:
-        gpu=lambda w: 1 if gpus(w) else 0,
+        **job_resources("probe", gpu=run_stage_gpus),
     params:
         run_cfg=run_params("probe"),
     script:
@@ -42,10 +41,9 @@ rule probe_floor:
         FLOOR,
     log:
         "logs/probe/floor.log",
-    conda:
-        CONDA_ENV
+    threads: job_size("probe_floor")["cpus"]
     resources:
-        gpu=1 if CONFIG["train"]["gpus"] else 0,
+        **job_resources("probe_floor", gpu=1 if any_run_on_gpus() else 0),
     params:
         probe=ddaepp_config.StageConfig(
             CONFIG["probe"], {k: CONFIG["probe"][k] for k in FLOOR_KEYS}

@@ -32,8 +32,9 @@ rule table:
         ),
     log:
         "logs/report/{table}.log",
-    conda:
-        CONDA_ENV
+    threads: job_size("table")["cpus"]
+    resources:
+        **job_resources("table"),
     params:
         config=table_params,
         records=lambda w: table_records(w.table),

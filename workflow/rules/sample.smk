@@ -9,10 +9,9 @@ rule sample_shard:
         f"{RUN_DIR}/samples-{{guide}}/shard{{shard}}.npz",
     log:
         "logs/sample/{run}/s{seed}/ep{epoch}-{guide}-{shard}.log",
-    conda:
-        CONDA_ENV
+    threads: job_size("sample_shard")["cpus"]
     resources:
-        gpu=lambda w: 1 if gpus(w) else 0,
+        **job_resources("sample_shard", gpu=run_stage_gpus),
     params:
         run_cfg=run_params("sample"),
     script:
@@ -25,8 +24,9 @@ rule train_classifier:
         summary=f"{DATASET_DIR}/digits-net.json",
     log:
         "logs/metrics/digits-net.log",
-    conda:
-        CONDA_ENV
+    threads: job_size("train_classifier")["cpus"]
+    resources:
+        **job_resources("train_classifier"),
     params:
         dataset=section_params("classifier", "dataset"),
         epochs=CONFIG["metrics"]["classifier_epochs"],
@@ -41,10 +41,9 @@ rule reference_stats:
         f"{DATASET_DIR}/fid-ref-{CONFIG['metrics']['features']}.npz",
     log:
         "logs/metrics/reference.log",
-    conda:
-        CONDA_ENV
+    threads: job_size("reference_stats")["cpus"]
     resources:
-        gpu=lambda w: 1 if CONFIG["metrics"]["features"] == "inception" else 0,
+        **job_resources("reference_stats", gpu=REFERENCE_GPUS),
     params:
         dataset=section_params("reference", "dataset"),
         metrics=reference_params,
@@ -73,10 +72,9 @@ rule metrics:
         ),
     log:
         "logs/metrics/{run}/s{seed}/ep{epoch}-{guide}.log",
-    conda:
-        CONDA_ENV
+    threads: job_size("metrics")["cpus"]
     resources:
-        gpu=lambda w: 1 if CONFIG["metrics"]["features"] == "inception" else 0,
+        **job_resources("metrics", gpu=metrics_gpus),
     params:
         run_cfg=run_params("metrics"),
     script:

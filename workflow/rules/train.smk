@@ -12,10 +12,15 @@ rule train:
         summary=f"{RUN_DIR}/train.json",
     log:
         "logs/train/{run}/s{seed}/ep{epoch}.log",
-    conda:
-        CONDA_ENV
+    # Preemption, the time-limit warning and node failures come back through SLURM's requeue (the
+    # same job resumes from _wip/, see ddaepp.preemption). What is left -- a NaN loss, a bad config,
+    # too little memory -- fails the same way again: not retried on train.gpus GPUs.
+    retries: 0
+    threads: job_size("train")["cpus"]
     resources:
-        gpu=gpus,
+        **job_resources("train", gpu=gpus),
+        # SLURM's warning before the time limit: training saves _wip and requeues the job.
+        slurm_extra=f"--signal=USR1@{warning_seconds(job_size('train')['runtime'])}",
     params:
         run_cfg=run_params("train"),
     script:

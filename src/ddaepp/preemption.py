@@ -1,0 +1,94 @@
+"""Stop training cleanly when the cluster asks, and come back where it stopped.
+
+Two signals mean "stop now, you will be resumed":
+- SIGUSR1: SLURM's warning before the time limit (the train rule asks for it with
+  `--signal=USR1@<seconds>`). The job saves, then requeues itself (`scontrol requeue`): the same
+  SLURM job comes back with a fresh time limit and resumes from `_wip/`; no Snakemake retry is
+  spent.
+- SIGTERM: preemption, `scontrol requeue`, a node shutting down, `kill` on a local run. SLURM
+  requeues preempted and requeued jobs itself; the job only has to save before SIGKILL comes
+  (KillWait, 30 s by default).
+
+SLURM signals every process of the job step, Snakemake's own included: `shield_workflow_process`
+makes that process ignore SIGUSR1 (whose default action would kill it, and with it the training
+it waits for); Snakemake already handles SIGTERM by waiting for its running job.
+
+A handler only sets a flag; the training loop looks at it after each step (all processes agree
+through one tiny all-reduce), writes its in-progress checkpoint at once and exits with
+PREEMPTED_EXIT, so at most the current step is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+from typing import Iterator
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+PREEMPTED_EXIT = 75  # sysexits' EX_TEMPFAIL: stopped to be resumed, not failed
+
+_received: list[int] = []
+
+
+def _flag(signum, frame) -> None:
+    _received.append(signum)
+
+
+@contextlib.contextmanager
+def catch_stop_signals() -> Iterator[None]:
+    """Within this block, SIGUSR1 and SIGTERM only set the flag that `requested` reads."""
+    _received.clear()
+    previous = {sig: signal.signal(sig, _flag) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _received.clear()
+
+
+def requested() -> int | None:
+    """The first stop signal received in this process, or None."""
+    return _received[0] if _received else None
+
+
+def agreed_stop(accelerator) -> bool:
+    """True when any training process received a stop signal; every process gets the same answer."""
+    stop = requested() is not None
+    if accelerator.num_processes == 1:
+        return stop
+    import torch
+
+    flag = torch.tensor([float(stop)], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def exit_to_resume(saved_to, step: int, main_process: bool = True) -> None:
+    """After the in-progress state is saved: requeue a SLURM job warned of its time limit, then exit."""
+    signum = requested() or signal.SIGTERM
+    name = signal.Signals(signum).name
+    job_id = os.environ.get("SLURM_JOB_ID")
+    log.warning("%s received: stopped after step %d, state saved to %s; exiting with %d to be resumed",
+                name, step, saved_to, PREEMPTED_EXIT)
+    if main_process and signum == signal.SIGUSR1 and job_id:
+        # The time-limit warning: nothing else will bring the job back, so requeue it.
+        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+        log.warning("scontrol requeue %s: %s", job_id,
+                    "done" if result.returncode == 0 else f"failed ({result.stderr.strip()})")
+    sys.exit(PREEMPTED_EXIT)
+
+
+def shield_workflow_process() -> None:
+    """Ignore SIGUSR1 in this (Snakemake's) process, so that SLURM's warning only reaches training.
+
+    The ignore is inherited by child processes; training installs its own handler, every other
+    job step simply runs on.
+    """
+    if os.environ.get("SLURM_JOB_ID"):
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)

@@ -1,0 +1,88 @@
+"""SIGUSR1 (SLURM's time-limit warning) and SIGTERM (preemption, requeue) stop training after the
+current step with its state saved, and the resumed run ends where an uninterrupted one does."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from ddaepp import io, preemption
+from ddaepp.train import train
+
+from test_train import run_cfg, states_equal
+
+EPOCHS = 10  # 40 steps of 4 per epoch: long enough to be mid-run when the signal comes
+
+
+def _train_cmd(cfg_path, latents, out, wip):
+    return [sys.executable, "-m", "ddaepp", "train", "--run-config", str(cfg_path), "--latents", str(latents),
+            "--epoch", str(EPOCHS), "--out", str(out), "--wip", str(wip)]
+
+
+def _signal_once_training(proc, signum, fired):
+    """Send `signum` once the progress bar shows a step done (the handlers are installed by then)."""
+    seen = ""
+    while chunk := proc.stderr.read1(4096).decode(errors="replace"):
+        seen += chunk
+        if not fired.is_set() and re.search(rf"\| *[1-9]\d*/{EPOCHS * 4} ", seen):
+            proc.send_signal(signum)
+            fired.set()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
+def test_a_stop_signal_saves_the_step_and_resumes_to_the_same_weights(default_config, small_latents, tmp_path,
+                                                                      signum):
+    cfg = run_cfg(default_config, checkpoint_minutes=60)  # no periodic checkpoint: only the signal saves
+    cfg_path = tmp_path / "run.json"
+    cfg_path.write_text(json.dumps(cfg))
+    train(cfg, small_latents, seed=0, epoch=EPOCHS, out_state=tmp_path / "straight/state.pt")
+
+    out, wip = tmp_path / "stopped/state.pt", tmp_path / "stopped/_wip"
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_JOB_ID"}  # no requeue of the test's own job
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.Popen(_train_cmd(cfg_path, small_latents, out, wip), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    fired = threading.Event()
+    reader = threading.Thread(target=_signal_once_training, args=(proc, signum, fired), daemon=True)
+    reader.start()
+    rc = proc.wait(timeout=300)
+    reader.join(timeout=10)
+    assert fired.is_set(), "training finished before it could be signalled"
+    assert rc == preemption.PREEMPTED_EXIT, f"exit status {rc}"
+    assert not out.exists()
+    stopped_at = io.load_checkpoint(wip / "state.pt")["step"]
+    assert 0 < stopped_at < EPOCHS * 4
+
+    summary = train(cfg, small_latents, seed=0, epoch=EPOCHS, out_state=out, wip_dir=wip)  # the requeued job
+    states_equal(tmp_path / "straight/state.pt", out)
+    assert summary["steps_this_job"] == EPOCHS * 4 - stopped_at
+
+
+def test_handlers_are_restored_after_training(default_config, small_latents, tmp_path):
+    before = {sig: signal.getsignal(sig) for sig in preemption.STOP_SIGNALS}
+    train(run_cfg(default_config), small_latents, seed=0, epoch=1, out_state=tmp_path / "state.pt")
+    assert {sig: signal.getsignal(sig) for sig in preemption.STOP_SIGNALS} == before
+    assert preemption.requested() is None
+
+
+def test_a_training_failure_a_retry_cannot_fix_is_not_retried(tmp_path):
+    """Snakemake's retries (the profile's 2) never rerun training: a NaN loss fails once, at once."""
+    repo = Path(__file__).resolve().parents[1]
+    for name in ("Snakefile", "workflow", "config.yaml", "tests"):
+        (tmp_path / name).symlink_to(repo / name)
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-c2", "--retries", "2",
+                           "results/runs/uncond-baseline/s0/ep6/state.pt",
+                           "--configfile", "tests/cluster/smoke-slurm.yaml", "--config", "train={lr: 1.0e+6}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "FloatingPointError" in (tmp_path / "logs/train/uncond-baseline/s0/ep6.log").read_text()
+    assert len(re.findall(r"^(?:local)?rule train:", out, re.M)) == 1, out[-3000:]  # one attempt
+    assert "Trying to restart" not in out
