@@ -281,7 +281,7 @@ def _spy_probe(monkeypatch, run_cfg, folder):
 
     monkeypatch.setattr(train, "load_ema", spy_load_ema)
     probe.probe_state(run_cfg, folder / "state.pt", folder, folder / "probe.parquet", folder / "probe.json",
-                      folder / "probe.png", folder / "_wip")
+                      folder / "probe.png", folder / "probe-val.parquet", folder / "_wip")
     return seen
 
 
