@@ -68,7 +68,7 @@ def test_non_finite_loss_stops_with_the_step(default_config, small_latents, tmp_
 
 def _train_cmd(cfg_path, latents, out, wip):
     return [sys.executable, "-m", "ddaepp", "train", "--run-config", str(cfg_path), "--latents", str(latents),
-            "--epoch", "3", "--out", str(out), "--wip", str(wip)]
+            "--epoch", "3", "--out", str(out), "--wip", str(wip), "--device", "cpu"]
 
 
 def test_kill_9_mid_segment_resumes_to_the_same_weights(default_config, small_latents, tmp_path):

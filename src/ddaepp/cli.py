@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from . import config as config_mod
+from .devices import DeviceError
 
 
 def _run_cfg(args) -> dict:
@@ -25,10 +26,24 @@ def _run_cfg(args) -> dict:
     return config_mod.run_config(cfg, setting, variant)
 
 
+def _device(args, stage: str, run_cfg: dict) -> str:
+    """--device when given (what `accelerate launch` passes its processes), else the config's rule."""
+    from . import devices
+
+    if getattr(args, "device", None):
+        return args.device
+    if getattr(args, "run_config", None):
+        raise config_mod.ConfigError("--run-config needs --device cpu|cuda (the config's `device` rule is not in it)")
+    gpus = devices.stage_gpus(config_mod.load(args.config, check_paths=False), stage, run_cfg)
+    return devices.require(gpus, f"ddaepp {stage}")
+
+
 def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="config.yaml", help="workflow config file (default: config.yaml)")
     p.add_argument("--run", help="<setting>-<variant>, e.g. uncond-selfcond")
     p.add_argument("--run-config", help="a resolved run config as JSON (instead of --config/--run)")
+    p.add_argument("--device", choices=["cpu", "cuda"],
+                   help="run on this device (default: what the config asks for, see ddaepp.devices)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     except config_mod.ConfigError as err:
         print(f"ddaepp: invalid config: {err}", file=sys.stderr)
         return 2
+    except DeviceError as err:
+        print(f"ddaepp: {err}", file=sys.stderr)
+        return 3
 
 
 def _dispatch(args) -> int:
@@ -78,14 +96,21 @@ def _dispatch(args) -> int:
                 print(config_mod.run_name(setting, variant), "epochs", cfg["settings"][setting]["epochs"])
         return 0
     if args.stage == "train":
-        from .train import train
+        from .train import launch, train
 
-        train(_run_cfg(args), args.latents, args.seed, args.epoch, args.out, args.init, args.wip)
+        run_cfg = _run_cfg(args)
+        device = _device(args, "train", run_cfg)
+        if args.run_config:  # one process of a launch (or a by-hand run of a resolved config)
+            train(run_cfg, args.latents, args.seed, args.epoch, args.out, args.init, args.wip, device)
+        else:
+            launch(run_cfg, args.latents, args.seed, args.epoch, args.out, args.init, args.wip, device)
         return 0
     if args.stage == "sample":
         from .sample import sample_shard
 
-        sample_shard(_run_cfg(args), args.state, args.latents, args.guidance, args.shard, args.out, args.seed)
+        run_cfg = _run_cfg(args)
+        sample_shard(run_cfg, args.state, args.latents, args.guidance, args.shard, args.out, args.seed,
+                     device=_device(args, "sample", run_cfg))
         return 0
     if args.stage == "fetch-assets":
         from .metrics import fetch_assets

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .transport import interpolate
+from .transport import interpolate, sample_t, velocity_loss
 
 
 def mlp(dims: list[int], last_bn: bool) -> nn.Sequential:
@@ -65,11 +65,14 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float, rank: int = 0
     return F.cross_entropy(logits, labels) * 2 * temperature
 
 
-def random_resized_crop(x: torch.Tensor, min_scale: float, gen: torch.Generator) -> torch.Tensor:
-    """A random square crop of side in [min_scale, 1] of each latent, resized back (bilinear)."""
+def random_resized_crop(x: torch.Tensor, min_scale: float, u_scale: torch.Tensor, u_offset: torch.Tensor) -> torch.Tensor:
+    """A random square crop of side in [min_scale, 1] of each latent, resized back (bilinear).
+
+    u_scale (N,) and u_offset (N, 2) are uniform [0, 1) draws, one row per sample (drawn by the
+    caller from the step's generator so that they do not depend on the process count)."""
     n = x.shape[0]
-    scale = min_scale + (1 - min_scale) * torch.rand(n, generator=gen, device=gen.device)
-    offset = (1 - scale).unsqueeze(1) * (2 * torch.rand(n, 2, generator=gen, device=gen.device) - 1)
+    scale = min_scale + (1 - min_scale) * u_scale
+    offset = (1 - scale).unsqueeze(1) * (2 * u_offset - 1)
     theta = torch.zeros(n, 2, 3, device=x.device)
     theta[:, 0, 0], theta[:, 1, 1] = scale, scale
     theta[:, :, 2] = offset
@@ -77,16 +80,16 @@ def random_resized_crop(x: torch.Tensor, min_scale: float, gen: torch.Generator)
     return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def csd_loss(run_cfg, heads, teacher, student, feats_a, x1_a, x1_b, t, x0, y, gen, gather, rank):
+def csd_loss(run_cfg, heads, teacher, student, feats_a, x1_a, x1_b, t, y, draws, gather, rank):
     """Symmetric self-distillation between views a (the diffusion batch) and b (its other view)."""
     cfg, layer = run_cfg["train"]["csd"], run_cfg["model"]["self_cond_layer"]
     null_y = None if y is None else torch.full_like(y, teacher.num_classes)
-    x1_b = random_resized_crop(x1_b, cfg["crop_scale"], gen)
-    xt_b, _ = interpolate(x1_b, x0, t)
-    feat_b = student(xt_b, t, y, stop_after=layer)[:, layer]  # the blocks after `layer` are not needed
+    x1_b = random_resized_crop(x1_b, cfg["crop_scale"], draws["crop_scale"], draws["crop_offset"])
+    xt_b, _ = interpolate(x1_b, draws["x0"], t)
+    feat_b = student(xt_b, t, y, stop_after=layer, label_drop=draws.get("label_drop"))[:, layer]  # later blocks: unused
     t_teacher = torch.full_like(t, cfg["timestep"])
     with torch.no_grad():
-        noise = torch.randn(x1_a.shape, generator=gen, device=x1_a.device)
+        noise = draws["teacher_noise"]
         both = torch.cat([interpolate(x1_a, noise, t_teacher)[0], interpolate(x1_b, noise, t_teacher)[0]])
         null_both = None if null_y is None else torch.cat([null_y, null_y])
         k_a, k_b = teacher(both, torch.cat([t_teacher, t_teacher]), null_both, stop_after=layer)[:, layer].chunk(2)
@@ -97,7 +100,7 @@ def csd_loss(run_cfg, heads, teacher, student, feats_a, x1_a, x1_b, t, x0, y, ge
     return info_nce(q_a, gather(k_b), tau, rank) + info_nce(q_b, gather(k_a), tau, rank)
 
 
-def extra_loss(run_cfg, heads, teacher, student, feats, x1, x1_other, t, x0, y, gen, accelerator):
+def extra_loss(run_cfg, heads, teacher, student, feats, x1, x1_other, t, y, draws, gather=None, rank=0):
     """Weighted sum of the objectives in use; a zero tensor when none is."""
     train = run_cfg["train"]
     total = torch.zeros((), device=x1.device)
@@ -105,7 +108,50 @@ def extra_loss(run_cfg, heads, teacher, student, feats, x1, x1_other, t, x0, y, 
         z = feats[:, train["dispersive"]["layer"]]
         total = total + train["dispersive"]["weight"] * dispersive_loss(z, train["dispersive"]["temperature"])
     if train["csd"]["weight"] > 0:
-        loss = csd_loss(run_cfg, heads, teacher, student, feats, x1, x1_other, t, x0, y, gen,
-                        accelerator.gather, accelerator.process_index)
+        loss = csd_loss(run_cfg, heads, teacher, student, feats, x1, x1_other, t, y, draws,
+                        gather or (lambda k: k), rank)
         total = total + train["csd"]["weight"] * loss
     return total
+
+
+def draw_step(gen: torch.Generator, run_cfg: dict, global_batch: int, rows: slice, latent_shape) -> dict:
+    """Every random draw of one training step, for the rows `rows` of the global batch.
+
+    Drawn for the whole global batch from one generator seeded by (seed, step), then sliced: row i
+    gets the same numbers whichever process holds it, so N processes compute what one does.
+    One generator per step (not one per sample) keeps this a handful of kernel launches; the
+    global batch's noise is a few MB, negligible next to the forward pass."""
+    train, shape = run_cfg["train"], (global_batch, *latent_shape)
+    device = gen.device
+    draws = {"x0": torch.randn(shape, generator=gen, device=device)[rows],
+             "t": sample_t(global_batch, train["t_mean"], train["t_std"], gen)[rows]}
+    if run_cfg["conditional"] and run_cfg["model"]["class_dropout_prob"] > 0:
+        drop = torch.rand(global_batch, generator=gen, device=device) < run_cfg["model"]["class_dropout_prob"]
+        draws["label_drop"] = drop[rows]
+    if train["csd"]["weight"] > 0:
+        draws["crop_scale"] = torch.rand(global_batch, generator=gen, device=device)[rows]
+        draws["crop_offset"] = torch.rand(global_batch, 2, generator=gen, device=device)[rows]
+        draws["teacher_noise"] = torch.randn(shape, generator=gen, device=device)[rows]
+    return draws
+
+
+class TrainingLoss(nn.Module):
+    """The model and the objectives' heads as one module whose forward is the step's loss.
+
+    One module, so that one DDP wrapper syncs every trainable parameter (heads included) and
+    overlaps the all-reduce with the backward, and torch.compile sees the whole loss. The EMA
+    teacher is held outside the module tree: it has no gradients and its own update."""
+
+    def __init__(self, run_cfg: dict, model: nn.Module, heads: nn.ModuleDict, teacher: nn.Module, gather=None,
+                 rank: int = 0):
+        super().__init__()
+        self.run_cfg, self.model, self.heads = run_cfg, model, heads
+        self._teacher, self._gather, self._rank = [teacher], gather, rank
+
+    def forward(self, x1, x1_other, y, draws: dict) -> torch.Tensor:
+        t = draws["t"]
+        xt, target = interpolate(x1, draws["x0"], t)
+        pred, feats = self.model(xt, t, y, return_features=True, label_drop=draws.get("label_drop"))
+        loss = velocity_loss(pred, target, self.run_cfg["train"]["cosine_loss"]).mean()
+        return loss + extra_loss(self.run_cfg, self.heads, self._teacher[0], self.model, feats, x1, x1_other, t, y,
+                                 draws, self._gather, self._rank)
