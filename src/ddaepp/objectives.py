@@ -16,10 +16,26 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .transport import interpolate, sample_t, velocity_loss
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics are the global batch's (every process's rows), on any
+    backend: torch's SyncBatchNorm runs on CUDA only, and the gloo CPU processes of the rehearsal
+    must compute what one process computes. Gradients flow back through the autograd all-gather;
+    the state-dict keys are BatchNorm1d's."""
+
+    def forward(self, x):
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_gather
+
+        rank = dist.get_rank()
+        return super().forward(torch.cat(all_gather(x)))[rank * len(x):(rank + 1) * len(x)]
 
 
 def mlp(dims: list[int], last_bn: bool) -> nn.Sequential:
@@ -28,7 +44,7 @@ def mlp(dims: list[int], last_bn: bool) -> nn.Sequential:
         last = i == len(dims) - 2
         layers.append(nn.Linear(a, b, bias=False))
         if not last or last_bn:
-            layers.append(nn.BatchNorm1d(b, affine=not last))
+            layers.append(GlobalBatchNorm1d(b, affine=not last))
         if not last:
             layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)

@@ -168,8 +168,6 @@ def train(run_cfg: dict, latents_dir: str | Path, seed: int, epoch: int, out_sta
 def build_step(run_cfg: dict, model, heads, ema, opt, accelerator):
     """The loss module, prepared (DDP on several processes) and then compiled when train.compile
     is on: compiling the DDP-wrapped module lets the gradient all-reduce overlap the backward."""
-    if accelerator.num_processes > 1:  # the heads' batch statistics over the global batch, as one process
-        heads = torch.nn.SyncBatchNorm.convert_sync_batchnorm(heads)
     step_module = objectives.TrainingLoss(run_cfg, model, heads, ema, accelerator.gather, accelerator.process_index)
     step_module, opt = accelerator.prepare(step_module, opt)
     if run_cfg["train"]["compile"]:
@@ -208,7 +206,6 @@ def _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir, de
         opt.load_state_dict(state["opt"])
     ema.to(accelerator.device).eval()
     step_module, opt = build_step(run_cfg, model, heads, ema, opt, accelerator)
-    heads = step_module_heads(step_module)
     params = [p for group in opt.param_groups for p in group["params"]]
 
     start_step, epoch_losses = state["step"], list(state["epoch_losses"])
@@ -266,12 +263,6 @@ def _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir, de
     return summary
 
 
-def step_module_heads(step_module) -> torch.nn.Module:
-    """The heads inside the (possibly DDP-wrapped, compiled) loss module: what a checkpoint saves."""
-    inner = getattr(step_module, "_orig_mod", step_module)
-    return getattr(inner, "module", inner).heads
-
-
 class Progress:
     """The training bar (loss, img/s), a log line every train.log_every steps and at each
     checkpoint, and accelerate's TensorBoard tracker when tensorboard is installed."""
@@ -296,19 +287,21 @@ class Progress:
         if self.accelerator.log_with:
             self.accelerator.log({"loss": loss}, step=step)
         if self.every and step % self.every == 0:
-            self._line(step, "")
+            self._line(step)
 
     def checkpoint(self, step: int, path) -> None:
-        self._line(step, f", saved {path}")
+        if self.window:
+            self._line(step)
+        if self.accelerator.is_main_process:
+            log.info("ep%d step %d/%d: saved %s", self.epoch, step, self.total, path)
 
-    def _line(self, step: int, suffix: str) -> None:
+    def _line(self, step: int) -> None:
         if not self.accelerator.is_main_process:
             return
         now = time.time()
         rate = (step - self.last_step) * self.batch_size / max(now - self.t_line, 1e-9)
-        loss = f"{np.mean(self.window):.4f}" if self.window else "-"
-        log.info("ep%d step %d/%d: loss %s (mean of %d steps), %.1f img/s%s", self.epoch, step, self.total, loss,
-                 len(self.window), rate, suffix)
+        log.info("ep%d step %d/%d: loss %.4f (mean of %d steps), %.1f img/s", self.epoch, step, self.total,
+                 np.mean(self.window), len(self.window), rate)
         self.window, self.last_step, self.t_line = [], step, now
 
     def close(self) -> float:

@@ -2,6 +2,7 @@
 import json
 
 from ddaepp import config as ddaepp_config
+from ddaepp import devices as ddaepp_devices
 
 try:
     CONFIG = ddaepp_config.validate(
@@ -51,8 +52,11 @@ def run_params(stage):
     return lambda wildcards: {k: v for k, v in run_cfg(wildcards.run).items() if k in keep}
 
 
-def gpus(wildcards):
-    return run_cfg(wildcards.run)["train"]["gpus"]
+def job_gpus(stage):
+    """GPUs a job of `stage` asks for (ddaepp.devices.stage_gpus); its script uses exactly these."""
+    if stage in ddaepp_devices.RUN_STAGES:
+        return lambda w: ddaepp_devices.stage_gpus(CONFIG, stage, run_cfg(w.run))
+    return lambda w: ddaepp_devices.stage_gpus(CONFIG, stage)
 
 
 def guides(run):

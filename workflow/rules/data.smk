@@ -24,7 +24,7 @@ rule encode_shard:
     conda:
         CONDA_ENV
     resources:
-        gpu=lambda w: 0 if CONFIG["tokenizer"]["name"] == "pixel" else 1,
+        gpu=job_gpus("encode"),
     params:
         dataset=CONFIG["dataset"],
         tokenizer=CONFIG["tokenizer"],

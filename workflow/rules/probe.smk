@@ -21,7 +21,7 @@ rule probe:
     conda:
         CONDA_ENV
     resources:
-        gpu=lambda w: 1 if gpus(w) else 0,
+        gpu=job_gpus("probe"),
     params:
         run_cfg=run_params("probe"),
     script:

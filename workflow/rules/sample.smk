@@ -12,7 +12,7 @@ rule sample_shard:
     conda:
         CONDA_ENV
     resources:
-        gpu=lambda w: 1 if gpus(w) else 0,
+        gpu=job_gpus("sample"),
     params:
         run_cfg=run_params("sample"),
     script:
@@ -44,7 +44,7 @@ rule reference_stats:
     conda:
         CONDA_ENV
     resources:
-        gpu=lambda w: 1 if CONFIG["metrics"]["features"] == "inception" else 0,
+        gpu=job_gpus("reference"),
     params:
         dataset=CONFIG["dataset"],
         metrics=CONFIG["metrics"],
@@ -76,7 +76,7 @@ rule metrics:
     conda:
         CONDA_ENV
     resources:
-        gpu=lambda w: 1 if CONFIG["metrics"]["features"] == "inception" else 0,
+        gpu=job_gpus("metrics"),
     params:
         run_cfg=run_params("metrics"),
     script:

@@ -14,7 +14,7 @@ rule train:
     conda:
         CONDA_ENV
     resources:
-        gpu=gpus,
+        gpu=job_gpus("train"),
     params:
         run_cfg=run_params("train"),
     script:

@@ -1,7 +1,8 @@
-from ddaepp import io, metrics
+from ddaepp import devices, io, metrics
 from ddaepp.sample import save_grid
 
 with io.job_log(snakemake.log[0], snakemake.threads):
+    device = devices.for_job(snakemake)  # the GPUs this rule asked for, or stop here
     cfg = snakemake.params.run_cfg
     sample = cfg["sample"]
     guided = snakemake.wildcards.guide == "cfg"
@@ -20,5 +21,6 @@ with io.job_log(snakemake.log[0], snakemake.threads):
             "steps": sample["steps"],
             "shift": sample["shift"],
         },
+        device=device,
     )
     save_grid(snakemake.input.samples[0], snakemake.output.grid)

@@ -1,9 +1,10 @@
 from pathlib import Path
 
-from ddaepp import io
+from ddaepp import devices, io
 from ddaepp.train import launch
 
 with io.job_log(snakemake.log[0], snakemake.threads):
+    device = devices.for_job(snakemake)  # the GPUs this rule asked for, or stop here
     launch(
         snakemake.params.run_cfg,
         latents_dir=Path(snakemake.input.stats).parent,
@@ -12,4 +13,5 @@ with io.job_log(snakemake.log[0], snakemake.threads):
         out_state=snakemake.output.state,
         init_state=snakemake.input.prev or None,
         wip_dir=Path(snakemake.output.state).parent.parent / f"_wip/ep{snakemake.wildcards.epoch}",
+        device=device,
     )
