@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from tqdm import tqdm
 
 from . import devices, io, latents as latent_store, objectives
@@ -127,6 +128,9 @@ def _accelerator(train_cfg: dict, device: str, project_dir: Path) -> Accelerator
     if device == "cuda":  # every process checks: a launch step without its GPUs stops here, not on the CPU
         devices.require(max(1, train_cfg["gpus"]), "training")
     tracker = "tensorboard" if _tensorboard_available() else None
+    # accelerate keeps one state per process; a process that trains twice (tests, a notebook) may
+    # change the precision between runs
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision(train_cfg, device),
                               dynamo_backend="no", log_with=tracker, project_dir=str(project_dir))
     if accelerator.device.type != device:
