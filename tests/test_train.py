@@ -153,6 +153,16 @@ def test_training_step_compiles_whole(default_config, variant):
     assert not complex_nodes, complex_nodes[:3]
 
 
+def test_rope_compiled_path_equals_eager(monkeypatch):
+    from ddaepp.models import Rope2D
+
+    rope, x = Rope2D(32, 4), torch.randn(2, 3, 16, 32)
+    eager = rope(x)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the real-arithmetic path
+    torch.testing.assert_close(rope(x), eager, atol=1e-6, rtol=0)
+    assert not torch.equal(eager, x)
+
+
 def test_bf16_training_runs_and_tracks_fp32(default_config, small_latents, tmp_path):
     fp32 = train(run_cfg(default_config, precision="fp32"), small_latents, 0, 2, tmp_path / "fp32/state.pt")
     bf16 = train(run_cfg(default_config, precision="bf16"), small_latents, 0, 2, tmp_path / "bf16/state.pt")

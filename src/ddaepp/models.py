@@ -67,11 +67,17 @@ class Rope2D(nn.Module):
         self.register_buffer("pair_sin", angles.sin()[:, ::2].contiguous(), persistent=False)
 
     def forward(self, x):  # x: (..., tokens, head_dim)
-        # rotating each interleaved pair (a, b) by its angle, in real arithmetic: the same products
-        # as a complex multiply, but TorchInductor fuses it (it does not generate code for complex)
-        a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-        cos, sin = self.pair_cos, self.pair_sin
-        return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).type_as(x)
+        # Rotating each interleaved pair (a, b) by its angle is multiplying a + ib by cos + i sin.
+        # Eager: one complex multiply, one kernel (measured on the CPU 2-10x faster forward+backward
+        # than real arithmetic, whose unbind/stack launch several strided kernels). Compiled: the
+        # same products in real arithmetic, which TorchInductor fuses (it cannot generate code for
+        # complex operators and would fall back to eager inside the graph).
+        if torch.compiler.is_compiling():
+            a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+            cos, sin = self.pair_cos, self.pair_sin
+            return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).type_as(x)
+        pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+        return torch.view_as_real(pairs * torch.complex(self.pair_cos, self.pair_sin)).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
