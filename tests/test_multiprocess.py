@@ -9,8 +9,8 @@ real dependence on the process count (e.g. per-process BatchNorm statistics in t
 measured: 0.75) is far above the bounds.
 """
 
-import io as std_io
 import json
+import logging
 
 import pytest
 import torch
@@ -68,8 +68,11 @@ def test_every_ranks_failure_reaches_the_log(default_config, small_latents, tmp_
     run = config.run_config(default_config, "uncond", "baseline")
     run["train"].update(gpus=2, batch_size=63)  # not divisible by 2 processes: every rank stops
     log_file = tmp_path / "train.log"
-    with pytest.raises(Exception):
-        with io.job_log(log_file):
+    handlers = logging.getLogger().handlers[:]
+    try:
+        with pytest.raises(Exception), io.job_log(log_file):
             launch(run, small_latents, 0, 1, tmp_path / "state.pt", device="cpu")
+    finally:  # job_log points logging at the log file, closed now: give later tests theirs back
+        logging.getLogger().handlers[:] = handlers
     text = log_file.read_text()
     assert "[rank0]" in text and "[rank1]" in text and "not divisible by 2 processes" in text

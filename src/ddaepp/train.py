@@ -221,7 +221,7 @@ def _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir, de
         batch_size=None, num_workers=train_cfg["num_workers"], pin_memory=accelerator.device.type == "cuda")
     gen = torch.Generator(accelerator.device)  # one generator, reseeded per step: see objectives.draw_step
     rows = slice(rank * (batch_size // world), (rank + 1) * (batch_size // world))
-    progress = Progress(accelerator, train_cfg, epoch, start_step, target_step, batch_size, wip_dir)
+    progress = Progress(accelerator, train_cfg, epoch, start_step, target_step, batch_size)
     running, last_ckpt, step = [], time.time(), start_step
     for x, x_other, y in batches:
         x1 = (x.to(accelerator.device, non_blocking=True) - mean) / std
@@ -271,7 +271,7 @@ class Progress:
     """The training bar (loss, img/s), a log line every train.log_every steps and at each
     checkpoint, and accelerate's TensorBoard tracker when tensorboard is installed."""
 
-    def __init__(self, accelerator, train_cfg, epoch, start, total, batch_size, wip_dir):
+    def __init__(self, accelerator, train_cfg, epoch, start, total, batch_size):
         self.accelerator, self.every, self.batch_size = accelerator, train_cfg["log_every"], batch_size
         self.start, self.total, self.epoch = start, total, epoch
         self.t0 = self.t_last = self.t_line = time.time()
