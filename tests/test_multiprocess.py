@@ -5,8 +5,9 @@ Tolerance: the relative distance ||ema_1 - ema_2|| / ||ema_1 - ema_init||. Float
 differs between 1 and 2 processes (matmuls over half batches, the all-reduce), and Adam turns
 the sign of a gradient that is at float noise level (~1e-7, e.g. the patch-embedding bias at
 adaLN-zero init) into a full +-lr step, so the weights differ by a little more than rounding; a
-real dependence on the process count (e.g. per-process BatchNorm statistics in the CSD heads,
-measured: 0.75) is far above the bounds.
+real dependence on the process count is far above the bounds (measured: per-process BatchNorm
+statistics in the CSD heads 0.75 after 4 steps, the dispersive loss over each process's rows
+only 0.24).
 """
 
 import json
@@ -22,7 +23,7 @@ from ddaepp.train import launch, train
 pytestmark = pytest.mark.slow  # each case starts 2 processes through accelerate launch (~1 min)
 
 EPOCHS = 6  # 24 steps at 4 steps an epoch
-BOUNDS = {"baseline": 1e-4, "selfcond+csd": 0.1}  # measured: 3e-6 and 0.02-0.05
+BOUNDS = {"baseline": 1e-4, "selfcond+csd": 0.1, "dispersive": 0.01}  # measured: 5e-6, 0.034, 7e-4
 
 
 def relative_distance(a_path, b_path, run_cfg):
@@ -35,7 +36,7 @@ def relative_distance(a_path, b_path, run_cfg):
     return (num / den).item(), max((a[k] - b[k]).abs().max().item() for k in keys)
 
 
-@pytest.mark.parametrize("variant", ["baseline", "selfcond+csd"])
+@pytest.mark.parametrize("variant", ["baseline", "selfcond+csd", "dispersive"])
 def test_two_processes_equal_one(default_config, small_latents, tmp_path, variant, monkeypatch, capsys):
     run = config.run_config(dict(default_config, device="cpu"), "cond", variant)  # label dropout too
     run["train"]["log_every"] = 4

@@ -7,7 +7,7 @@
   every process. Views: the stored flip copy, then a latent-space random crop-and-resize.
 - Dispersive loss (`train.dispersive`, Wang & He 2025): log-mean-exp of -||z_i - z_j||^2 / tau
   over the batch's pooled features of one block; it pushes representations apart with no
-  positive pairs.
+  positive pairs. Over the global batch (all processes' rows), as one process computes it.
 With both weights at 0 nothing is built or computed, so training is exactly the plain run.
 """
 
@@ -32,10 +32,19 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     def forward(self, x):
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_gather
-
         rank = dist.get_rank()
-        return super().forward(torch.cat(all_gather(x)))[rank * len(x):(rank + 1) * len(x)]
+        return super().forward(gather_with_grad(x))[rank * len(x):(rank + 1) * len(x)]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Every process's rows of x, in rank order, with gradients flowing back to their owners (x
+    itself on one process). A loss of the gathered rows is the global batch's loss on every rank,
+    and DDP's gradient average then equals one process's gradient."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x))
 
 
 def mlp(dims: list[int], last_bn: bool) -> nn.Sequential:
@@ -121,7 +130,7 @@ def extra_loss(run_cfg, heads, teacher, student, feats, x1, x1_other, t, y, draw
     train = run_cfg["train"]
     total = torch.zeros((), device=x1.device)
     if train["dispersive"]["weight"] > 0:
-        z = feats[:, train["dispersive"]["layer"]]
+        z = gather_with_grad(feats[:, train["dispersive"]["layer"]])  # over the global batch, as one process
         total = total + train["dispersive"]["weight"] * dispersive_loss(z, train["dispersive"]["temperature"])
     if train["csd"]["weight"] > 0:
         loss = csd_loss(run_cfg, heads, teacher, student, feats, x1, x1_other, t, y, draws,
