@@ -56,7 +56,7 @@ class TimmDiT(nn.Module):
         self.blocks = nn.ModuleList(TimmDiTBlock(width, heads) for _ in range(depth))
         self.out = nn.Linear(width, patch * patch * channels)
 
-    def forward(self, x, t, y=None, return_features=False):
+    def forward(self, x, t, y=None, return_features=False, label_drop=None):
         n, c, h, w = x.shape
         tokens = self.embed(x).flatten(2).transpose(1, 2)
         freqs = torch.exp(-torch.arange(128, device=x.device) * 9.21 / 128)
@@ -91,7 +91,7 @@ def upstream_model(repo: str, size: str, latent, classes: int) -> nn.Module:
     width, depth, heads = config_mod.MODEL_SIZES[size.split("/")[0]]
 
     class Wrapped(Upstream):  # our loop asks for features; upstream returns the velocity only
-        def forward(self, x, t, y=None, return_features=False):
+        def forward(self, x, t, y=None, return_features=False, label_drop=None):  # upstream drops labels itself
             y = torch.zeros(len(x), dtype=torch.long, device=x.device) if y is None else y
             v = super().forward(x, t, y)
             return (v, v.new_zeros(len(x), depth, width)) if return_features else v
