@@ -181,3 +181,33 @@ def test_compiled_training_equals_eager(default_config, small_latents, tmp_path,
     with capsys.disabled():
         print(f"\ncompiled vs eager epoch loss: max relative difference {max(diffs):.3g}")
     assert max(diffs) < 1e-4, (eager["epoch_losses"], compiled["epoch_losses"])
+
+
+class _RecordingLatents:
+    """A stand-in for the latents memmap that records what each read asks for."""
+
+    def __init__(self, array):
+        self.array, self.shape, self.reads = array, array.shape, []
+
+    def __getitem__(self, key):
+        self.reads.append(key)
+        return self.array[key]
+
+
+@pytest.mark.parametrize("other_view", [False, True])
+def test_step_batches_read_only_the_views_in_use(other_view):
+    import numpy as np
+
+    from ddaepp.train import StepBatches
+
+    latents = _RecordingLatents(np.random.default_rng(0).standard_normal((32, 2, 4, 2, 2)).astype(np.float32))
+    labels = np.arange(32) % 10
+    whole = StepBatches(latents, labels, 8, seed=0, start=0, stop=4)[1]
+    halves = [StepBatches(latents, labels, 8, seed=0, start=0, stop=4, rank=r, world=2, other_view=other_view)[1]
+              for r in range(2)]
+    assert all(isinstance(key, tuple) and len(key) == 2 for key in latents.reads)  # (rows, view): one view each
+    assert len(latents.reads) == 1 + 2 * (1 + other_view)
+    assert torch.equal(torch.cat([h[0] for h in halves]), whole[0])  # row i is the same sample at any world size
+    assert torch.equal(torch.cat([h[2] for h in halves]), whole[2])
+    if other_view:
+        assert not torch.equal(halves[0][1], halves[0][0])
