@@ -24,7 +24,8 @@ from timm.layers import Attention, Mlp
 
 from ddaepp import config as config_mod, objectives
 from ddaepp.models import build_model, count_flops
-from ddaepp.train import training_loss, update_ema
+from ddaepp.models import Rope2D
+from ddaepp.train import update_ema
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +56,7 @@ class TimmDiT(nn.Module):
         self.blocks = nn.ModuleList(TimmDiTBlock(width, heads) for _ in range(depth))
         self.out = nn.Linear(width, patch * patch * channels)
 
-    def forward(self, x, t, y=None, return_features=False):
+    def forward(self, x, t, y=None, return_features=False, label_drop=None):
         n, c, h, w = x.shape
         tokens = self.embed(x).flatten(2).transpose(1, 2)
         freqs = torch.exp(-torch.arange(128, device=x.device) * 9.21 / 128)
@@ -90,7 +91,7 @@ def upstream_model(repo: str, size: str, latent, classes: int) -> nn.Module:
     width, depth, heads = config_mod.MODEL_SIZES[size.split("/")[0]]
 
     class Wrapped(Upstream):  # our loop asks for features; upstream returns the velocity only
-        def forward(self, x, t, y=None, return_features=False):
+        def forward(self, x, t, y=None, return_features=False, label_drop=None):  # upstream drops labels itself
             y = torch.zeros(len(x), dtype=torch.long, device=x.device) if y is None else y
             v = super().forward(x, t, y)
             return (v, v.new_zeros(len(x), depth, width)) if return_features else v
@@ -100,25 +101,53 @@ def upstream_model(repo: str, size: str, latent, classes: int) -> nn.Module:
                    use_swiglu=True, use_rope=True, use_rmsnorm=True)
 
 
-def time_steps(run_cfg, model, heads, x1, y, accelerator, steps, warmup=3):
+def time_steps(run_cfg, model, heads, x1, y, accelerator, steps, warmup=3, compile=False):
+    """Seconds per training step (loss, backward, AdamW, EMA) with the training loop's loss module."""
     ema = copy.deepcopy(model).requires_grad_(False)
     params = list(model.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95))
-    model, heads, opt = accelerator.prepare(model, heads, opt)
+    step_module = objectives.TrainingLoss(run_cfg, model, heads, ema, accelerator.gather, accelerator.process_index)
+    step_module, opt = accelerator.prepare(step_module, opt)
+    if compile:
+        step_module = torch.compile(step_module)
     x1_other = torch.flip(x1, dims=[-1])
+    gen = torch.Generator(x1.device)
     for i in range(warmup + steps):
         if i == warmup:
             if x1.is_cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
-        loss = training_loss(run_cfg, model, heads, ema, x1, x1_other, y, i, accelerator)
+        draws = objectives.draw_step(gen.manual_seed(i), run_cfg, len(x1), slice(0, len(x1)), tuple(x1.shape[1:]))
+        with accelerator.autocast():
+            loss = step_module(x1, x1_other, y, draws)
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         opt.step()
-        update_ema(ema, accelerator.unwrap_model(model), 0.9999)
+        update_ema(ema, model, 0.9999)
     if x1.is_cuda:
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / steps
+
+
+def complex_rope_forward(self, x):
+    """The previous RoPE, a complex multiply in eager and under torch.compile alike."""
+    rotation = torch.complex(self.freqs_cos[:, ::2], self.freqs_sin[:, ::2])
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
+
+
+def rope_ratio(run, size, latent, classes, x1, y, accelerator, steps, rounds=3):
+    """Eager step time of the current RoPE (complex in eager, real arithmetic when compiled) over the
+    previous all-complex one: the eager path must not have become slower (interleaved rounds, best of)."""
+    real_forward, times = Rope2D.forward, {"real": [], "complex": []}
+    for _ in range(rounds):
+        for name, forward in (("real", real_forward), ("complex", complex_rope_forward)):
+            Rope2D.forward = forward
+            torch.manual_seed(0)
+            model = build_model(size, latent, classes, **{k: v for k, v in run["model"].items() if k != "size"})
+            times[name].append(time_steps(run, model, nn.ModuleDict(), x1, y, accelerator, steps))
+    Rope2D.forward = real_forward
+    return min(times["real"]), min(times["complex"])
 
 
 def main():
@@ -131,6 +160,8 @@ def main():
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100 SXM: 989)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--lightningdit-repo", help="a checkout of hustvl/LightningDiT to time its own model too")
+    parser.add_argument("--rope-only", action="store_true",
+                        help="only the eager step time of the real-arithmetic RoPE vs the previous complex one")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -145,6 +176,12 @@ def main():
     width, depth, heads = config_mod.MODEL_SIZES[args.size.split("/")[0]]
     print(f"device {accelerator.device} ({accelerator.mixed_precision}), {args.size} on {latent}, batch {args.batch}, "
           f"{torch.get_num_threads()} CPU threads")
+    base_run = config_mod.run_config(cfg, setting, "baseline")
+    real, complex_ = rope_ratio(base_run, args.size, latent, args.classes, x1, y, accelerator, args.steps)
+    print(f"RoPE eager step time, current / previous: {real:.4f} / {complex_:.4f} s = {real / complex_:.3f} "
+          "(<= 1: eager is at least as fast as before)")
+    if args.rope_only:
+        return
     results = {}
     for variant in cfg["variants"]:
         run = config_mod.run_config(cfg, setting, variant)
@@ -154,7 +191,6 @@ def main():
         extra = objectives.build_heads(run, model)
         results[variant] = (time_steps(run, model, extra, x1, y, accelerator, args.steps), model)
     plain = TimmDiT(width, depth, heads, latent[0], int(args.size.split("/")[1]))
-    base_run = config_mod.run_config(cfg, setting, "baseline")
     results["timm DiT"] = (time_steps(base_run, plain, nn.ModuleDict(), x1, None, accelerator, args.steps), plain)
     if args.lightningdit_repo:
         upstream = upstream_model(args.lightningdit_repo, args.size, latent, args.classes)

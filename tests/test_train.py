@@ -68,7 +68,7 @@ def test_non_finite_loss_stops_with_the_step(default_config, small_latents, tmp_
 
 def _train_cmd(cfg_path, latents, out, wip):
     return [sys.executable, "-m", "ddaepp", "train", "--run-config", str(cfg_path), "--latents", str(latents),
-            "--epoch", "3", "--out", str(out), "--wip", str(wip)]
+            "--epoch", "3", "--out", str(out), "--wip", str(wip), "--device", "cpu"]
 
 
 def test_kill_9_mid_segment_resumes_to_the_same_weights(default_config, small_latents, tmp_path):
@@ -126,3 +126,88 @@ def test_a_corrupt_checkpoint_names_the_file(default_config, small_latents, tmp_
     (tmp_path / "ep1/state.pt").write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"ep1/state.pt is corrupt"):
         train(run_cfg(default_config), small_latents, 0, 2, tmp_path / "ep2/state.pt", init_state=tmp_path / "ep1/state.pt")
+
+
+def _step_inputs(run, batch=8, latent=(4, 8, 8)):
+    from ddaepp import objectives
+    from ddaepp.models import model_from_run_config
+
+    torch.manual_seed(0)
+    model = model_from_run_config(run, latent, 10)
+    heads = objectives.build_heads(run, model)
+    step = objectives.TrainingLoss(run, model, heads, model)
+    draws = objectives.draw_step(torch.Generator().manual_seed(0), run, batch, slice(0, batch), latent)
+    x1, y = torch.randn(batch, *latent), torch.randint(0, 10, (batch,))
+    return step, (x1, None, y if run["conditional"] else None, draws)
+
+
+@pytest.mark.parametrize("variant", ["baseline", "selfcond"])
+def test_training_step_compiles_whole(default_config, variant):
+    """One graph, no breaks, no complex tensors (TorchInductor cannot generate code for them)."""
+    step, inputs = _step_inputs(run_cfg(default_config, variant, "cond"))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(step)(*inputs)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    complex_nodes = [node for graph in explained.graphs for node in graph.graph.nodes
+                     if getattr(node.meta.get("example_value"), "dtype", torch.float32).is_complex]
+    assert not complex_nodes, complex_nodes[:3]
+
+
+def test_rope_compiled_path_equals_eager(monkeypatch):
+    from ddaepp.models import Rope2D
+
+    rope, x = Rope2D(32, 4), torch.randn(2, 3, 16, 32)
+    eager = rope(x)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the real-arithmetic path
+    torch.testing.assert_close(rope(x), eager, atol=1e-6, rtol=0)
+    assert not torch.equal(eager, x)
+
+
+def test_bf16_training_runs_and_tracks_fp32(default_config, small_latents, tmp_path):
+    fp32 = train(run_cfg(default_config, precision="fp32"), small_latents, 0, 2, tmp_path / "fp32/state.pt")
+    bf16 = train(run_cfg(default_config, precision="bf16"), small_latents, 0, 2, tmp_path / "bf16/state.pt")
+    assert fp32["mixed_precision"] == "no" and bf16["mixed_precision"] == "bf16"
+    assert bf16["epoch_losses"] != fp32["epoch_losses"]  # autocast was on
+    assert bf16["epoch_losses"] == pytest.approx(fp32["epoch_losses"], rel=0.05)
+
+
+@pytest.mark.slow  # TorchInductor compiles the forward and backward on the CPU (~1 min)
+def test_compiled_training_equals_eager(default_config, small_latents, tmp_path, capsys):
+    eager = train(run_cfg(default_config), small_latents, 0, 1, tmp_path / "eager/state.pt")
+    torch._dynamo.reset()
+    compiled = train(run_cfg(default_config, compile=True), small_latents, 0, 1, tmp_path / "compiled/state.pt")
+    assert compiled["compiled"] and not eager["compiled"]
+    diffs = [abs(a - b) / abs(a) for a, b in zip(eager["epoch_losses"], compiled["epoch_losses"])]
+    with capsys.disabled():
+        print(f"\ncompiled vs eager epoch loss: max relative difference {max(diffs):.3g}")
+    assert max(diffs) < 1e-4, (eager["epoch_losses"], compiled["epoch_losses"])
+
+
+class _RecordingLatents:
+    """A stand-in for the latents memmap that records what each read asks for."""
+
+    def __init__(self, array):
+        self.array, self.shape, self.reads = array, array.shape, []
+
+    def __getitem__(self, key):
+        self.reads.append(key)
+        return self.array[key]
+
+
+@pytest.mark.parametrize("other_view", [False, True])
+def test_step_batches_read_only_the_views_in_use(other_view):
+    import numpy as np
+
+    from ddaepp.train import StepBatches
+
+    latents = _RecordingLatents(np.random.default_rng(0).standard_normal((32, 2, 4, 2, 2)).astype(np.float32))
+    labels = np.arange(32) % 10
+    whole = StepBatches(latents, labels, 8, seed=0, start=0, stop=4)[1]
+    halves = [StepBatches(latents, labels, 8, seed=0, start=0, stop=4, rank=r, world=2, other_view=other_view)[1]
+              for r in range(2)]
+    assert all(isinstance(key, tuple) and len(key) == 2 for key in latents.reads)  # (rows, view): one view each
+    assert len(latents.reads) == 1 + 2 * (1 + other_view)
+    assert torch.equal(torch.cat([h[0] for h in halves]), whole[0])  # row i is the same sample at any world size
+    assert torch.equal(torch.cat([h[2] for h in halves]), whole[2])
+    if other_view:
+        assert not torch.equal(halves[0][1], halves[0][0])

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from . import config as config_mod
+from .devices import DeviceError
 
 
 def _run_cfg(args) -> dict:
@@ -25,10 +26,24 @@ def _run_cfg(args) -> dict:
     return config_mod.run_config(cfg, setting, variant)
 
 
+def _device(args, stage: str, run_cfg: dict) -> str:
+    """--device when given (what `accelerate launch` passes its processes), else the config's rule."""
+    from . import devices
+
+    if getattr(args, "device", None):
+        return args.device
+    if getattr(args, "run_config", None):
+        raise config_mod.ConfigError("--run-config needs --device cpu|cuda (the config's `device` rule is not in it)")
+    gpus = devices.stage_gpus(config_mod.load(args.config, check_paths=False), stage, run_cfg)
+    return devices.require(gpus, f"ddaepp {stage}")
+
+
 def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="config.yaml", help="workflow config file (default: config.yaml)")
     p.add_argument("--run", help="<setting>-<variant>, e.g. uncond-selfcond")
     p.add_argument("--run-config", help="a resolved run config as JSON (instead of --config/--run)")
+    p.add_argument("--device", choices=["cpu", "cuda"],
+                   help="run on this device (default: what the config asks for, see ddaepp.devices)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     except config_mod.ConfigError as err:
         print(f"ddaepp: invalid config: {err}", file=sys.stderr)
         return 2
+    except DeviceError as err:
+        print(f"ddaepp: {err}", file=sys.stderr)
+        return 3
 
 
 def _dispatch(args) -> int:
@@ -96,16 +114,21 @@ def _dispatch(args) -> int:
         return 0
     if args.stage == "train":
         from .layer_search import resolve
-        from .train import train
+        from .train import launch, train
 
         run_cfg = resolve(_run_cfg(args), args.layer_choice)
-        train(run_cfg, args.latents, args.seed, args.epoch, args.out, args.init, args.wip, args.max_steps)
+        device = _device(args, "train", run_cfg)
+        if args.run_config:  # one process of a launch (or a by-hand run of a resolved config)
+            train(run_cfg, args.latents, args.seed, args.epoch, args.out, args.init, args.wip, args.max_steps, device)
+        else:
+            launch(run_cfg, args.latents, args.seed, args.epoch, args.out, args.init, args.wip, args.max_steps, device)
         return 0
     if args.stage == "layer-search-run":
         from .layer_search import run_candidate
 
         wip = args.wip or Path(args.out).parent / "_wip"
-        run_candidate(_run_cfg(args), args.layer, args.latents, args.seed, args.out, wip)
+        run_cfg = _run_cfg(args)
+        run_candidate(run_cfg, args.layer, args.latents, args.seed, args.out, wip, device=_device(args, "train", run_cfg))
         return 0
     if args.stage == "choose-layer":
         from .layer_search import choose_layer
@@ -116,7 +139,9 @@ def _dispatch(args) -> int:
     if args.stage == "sample":
         from .sample import sample_shard
 
-        sample_shard(_run_cfg(args), args.state, args.latents, args.guidance, args.shard, args.out, args.seed)
+        run_cfg = _run_cfg(args)
+        sample_shard(run_cfg, args.state, args.latents, args.guidance, args.shard, args.out, args.seed,
+                     device=_device(args, "sample", run_cfg))
         return 0
     if args.stage == "fetch-assets":
         from .metrics import fetch_assets

@@ -48,7 +48,8 @@ OPERATIONAL_KEYS = {
     "train": ("gpus",  # N processes equal one at the same global batch, up to float reduction order
               "num_workers",  # loader processes; every batch is a function of (seed, step)
               "checkpoint_minutes",  # a resumed segment equals an uninterrupted one
-              "compile"),  # the same graph, fused: reduction order only
+              "compile",  # the same graph, fused: reduction order only
+              "log_every"),  # what is logged, not what is computed
     # Not operational: train.precision. bf16 against fp32 is a numerical choice that changes the
     # trained weights beyond reduction order, so changing it retrains and a state made in one is not
     # resumed in the other. `auto` means "what the device does best" (fp32 on CPU, bf16 on GPUs):

@@ -58,7 +58,7 @@ def describe(choice: dict) -> str:
 
 # ---------------------------------------------------------------------------- short runs
 
-def run_candidate(run_cfg: dict, layer: int, latents_dir, seed: int, out_state, wip_dir) -> None:
+def run_candidate(run_cfg: dict, layer: int, latents_dir, seed: int, out_state, wip_dir, device: str = "cpu") -> None:
     """One short run: `layer_search.steps` steps from scratch with block `layer` self-conditioning.
 
     train.json beside `out_state` receives the per-step losses. Short runs write no mid-run
@@ -77,7 +77,7 @@ def run_candidate(run_cfg: dict, layer: int, latents_dir, seed: int, out_state, 
     steps = run_cfg["layer_search"]["steps"]
     n_train = len(np.load(Path(latents_dir) / "labels-train.npy", mmap_mode="r"))
     epochs = math.ceil(steps / max(1, n_train // cfg["train"]["batch_size"]))  # a label: max_steps stops it
-    launch(cfg, latents_dir, seed, epochs, out_state, None, wip_dir, max_steps=steps)
+    launch(cfg, latents_dir, seed, epochs, out_state, None, wip_dir, max_steps=steps, device=device)
 
 
 # ---------------------------------------------------------------------------- the choice

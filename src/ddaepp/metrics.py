@@ -171,11 +171,12 @@ def train_classifier(dataset_cfg: dict, out_path: str | os.PathLike, epochs: int
 # features, reference statistics, checks
 
 
-def _feature_extractor(metrics_cfg: dict, layers: list[str], classifier_path=None) -> FeatureExtractorBase:
+def _feature_extractor(metrics_cfg: dict, layers: list[str], classifier_path=None,
+                       device: str = "cpu") -> FeatureExtractorBase:
     name = FEATURE_NETS[metrics_cfg["features"]][0]
     weights = classifier_path if metrics_cfg["features"] == "digits-net" else metrics_cfg["inception_weights"]
     try:
-        return create_feature_extractor(name, layers, cuda=torch.cuda.is_available(), verbose=False,
+        return create_feature_extractor(name, layers, cuda=device == "cuda", verbose=False,
                                         feature_extractor_weights_path=str(weights) if weights else None)
     except OSError as error:  # urllib's errors are OSErrors: only the download can raise them here
         if weights:
@@ -187,11 +188,11 @@ def _feature_extractor(metrics_cfg: dict, layers: list[str], classifier_path=Non
 
 @torch.no_grad()
 def extract_features(batches, metrics_cfg: dict, classifier_path=None, layers: list[str] | None = None,
-                     total: int | None = None) -> dict[str, torch.Tensor]:
+                     total: int | None = None, device: str = "cpu") -> dict[str, torch.Tensor]:
     """Features of uint8 (B, C, S, S) image batches: {layer: (N, D) float32}; default layers: FID's and IS's."""
     name, fid_layer, is_layer = FEATURE_NETS[metrics_cfg["features"]]
     layers = layers or list(dict.fromkeys([fid_layer, is_layer]))
-    extractor = _feature_extractor(metrics_cfg, layers, classifier_path)
+    extractor = _feature_extractor(metrics_cfg, layers, classifier_path, device)
     device = next(extractor.parameters()).device
     out = {layer: [] for layer in layers}
     with tqdm(total=total, desc=f"{metrics_cfg['features']} features", unit="img") as progress:
@@ -261,7 +262,8 @@ def check_ready(dataset_cfg: dict, metrics_cfg: dict, n_samples: int, classifier
         load_reference(metrics_cfg["reference"], features)
 
 
-def reference_stats(dataset_cfg: dict, metrics_cfg: dict, out_npz: str | os.PathLike, classifier_path=None) -> dict:
+def reference_stats(dataset_cfg: dict, metrics_cfg: dict, out_npz: str | os.PathLike, classifier_path=None,
+                    device: str = "cpu") -> dict:
     """Write the FID reference npz (mu, sigma float64, n, features, source) and return it.
 
     Copied from metrics.reference when that names an ADM-style npz; otherwise computed from the
@@ -280,7 +282,8 @@ def reference_stats(dataset_cfg: dict, metrics_cfg: dict, out_npz: str | os.Path
         limit = metrics_cfg["reference_n"] or None
         fid_layer = FEATURE_NETS[features][1]
         batches = (x for x, _ in iter_image_batches(dataset_cfg, "train", BATCH_SIZE, limit=limit))
-        train_features = extract_features(batches, metrics_cfg, classifier_path, [fid_layer], total=limit)[fid_layer]
+        train_features = extract_features(batches, metrics_cfg, classifier_path, [fid_layer], total=limit,
+                                          device=device)[fid_layer]
         if len(train_features) <= dim:
             raise ConfigError(f"FID reference needs more than {dim} train images for '{features}' features, "
                               f"got {len(train_features)}; raise metrics.reference_n or use a larger dataset")
@@ -345,7 +348,8 @@ def load_samples(sample_npzs: list, image_size: int | None = None) -> tuple[np.n
 
 
 def compute(sample_npzs: list, dataset_cfg: dict, metrics_cfg: dict, reference_npz: str | os.PathLike,
-            out_json: str | os.PathLike, classifier_path=None, extra: dict | None = None) -> dict:
+            out_json: str | os.PathLike, classifier_path=None, extra: dict | None = None,
+            device: str = "cpu") -> dict:
     """FID against `reference_npz` and IS of the samples in `sample_npzs`; written to `out_json`."""
     features = metrics_cfg["features"]
     if not sample_npzs:
@@ -356,9 +360,8 @@ def compute(sample_npzs: list, dataset_cfg: dict, metrics_cfg: dict, reference_n
     images, labels = load_samples(sample_npzs, dataset_cfg["image_size"])
     _, fid_layer, is_layer = FEATURE_NETS[features]
     batches = (torch.from_numpy(images[i:i + BATCH_SIZE]) for i in range(0, len(images), BATCH_SIZE))
-    sample_features = extract_features(batches, metrics_cfg, classifier_path, total=len(images))
+    sample_features = extract_features(batches, metrics_cfg, classifier_path, total=len(images), device=device)
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     with tqdm(total=metrics_cfg["bootstrap"], desc="bootstrap", unit="replicate") as progress:
         result = scores.evaluate(sample_features[fid_layer], sample_features[is_layer], reference,
                                  metrics_cfg["is_split_size"], metrics_cfg["bootstrap"], device, progress)

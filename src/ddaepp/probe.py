@@ -262,7 +262,8 @@ def run_floor(train_latents, train_labels, val_latents, val_labels, mean, std, p
 
 
 def _device(device: str | None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """The job's device as ddaepp.devices decided it; never picked here (no silent fallback)."""
+    return torch.device(device or "cpu")
 
 
 def probe_state(run_cfg: dict, state_path, latents_dir, out_parquet, out_json, out_png, out_predictions, work_dir,

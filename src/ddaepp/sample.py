@@ -63,8 +63,9 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def sample_shard(run_cfg: dict, state_path, latents_dir, guidance: str, shard: int, out_npz, seed: int,
-                 device: str | None = None) -> None:
-    """Write shard `shard` of run_cfg['sample']['shards'] as an npz of uint8 `images` and `labels`."""
+                 device: str = "cpu") -> None:
+    """Write shard `shard` of run_cfg['sample']['shards'] as an npz of uint8 `images` and `labels`, on
+    `device` (the workflow's scripts pass what ddaepp.devices decides; nothing is picked here)."""
     if guidance not in ("nocfg", "cfg"):
         raise ValueError(f"guidance must be 'nocfg' or 'cfg', got {guidance!r}")
     if guidance == "cfg" and not run_cfg["conditional"]:
@@ -72,7 +73,7 @@ def sample_shard(run_cfg: dict, state_path, latents_dir, guidance: str, shard: i
     cfg = run_cfg["sample"]
     latent_channels = tokenizers.latent_shape(run_cfg["tokenizer"], run_cfg["dataset"])[0]
     guided = guided_channels(cfg["cfg"]["channels"], latent_channels)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device)
     mean, std = (s.to(device) for s in latent_store.load_stats(latents_dir))
     tokenizer = tokenizers.build(run_cfg["tokenizer"], run_cfg["dataset"], device=str(device))
     latent_shape = tuple(tokenizer.latent_shape)
@@ -82,7 +83,8 @@ def sample_shard(run_cfg: dict, state_path, latents_dir, guidance: str, shard: i
     size = run_cfg["dataset"]["image_size"]
     io.check_free_space(Path(out_npz).parent, (stop - start) * 3 * size * size, f"the samples {out_npz}")
     images, labels = [], []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    # fp32 by default, as upstream samples; sample.precision: bf16 trades exactness for speed
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["precision"] == "bf16")
     for a in tqdm(range(start, stop, cfg["batch_size"]), desc=f"sample {guidance} shard {shard}"):
         idx = range(a, min(a + cfg["batch_size"], stop))
         noise, y = noise_and_labels(idx, latent_shape, n_classes, seed)

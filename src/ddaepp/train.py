@@ -1,30 +1,37 @@
 """Training in epoch-budget segments: the state at budget E_prev -> the state at budget E.
 
-Every random draw of step s (batch order, flip view, noise, t, label dropout) comes from
-generators seeded by (seed, s, rank), so training 0 -> 2 epochs in one job equals 0 -> 1 -> 2 in
-two jobs, and a job killed mid-segment resumes from its last `_wip` checkpoint to the same
-weights as an uninterrupted run. Devices and processes go through accelerate: one CPU
-process here, N GPU processes in bf16 under `accelerate launch` on a cluster.
+Every random draw of a training sample (batch order, flip view, noise, t, label dropout, the CSD
+crop and teacher noise) is a function of (seed, step, the sample's row in the global batch),
+never of the process rank: N processes compute what one process computes at the same global
+batch, up to float reduction order. Training 0 -> 2 epochs in one job therefore equals 0 -> 1 -> 2
+in two jobs, and a job killed mid-segment resumes from its last `_wip` checkpoint to the same
+weights as an uninterrupted run. Devices and processes go through accelerate: the device comes
+from `ddaepp.devices` (no silent CPU fallback), `train.gpus > 1` runs under `accelerate launch`
+with one process per GPU, or per CPU process under the `device: cpu` rehearsal switch (gloo).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from tqdm import tqdm
 
-from . import io, latents as latent_store, layer_search, objectives, preemption
+from . import devices, io, latents as latent_store, layer_search, objectives, preemption
 from .config import result_config
 from .data import num_classes as dataset_num_classes
 from .models import model_from_run_config
-from .transport import interpolate, sample_t, velocity_loss
 
 log = logging.getLogger("ddaepp.train")
 
@@ -50,17 +57,24 @@ def check_compatible(state: dict, expected: dict, path: Path) -> None:
                          + "; ".join(diffs) + "). Delete it, or restore the config it was made with")
 
 
-def step_seed(seed: int, step: int, rank: int = 0) -> int:
-    return (seed * 1_000_003 + step) * 1_009 + rank
+def step_seed(seed: int, step: int) -> int:
+    """The seed of step `step`'s draws: the same on every process (rows are sliced, not reseeded)."""
+    return seed * 1_000_003 + step
 
 
 class StepBatches(torch.utils.data.Dataset):
-    """Item i is this process's share of the global batch of step `start + i`."""
+    """Item i is this process's rows of the global batch of step `start + i`.
+
+    The global batch is sorted by dataset index (sequential memmap reads) and then split into
+    contiguous per-process rows, so row r of the global batch holds the same sample and view
+    whatever the number of processes. Only the view in use is read; the other flip view only
+    when contrastive self-distillation needs it (`other_view`)."""
 
     def __init__(self, latents, labels, batch_size, seed, start, stop, rank=0, world=1, other_view=False):
         self.latents, self.labels, self.other_view = latents, labels, other_view
         self.batch_size, self.seed, self.start, self.stop = batch_size, seed, start, stop
-        self.rank, self.world = rank, world
+        per_rank = batch_size // world
+        self.rows = slice(rank * per_rank, (rank + 1) * per_rank)
         self.steps_per_epoch = len(labels) // batch_size
         self._order = (None, None)  # (epoch, permutation): one permutation of N per epoch, not per step
 
@@ -72,32 +86,15 @@ class StepBatches(torch.utils.data.Dataset):
         epoch, j = divmod(step, self.steps_per_epoch)
         if self._order[0] != epoch:
             self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.labels)))
-        idx = self._order[1][j * self.batch_size:(j + 1) * self.batch_size]
-        per_rank = self.batch_size // self.world
-        idx = np.sort(idx[self.rank * per_rank:(self.rank + 1) * per_rank])  # sorted reads from the memmap
-        views = np.random.default_rng([self.seed, step, self.rank, 1]).integers(0, self.latents.shape[1], len(idx))
-        stored = np.asarray(self.latents[idx])
-        x = torch.from_numpy(stored[np.arange(len(idx)), views].astype(np.float32))
+        batch = np.sort(self._order[1][j * self.batch_size:(j + 1) * self.batch_size])
+        views = np.random.default_rng([self.seed, step, 1]).integers(0, self.latents.shape[1], self.batch_size)
+        idx, view = batch[self.rows], views[self.rows]
+        x = torch.from_numpy(np.asarray(self.latents[idx, view], dtype=np.float32))  # reads these views only
         y = torch.from_numpy(np.asarray(self.labels[idx]).astype(np.int64))
-        if not self.other_view:  # contrastive self-distillation needs the other stored view too
+        if not self.other_view:
             return x, None, y
-        other = stored[np.arange(len(idx)), (views + 1) % stored.shape[1]].astype(np.float32)
+        other = np.asarray(self.latents[idx, (view + 1) % self.latents.shape[1]], dtype=np.float32)
         return x, torch.from_numpy(other), y
-
-
-def training_loss(run_cfg, model, heads, ema, x1, x1_other, y, seed: int, accelerator) -> torch.Tensor:
-    """The loss of one batch: diffusion loss plus the variant's representation objectives."""
-    train_cfg = run_cfg["train"]
-    gen = torch.Generator(accelerator.device).manual_seed(seed)
-    torch.manual_seed(seed)  # label dropout inside the model
-    x0 = torch.randn(x1.shape, generator=gen, device=accelerator.device)
-    t = sample_t(len(x1), train_cfg["t_mean"], train_cfg["t_std"], gen)
-    xt, target = interpolate(x1, x0, t)
-    with accelerator.autocast():
-        pred, feats = model(xt, t, y, return_features=True)
-        loss = velocity_loss(pred, target, train_cfg["cosine_loss"]).mean()
-        return loss + objectives.extra_loss(run_cfg, heads, ema, model, feats, x1, x1_other, t, x0, y, gen,
-                                            accelerator)
 
 
 def ema_decay(train_cfg: dict, step: int) -> float:
@@ -113,10 +110,38 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
                              1 - decay)
 
 
-def _accelerator(train_cfg: dict) -> Accelerator:
-    use_gpu = train_cfg["gpus"] > 0 and torch.cuda.is_available()
-    bf16 = use_gpu and train_cfg["precision"] in ("auto", "bf16")
-    return Accelerator(cpu=not use_gpu, mixed_precision="bf16" if bf16 else "no")
+def mixed_precision(train_cfg: dict, device: str) -> str:
+    """accelerate's mixed precision: bf16 autocast on CUDA unless fp32 is asked; fp32 on the CPU
+    unless bf16 is asked explicitly (the rehearsal of the GPU path's numerics)."""
+    precision = train_cfg["precision"]
+    if precision == "bf16" or (precision == "auto" and device == "cuda"):
+        return "bf16"
+    return "no"
+
+
+def _accelerator(train_cfg: dict, device: str, project_dir: Path) -> Accelerator:
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda":  # every process checks: a launch step without its GPUs stops here, not on the CPU
+        devices.require(max(1, train_cfg["gpus"]), "training")
+    tracker = "tensorboard" if _tensorboard_available() else None
+    # accelerate keeps one state per process; a process that trains twice (tests, a notebook) may
+    # change the precision between runs
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision(train_cfg, device),
+                              dynamo_backend="no", log_with=tracker, project_dir=str(project_dir))
+    if accelerator.device.type != device:
+        raise devices.DeviceError(f"accelerate placed training on {accelerator.device}, not {device}: "
+                                  f"{devices.describe()}")
+    return accelerator
+
+
+def _tensorboard_available() -> bool:
+    try:
+        import tensorboard  # noqa: F401  (the optional extra `ddaepp[tensorboard]`)
+    except ImportError:
+        return False
+    return True
 
 
 def _resume_state(init_path, wip_path, expected) -> dict | None:
@@ -132,44 +157,55 @@ def _resume_state(init_path, wip_path, expected) -> dict | None:
 
 def train(run_cfg: dict, latents_dir: str | Path, seed: int, epoch: int, out_state: str | Path,
           init_state: str | Path | None = None, wip_dir: str | Path | None = None,
-          max_steps: int | None = None) -> dict:
-    """Train one run from `init_state` (budget E_prev) or from scratch up to `epoch` epochs.
+          max_steps: int | None = None, device: str = "cpu") -> dict:
+    """Train one run from `init_state` (budget E_prev) or from scratch up to `epoch` epochs, in this
+    process, on `device` ('cpu' or 'cuda'; see `launch` for several processes).
 
     `max_steps` (the layer search's short runs) stops at that global step instead, and the
     summary then also holds every step's loss (`step_losses`, from step `first_step`).
     """
     wip_dir = Path(wip_dir) if wip_dir else Path(out_state).parent / "_wip"
+    args = (run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir, max_steps, device)
     with preemption.catch_stop_signals():  # SIGUSR1 / SIGTERM: save _wip after this step and exit
         if int(os.environ.get("RANK", 0)) != 0:  # under accelerate launch, the main process holds the lock
-            return _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir, max_steps)
+            return _train(*args)
         with io.exclusive(wip_dir / ".lock", f"the in-progress state of {out_state}"):
-            return _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir, max_steps)
+            return _train(*args)
 
 
-def _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir, max_steps=None) -> dict:
+def build_step(run_cfg: dict, model, heads, ema, opt, accelerator):
+    """The loss module, prepared (DDP on several processes) and then compiled when train.compile
+    is on: compiling the DDP-wrapped module lets the gradient all-reduce overlap the backward."""
+    step_module = objectives.TrainingLoss(run_cfg, model, heads, ema, accelerator.gather, accelerator.process_index)
+    step_module, opt = accelerator.prepare(step_module, opt)
+    if run_cfg["train"]["compile"]:
+        step_module = torch.compile(step_module)
+    return step_module, opt
+
+
+def _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir, max_steps, device) -> dict:
     train_cfg = run_cfg["train"]
     out_state = Path(out_state)
     wip_path = wip_dir / "state.pt"
-    accelerator = _accelerator(train_cfg)
+    accelerator = _accelerator(train_cfg, device, wip_dir)
     latents, labels = latent_store.load_latents(latents_dir, "train")
     mean, std = (s.to(accelerator.device) for s in latent_store.load_stats(latents_dir))
     latent_shape, n_classes = tuple(latents.shape[2:]), dataset_num_classes(run_cfg["dataset"])
-    batch_size = train_cfg["batch_size"]
-    if batch_size % accelerator.num_processes:
-        raise ValueError(f"train.batch_size {batch_size} is not divisible by {accelerator.num_processes} processes")
+    batch_size, world, rank = train_cfg["batch_size"], accelerator.num_processes, accelerator.process_index
+    if batch_size % world:
+        raise ValueError(f"train.batch_size {batch_size} is not divisible by {world} processes")
     steps_per_epoch = len(labels) // batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"train.batch_size {batch_size} exceeds the {len(labels)} training images")
     target_step = epoch * steps_per_epoch if max_steps is None else max_steps
 
     expected = fingerprint(run_cfg, seed)
-    torch.manual_seed(seed)  # a fresh start's initial weights
+    torch.manual_seed(seed)  # a fresh start's initial weights (the same on every process)
     model = model_from_run_config(run_cfg, latent_shape, n_classes)
     heads = objectives.build_heads(run_cfg, model)
     ema = copy.deepcopy(model).requires_grad_(False)
-    params = list(model.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=train_cfg["lr"], betas=tuple(train_cfg["betas"]),
-                            weight_decay=train_cfg["weight_decay"])
+    opt = torch.optim.AdamW(list(model.parameters()) + list(heads.parameters()), lr=train_cfg["lr"],
+                            betas=tuple(train_cfg["betas"]), weight_decay=train_cfg["weight_decay"])
     state = _resume_state(init_state, wip_path, expected) or {"step": 0, "epoch_losses": []}
     if "model" in state:
         model.load_state_dict(state["model"])
@@ -177,62 +213,115 @@ def _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir, ma
         heads.load_state_dict(state["heads"])
         opt.load_state_dict(state["opt"])
     ema.to(accelerator.device).eval()
-    train_model = torch.compile(model) if train_cfg["compile"] and accelerator.device.type == "cuda" else model
-    train_model, heads, opt = accelerator.prepare(train_model, heads, opt)
+    step_module, opt = build_step(run_cfg, model, heads, ema, opt, accelerator)
+    params = [p for group in opt.param_groups for p in group["params"]]
 
     start_step, epoch_losses = state["step"], list(state["epoch_losses"])
     if start_step > target_step:
         raise ValueError(f"the starting state is at step {start_step}, past the {target_step} steps of {epoch} epochs")
     batches = torch.utils.data.DataLoader(
-        StepBatches(latents, labels, batch_size, seed, start_step, target_step,
-                    accelerator.process_index, accelerator.num_processes,
+        StepBatches(latents, labels, batch_size, seed, start_step, target_step, rank, world,
                     other_view=train_cfg["csd"]["weight"] > 0),
         batch_size=None, num_workers=train_cfg["num_workers"], pin_memory=accelerator.device.type == "cuda")
-    running, step_losses, t0, last_ckpt = [], [], time.time(), time.time()
-    step = start_step
-    for x, x_other, y in tqdm(batches, initial=start_step, total=target_step, desc=f"train ep{epoch}",
-                     disable=not accelerator.is_main_process):
+    gen = torch.Generator(accelerator.device)  # one generator, reseeded per step: see objectives.draw_step
+    rows = slice(rank * (batch_size // world), (rank + 1) * (batch_size // world))
+    progress = Progress(accelerator, train_cfg, epoch, start_step, target_step, batch_size)
+    running, step_losses, last_ckpt, step = [], [], time.time(), start_step
+    for x, x_other, y in batches:
         x1 = (x.to(accelerator.device, non_blocking=True) - mean) / std
         x1_other = (x_other.to(accelerator.device) - mean) / std if x_other is not None else None
         y = y.to(accelerator.device) if run_cfg["conditional"] else None
-        loss = training_loss(run_cfg, train_model, heads, ema, x1, x1_other, y,
-                             step_seed(seed, step, accelerator.process_index), accelerator)
+        draws = objectives.draw_step(gen.manual_seed(step_seed(seed, step)), run_cfg, batch_size, rows, latent_shape)
+        with accelerator.autocast():
+            loss = step_module(x1, x1_other, y, draws)
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         if train_cfg["grad_clip"] > 0:
             accelerator.clip_grad_norm_(params, train_cfg["grad_clip"])
         opt.step()
-        value = loss.item()  # the step's one device sync; a bad step is never saved, only reported
+        # the global batch's mean loss (what one process would report); the step's one device sync
+        value = accelerator.reduce(loss.detach().float(), "mean").item()
         if not np.isfinite(value):
             raise FloatingPointError(f"loss is {value} at step {step}; the last good state is kept "
                                      f"({wip_path if wip_path.exists() else init_state or 'none yet'})")
-        update_ema(ema, accelerator.unwrap_model(train_model), ema_decay(train_cfg, step))
+        update_ema(ema, model, ema_decay(train_cfg, step))
         step += 1
         running.append(value)
         step_losses.append(value)
+        progress.step(step, value)
         if step % steps_per_epoch == 0:
             epoch_losses.append(float(np.mean(running)))
             running = []
         if time.time() - last_ckpt > 60 * train_cfg["checkpoint_minutes"] and step < target_step:
             _save(accelerator, wip_path, model, ema, heads, opt, step, epoch_losses, expected)
+            progress.checkpoint(step, wip_path)
             last_ckpt = time.time()
         if step < target_step and preemption.agreed_stop(accelerator):  # preempted or warned by SLURM
             _save(accelerator, wip_path, model, ema, heads, opt, step, epoch_losses, expected)
+            progress.close()
             preemption.exit_to_resume(wip_path, step, accelerator.is_main_process)
-    wall = time.time() - t0
+    wall = progress.close()
     _save(accelerator, out_state, model, ema, heads, opt, step, epoch_losses, expected)
+    progress.checkpoint(step, out_state)
     summary = {"epoch": epoch, "steps": step, "steps_this_job": step - start_step,
                "steps_per_epoch": steps_per_epoch, "batch_size": batch_size, "epoch_losses": epoch_losses,
                "wall_s": wall, "images_per_s": (step - start_step) * batch_size / max(wall, 1e-9),
-               "processes": accelerator.num_processes, "device": str(accelerator.device),
-               "mixed_precision": accelerator.mixed_precision}
+               "processes": world, "device": accelerator.device.type,
+               "mixed_precision": accelerator.mixed_precision, "compiled": bool(train_cfg["compile"])}
     if max_steps is not None:
         summary.update(first_step=start_step, step_losses=step_losses)
     if accelerator.is_main_process:
         io.write_json(out_state.with_name("train.json"), summary)
         wip_path.unlink(missing_ok=True)
         Path(str(wip_path) + ".sha256").unlink(missing_ok=True)
+    accelerator.end_training()
     return summary
+
+
+class Progress:
+    """The training bar (loss, img/s), a log line every train.log_every steps and at each
+    checkpoint, and accelerate's TensorBoard tracker when tensorboard is installed."""
+
+    def __init__(self, accelerator, train_cfg, epoch, start, total, batch_size):
+        self.accelerator, self.every, self.batch_size = accelerator, train_cfg["log_every"], batch_size
+        self.start, self.total, self.epoch = start, total, epoch
+        self.t0 = self.t_last = self.t_line = time.time()
+        self.last_step, self.window = start, []
+        self.bar = tqdm(initial=start, total=total, desc=f"train ep{epoch}", disable=not accelerator.is_main_process,
+                        unit="step", dynamic_ncols=True)
+        if accelerator.log_with:
+            accelerator.init_trackers(f"ep{epoch}")
+
+    def step(self, step: int, loss: float) -> None:
+        self.window.append(loss)
+        now = time.time()
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{self.batch_size / max(now - self.t_last, 1e-9):.1f}",
+                             refresh=False)
+        self.t_last = now
+        if self.accelerator.log_with:
+            self.accelerator.log({"loss": loss}, step=step)
+        if self.every and step % self.every == 0:
+            self._line(step)
+
+    def checkpoint(self, step: int, path) -> None:
+        if self.window:
+            self._line(step)
+        if self.accelerator.is_main_process:
+            log.info("ep%d step %d/%d: saved %s", self.epoch, step, self.total, path)
+
+    def _line(self, step: int) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        now = time.time()
+        rate = (step - self.last_step) * self.batch_size / max(now - self.t_line, 1e-9)
+        log.info("ep%d step %d/%d: loss %.4f (mean of %d steps), %.1f img/s", self.epoch, step, self.total,
+                 np.mean(self.window), len(self.window), rate)
+        self.window, self.last_step, self.t_line = [], step, now
+
+    def close(self) -> float:
+        self.bar.close()
+        return time.time() - self.t0
 
 
 def _save(accelerator, path, model, ema, heads, opt, step, epoch_losses, fp):
@@ -254,27 +343,63 @@ def load_ema(state_path: str | Path, run_cfg: dict, latent_shape, n_classes: int
 
 
 def launch(run_cfg: dict, latents_dir, seed: int, epoch: int, out_state, init_state=None, wip_dir=None,
-           max_steps=None) -> None:
-    """Train in this process, or under `accelerate launch` with one process per GPU when gpus > 1."""
-    gpus = run_cfg["train"]["gpus"]
-    if gpus <= 1:
-        train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir, max_steps)
+           max_steps=None, device: str = "cpu") -> None:
+    """Train in this process, or under `accelerate launch` with `train.gpus` processes when it is
+    above 1: one per GPU on `device='cuda'`, CPU processes (gloo) on `device='cpu'`."""
+    processes = max(1, run_cfg["train"]["gpus"])
+    if device == "cuda":
+        devices.require(processes, "training")  # before starting anything
+    if processes == 1:
+        train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir, max_steps, device)
         return
-    import json
-    import subprocess
-    import sys
-
     wip_dir = Path(wip_dir) if wip_dir else Path(out_state).parent / "_wip"
     wip_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = wip_dir / "run_config.json"
     cfg_path.write_text(json.dumps(run_cfg))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(gpus),
-           "--mixed_precision", "bf16" if run_cfg["train"]["precision"] != "fp32" else "no",
-           "-m", "ddaepp", "train", "--run-config", str(cfg_path), "--latents", str(latents_dir),
-           "--seed", str(seed), "--epoch", str(epoch), "--out", str(out_state), "--wip", str(wip_dir)]
+    cmd = accelerate_command(processes, mixed_precision(run_cfg["train"], device), wip_dir) + [
+        "-m", "ddaepp", "train", "--run-config", str(cfg_path), "--latents", str(latents_dir), "--seed", str(seed),
+        "--epoch", str(epoch), "--out", str(out_state), "--wip", str(wip_dir), "--device", device]
     if init_state:
         cmd += ["--init", str(init_state)]
     if max_steps is not None:
         cmd += ["--max-steps", str(max_steps)]
     log.info("launching: %s", " ".join(cmd))
-    subprocess.run(cmd, check=True)
+    run_streaming(cmd)
+
+
+def free_port() -> int:
+    """A TCP port free now, for the processes' rendezvous: two jobs on one node never share one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def accelerate_command(processes: int, precision: str, work_dir: Path) -> list[str]:
+    """`accelerate launch` on one machine with every setting explicit, reading its own config file
+    (written here) instead of the user's ~/.cache/huggingface/accelerate/default_config.yaml."""
+    import yaml
+
+    port = free_port()
+    settings = {"compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_GPU", "num_machines": 1,
+                "machine_rank": 0, "num_processes": processes, "main_process_ip": "127.0.0.1",
+                "main_process_port": port, "mixed_precision": precision, "gpu_ids": "all", "use_cpu": False,
+                "rdzv_backend": "static", "same_network": True, "dynamo_config": {"dynamo_backend": "NO"},
+                "debug": False}
+    config_file = work_dir / "accelerate.yaml"
+    config_file.write_text(yaml.safe_dump(settings))
+    # --multi_gpu starts `processes` ranks; on device cpu the script's Accelerator(cpu=True) makes them gloo ranks
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file), "--multi_gpu",
+            "--num_machines", "1", "--machine_rank", "0", "--main_process_ip", "127.0.0.1",
+            "--main_process_port", str(port), "--num_processes", str(processes), "--mixed_precision", precision,
+            "--dynamo_backend", "no"]
+
+
+def run_streaming(cmd: list[str]) -> None:
+    """Run `cmd`, copying every rank's stdout and stderr (bars, losses, tracebacks) to ours, which
+    inside a workflow job is the rule's log file; a failure raises with the exit status."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    while chunk := os.read(proc.stdout.fileno(), 65536):
+        sys.stdout.write(chunk.decode(errors="replace"))
+        sys.stdout.flush()
+    if proc.wait():
+        raise subprocess.CalledProcessError(proc.returncode, cmd)

@@ -3,6 +3,7 @@ import json
 
 from ddaepp import config as ddaepp_config
 from ddaepp import layer_search as ddaepp_layer_search
+from ddaepp import devices as ddaepp_devices
 
 try:
     CONFIG = ddaepp_config.validate(
@@ -74,8 +75,11 @@ def check_target(wildcards):
     )
 
 
-def gpus(wildcards):
-    return run_cfg(wildcards.run)["train"]["gpus"]
+def job_gpus(stage):
+    """GPUs a job of `stage` asks for (ddaepp.devices.stage_gpus); its script uses exactly these."""
+    if stage in ddaepp_devices.RUN_STAGES:
+        return lambda w: ddaepp_devices.stage_gpus(CONFIG, stage, run_cfg(w.run))
+    return lambda w: ddaepp_devices.stage_gpus(CONFIG, stage)
 
 
 def state_input(wildcards):
@@ -231,35 +235,3 @@ def job_resources(rule, gpu=0):
         "gpu": gpu,
         "nodes": 1,
     }
-
-
-def any_run_on_gpus():
-    return any(
-        run_cfg(ddaepp_config.run_name(setting, variant))["train"]["gpus"] > 0
-        for setting in CONFIG["settings"]
-        for variant in CONFIG["variants"]
-    )
-
-
-def run_stage_gpus(wildcards):
-    """Sampling and probing: one GPU for runs that train on GPUs."""
-    return 1 if gpus(wildcards) > 0 else 0
-
-
-def metrics_gpus(wildcards):
-    """Inception features of 10k samples want a GPU; digits-net does not."""
-    return (
-        1 if CONFIG["metrics"]["features"] == "inception" and gpus(wildcards) > 0 else 0
-    )
-
-
-# Encoding: the VAEs want a GPU, the exact pixel tokenizer does not. Reference statistics: a GPU
-# only to compute Inception statistics of the train images, not to copy a given npz.
-ENCODE_GPUS = 0 if _tokenizer["name"] == "pixel" or not any_run_on_gpus() else 1
-REFERENCE_GPUS = (
-    1
-    if CONFIG["metrics"]["features"] == "inception"
-    and CONFIG["metrics"]["reference"] is None
-    and any_run_on_gpus()
-    else 0
-)

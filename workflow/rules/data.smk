@@ -24,7 +24,7 @@ rule encode_shard:
         f"logs/data/encode-{{split}}-{{shard}}.log",
     threads: job_size("encode_shard")["cpus"]
     resources:
-        **job_resources("encode_shard", gpu=ENCODE_GPUS),
+        **job_resources("encode_shard", gpu=job_gpus("encode")),
     params:
         dataset=section_params("encode", "dataset"),
         tokenizer=section_params("encode", "tokenizer"),

@@ -16,7 +16,7 @@ rule layer_search_run:
         layer=r"\d+",
     threads: job_size("layer_search_run")["cpus"]
     resources:
-        **job_resources("layer_search_run", gpu=gpus),
+        **job_resources("layer_search_run", gpu=job_gpus("train")),
     params:
         run_cfg=run_params("layer_search"),
     script:

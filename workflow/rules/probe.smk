@@ -26,7 +26,7 @@ rule probe:
         "logs/probe/{run}/s{seed}/ep{epoch}.log",
     threads: job_size("probe")["cpus"]
     resources:
-        **job_resources("probe", gpu=run_stage_gpus),
+        **job_resources("probe", gpu=job_gpus("probe")),
     params:
         run_cfg=run_params("probe"),
     script:
@@ -43,7 +43,7 @@ rule probe_floor:
         "logs/probe/floor.log",
     threads: job_size("probe_floor")["cpus"]
     resources:
-        **job_resources("probe_floor", gpu=1 if any_run_on_gpus() else 0),
+        **job_resources("probe_floor", gpu=job_gpus("floor")),
     params:
         probe=ddaepp_config.StageConfig(
             CONFIG["probe"], {k: CONFIG["probe"][k] for k in FLOOR_KEYS}

@@ -11,7 +11,7 @@ rule sample_shard:
         "logs/sample/{run}/s{seed}/ep{epoch}-{guide}-{shard}.log",
     threads: job_size("sample_shard")["cpus"]
     resources:
-        **job_resources("sample_shard", gpu=run_stage_gpus),
+        **job_resources("sample_shard", gpu=job_gpus("sample")),
     params:
         run_cfg=run_params("sample"),
     script:
@@ -43,7 +43,7 @@ rule reference_stats:
         "logs/metrics/reference.log",
     threads: job_size("reference_stats")["cpus"]
     resources:
-        **job_resources("reference_stats", gpu=REFERENCE_GPUS),
+        **job_resources("reference_stats", gpu=job_gpus("reference")),
     params:
         dataset=section_params("reference", "dataset"),
         metrics=reference_params,
@@ -74,7 +74,7 @@ rule metrics:
         "logs/metrics/{run}/s{seed}/ep{epoch}-{guide}.log",
     threads: job_size("metrics")["cpus"]
     resources:
-        **job_resources("metrics", gpu=metrics_gpus),
+        **job_resources("metrics", gpu=job_gpus("metrics")),
     params:
         run_cfg=run_params("metrics"),
     script:

@@ -1,6 +1,7 @@
-from ddaepp import io, latents
+from ddaepp import devices, io, latents
 
 with io.job_log(snakemake.log[0], snakemake.threads):
+    device = devices.for_job(snakemake)  # the GPUs this rule asked for, or stop here
     latents.encode_shard(
         snakemake.params.dataset,
         snakemake.params.tokenizer,
@@ -9,4 +10,5 @@ with io.job_log(snakemake.log[0], snakemake.threads):
         num_shards=snakemake.params.tokenizer["shards"],
         index_path=snakemake.input.index,
         out_path=snakemake.output[0],
+        device=device,
     )

@@ -1,9 +1,10 @@
 from pathlib import Path
 
-from ddaepp import io
+from ddaepp import devices, io
 from ddaepp.probe import probe_state
 
 with io.job_log(snakemake.log[0], snakemake.threads):
+    device = devices.for_job(snakemake)  # the GPUs this rule asked for, or stop here
     probe_state(
         snakemake.params.run_cfg,
         state_path=snakemake.input.state,
@@ -13,4 +14,5 @@ with io.job_log(snakemake.log[0], snakemake.threads):
         out_png=snakemake.output.heatmap,
         out_predictions=snakemake.output.predictions,
         work_dir=Path(snakemake.output.table).parent.parent / f"_wip/probe-ep{snakemake.wildcards.epoch}",
+        device=device,
     )

@@ -1,9 +1,10 @@
 from pathlib import Path
 
-from ddaepp import io
+from ddaepp import devices, io
 from ddaepp.sample import sample_shard
 
 with io.job_log(snakemake.log[0], snakemake.threads):
+    device = devices.for_job(snakemake)  # the GPUs this rule asked for, or stop here
     sample_shard(
         snakemake.params.run_cfg,
         state_path=snakemake.input.state,
@@ -12,4 +13,5 @@ with io.job_log(snakemake.log[0], snakemake.threads):
         shard=int(snakemake.wildcards.shard),
         out_npz=snakemake.output[0],
         seed=int(snakemake.wildcards.seed),
+        device=device,
     )

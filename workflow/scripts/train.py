@@ -1,10 +1,11 @@
 from pathlib import Path
 
-from ddaepp import io
+from ddaepp import devices, io
 from ddaepp.layer_search import resolve
 from ddaepp.train import launch
 
 with io.job_log(snakemake.log[0], snakemake.threads):
+    device = devices.for_job(snakemake)  # the GPUs this rule asked for, or stop here
     launch(
         # self_cond_layer: auto is resolved here, not in the params, so making the choice reruns nothing
         resolve(snakemake.params.run_cfg, snakemake.input.layer_choice or None),
@@ -14,4 +15,5 @@ with io.job_log(snakemake.log[0], snakemake.threads):
         out_state=snakemake.output.state,
         init_state=snakemake.input.prev or None,
         wip_dir=Path(snakemake.output.state).parent.parent / f"_wip/ep{snakemake.wildcards.epoch}",
+        device=device,
     )

@@ -1,0 +1,108 @@
+"""The one device rule: what each stage asks for, refusals before any work, no silent CPU fallback."""
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ddaepp import cli, config, devices
+from ddaepp.train import launch, train
+
+
+def with_gpus(cfg, gpus, device=None):
+    cfg = copy.deepcopy(cfg)
+    cfg["train"]["gpus"], cfg["device"] = gpus, device
+    return cfg
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
+@pytest.fixture
+def one_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "Fake GPU")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+
+
+def test_stage_gpus_follow_the_config(default_config):
+    cfg = with_gpus(default_config, 2)
+    run = config.run_config(cfg, "cond", "baseline")
+    # digits-net features need no GPU; Inception ones do
+    assert [devices.stage_gpus(cfg, s, run) for s in ("train", "sample", "metrics", "probe")] == [2, 1, 0, 1]
+    assert devices.stage_gpus(cfg, "encode") == 0  # the pixel tokenizer is arithmetic
+    assert devices.stage_gpus(cfg, "reference") == 0  # digits-net statistics
+    assert devices.stage_gpus(cfg, "floor") == 1
+    cfg["tokenizer"]["name"] = "va-vae"
+    cfg["metrics"].update(features="inception", reference=None)
+    assert devices.stage_gpus(cfg, "encode") == devices.stage_gpus(cfg, "reference") == 1
+    assert devices.stage_gpus(cfg, "metrics", run) == 1
+    cfg["metrics"]["reference"] = "ref.npz"  # a given reference batch is read, not computed
+    assert devices.stage_gpus(cfg, "reference") == 0
+    cpu_run = config.run_config(default_config, "cond", "baseline")  # the default config trains on the CPU
+    assert devices.stage_gpus(default_config, "sample", cpu_run) == devices.stage_gpus(default_config, "floor") == 0
+
+
+def test_rehearsal_switch_asks_for_the_gpus_and_runs_on_the_cpu(default_config, no_cuda):
+    rehearsal = with_gpus(default_config, 2, "cpu")
+    run = config.run_config(rehearsal, "cond", "baseline")
+    assert devices.stage_gpus(rehearsal, "train", run) == 2  # the scheduler still allocates them
+    job = SimpleNamespace(config={"device": "cpu"}, resources=SimpleNamespace(gpu=2), rule="train")
+    assert devices.for_job(job) == "cpu"
+    job.config = {}
+    with pytest.raises(devices.DeviceError, match="asks for 2 GPU"):
+        devices.for_job(job)
+
+
+def test_device_key_is_validated(default_config):
+    with pytest.raises(config.ConfigError, match="device"):
+        config.validate(dict(default_config, device="gpu"), check_paths=False)
+    assert config.validate(dict(default_config, device="cpu"), check_paths=False)["device"] == "cpu"
+
+
+def test_no_cuda_is_refused_with_what_is_seen_and_the_fix(no_cuda):
+    assert devices.require(0, "rule x") == "cpu"
+    with pytest.raises(devices.DeviceError) as err:
+        devices.require(1, "rule sample")
+    message = str(err.value)
+    for part in ("rule sample asks for 1 GPU", "0 CUDA device", f"torch {torch.__version__}", "NVIDIA driver",
+                 "CUDA_VISIBLE_DEVICES=", "device: cpu"):
+        assert part in message, (part, message)
+
+
+def test_too_few_devices_are_refused(one_gpu):
+    assert devices.require(1, "rule probe") == "cuda"
+    with pytest.raises(devices.DeviceError, match=r"asks for 2 GPU\(s\) on one node but sees 1 CUDA device\(s\) "
+                                                 r"\(Fake GPU\).*CUDA_VISIBLE_DEVICES=3"):
+        devices.require(2, "rule train")
+
+
+def test_training_on_missing_gpus_stops_before_any_work(no_cuda, default_config, small_latents, tmp_path):
+    cfg = config.run_config(with_gpus(default_config, 1), "uncond", "baseline")
+    with pytest.raises(devices.DeviceError):
+        train(cfg, small_latents, 0, 1, tmp_path / "a/state.pt", device="cuda")
+    cfg["train"]["gpus"] = 2
+    with pytest.raises(devices.DeviceError, match="asks for 2 GPU"):
+        launch(cfg, small_latents, 0, 1, tmp_path / "b/state.pt", device="cuda")
+    assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("run_config.json"))
+
+
+def test_cli_refuses_gpus_it_cannot_see(no_cuda, default_config, small_latents, tmp_path, capsys, repo):
+    import yaml
+
+    raw = yaml.safe_load(open(f"{repo}/config.yaml"))
+    raw["train"]["gpus"] = 1
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    argv = ["train", "--config", str(tmp_path / "c.yaml"), "--run", "uncond-baseline", "--latents", str(small_latents),
+            "--epoch", "1", "--out", str(tmp_path / "s.pt")]
+    assert cli.main(argv) == 3
+    assert "asks for 1 GPU" in capsys.readouterr().err and not (tmp_path / "s.pt").exists()
+    raw["device"] = "cpu"  # the rehearsal switch: the same command trains on the CPU
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    assert cli.main(argv) == 0 and (tmp_path / "s.pt").exists()

@@ -1,0 +1,15 @@
+"""benchmarks/gpu_check.py runs end to end (--tiny: tiny sizes on the CPU), so it cannot rot before a GPU is at hand."""
+
+import os
+import subprocess
+import sys
+
+
+def test_gpu_check_tiny_runs_every_measurement(repo):
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run([sys.executable, os.path.join(repo, "benchmarks/gpu_check.py"), "--tiny"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for line in ("ours eager", "ours compiled", "VA-VAE f16d32", "without CFG", "with CFG", "probe features",
+                 "2 processes: skipped", "config/imagenet-dit-b.yaml grid", "train", "sample", "probe", "total"):
+        assert line in out.stdout, (line, out.stdout)
