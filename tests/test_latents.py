@@ -252,9 +252,9 @@ def _spy_training(monkeypatch, run_cfg, folder):
         seen["other"] += [] if x1_other is None else list(x1_other.detach().cpu().numpy())
         return extra_loss(run_cfg, heads, teacher, student, feats, x1, x1_other, *rest)
 
-    def spy_crop(x, min_scale, gen):
+    def spy_crop(x, *draws):
         seen["crop"] += list(x.detach().cpu().numpy())
-        return crop(x, min_scale, gen)
+        return crop(x, *draws)
 
     monkeypatch.setattr(objectives, "extra_loss", spy_extra_loss)
     monkeypatch.setattr(objectives, "random_resized_crop", spy_crop)

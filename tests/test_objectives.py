@@ -2,14 +2,13 @@
 
 import copy
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from ddaepp import config, io
 from ddaepp.models import model_from_run_config
-from ddaepp.objectives import build_heads, dispersive_loss, extra_loss, info_nce, random_resized_crop
+from ddaepp.objectives import build_heads, dispersive_loss, draw_step, extra_loss, info_nce, random_resized_crop
 from ddaepp.train import train
 from ddaepp.transport import interpolate
 
@@ -84,10 +83,11 @@ def test_objective_reaches_exactly_the_blocks_up_to_its_layer(default_config, va
     teacher = copy.deepcopy(model).requires_grad_(False)
     heads = build_heads(run, model)
     gen = torch.Generator().manual_seed(0)
-    x1, x0, t = torch.randn(8, 4, 8, 8, generator=gen), torch.randn(8, 4, 8, 8, generator=gen), torch.rand(8, generator=gen)
-    _, feats = model(interpolate(x1, x0, t)[0], t, None, return_features=True)
-    single_process = SimpleNamespace(gather=lambda k: k, process_index=0)
-    loss = extra_loss(run, heads, teacher, model, feats, x1, None, t, x0, None, gen, single_process)
+    x1 = torch.randn(8, 4, 8, 8, generator=gen)
+    draws = draw_step(gen, run, 8, slice(0, 8), (4, 8, 8))
+    t = draws["t"]
+    _, feats = model(interpolate(x1, draws["x0"], t)[0], t, None, return_features=True)
+    loss = extra_loss(run, heads, teacher, model, feats, x1, None, t, None, draws)
     loss.backward()
     reached = [any(p.grad is not None and p.grad.abs().sum() > 0 for p in block.parameters()) for block in model.blocks]
     assert reached == [i <= layer for i in range(len(model.blocks))]

@@ -22,7 +22,7 @@ EPOCHS = 10  # 40 steps of 4 per epoch: long enough to be mid-run when the signa
 
 def _train_cmd(cfg_path, latents, out, wip):
     return [sys.executable, "-m", "ddaepp", "train", "--run-config", str(cfg_path), "--latents", str(latents),
-            "--epoch", str(EPOCHS), "--out", str(out), "--wip", str(wip)]
+            "--epoch", str(EPOCHS), "--out", str(out), "--wip", str(wip), "--device", "cpu"]
 
 
 def _signal_once_training(proc, signum, fired):

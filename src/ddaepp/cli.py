@@ -34,8 +34,10 @@ def _device(args, stage: str, run_cfg: dict) -> str:
         return args.device
     if getattr(args, "run_config", None):
         raise config_mod.ConfigError("--run-config needs --device cpu|cuda (the config's `device` rule is not in it)")
-    gpus = devices.stage_gpus(config_mod.load(args.config, check_paths=False), stage, run_cfg)
-    return devices.require(gpus, f"ddaepp {stage}")
+    cfg = config_mod.load(args.config, check_paths=False)
+    if cfg.get("device") == "cpu":  # the rehearsal switch
+        return "cpu"
+    return devices.require(devices.stage_gpus(cfg, stage, run_cfg), f"ddaepp {stage}")
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:
