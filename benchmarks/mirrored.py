@@ -23,7 +23,8 @@ import torch
 
 from ddaepp import config as config_lib
 from ddaepp.data import iter_image_batches
-from ddaepp.metrics import DigitsNet, load_samples, train_classifier
+from ddaepp.feature_nets import DigitsNet, train_classifier
+from ddaepp.metrics import load_samples
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddaepp import config as config_mod, metrics, scores
+from ddaepp import config as config_mod, feature_nets, scores
 from ddaepp.models import build_model
 from ddaepp.transport import euler_sample
 
@@ -79,10 +79,10 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         classifier = Path(tmp) / "digits-net.pt"
-        metrics.train_classifier(cfg["dataset"], classifier, epochs=2)
+        feature_nets.train_classifier(cfg["dataset"], classifier, epochs=2)
         images = np.random.default_rng(0).integers(0, 256, (2000, 1, 16, 16), dtype=np.uint8)
         batches = [torch.from_numpy(images[i:i + 500]) for i in range(0, len(images), 500)]
-        seconds = timed(lambda: metrics.extract_features(iter(batches), cfg["metrics"], classifier_path=classifier), 1)
+        seconds = timed(lambda: feature_nets.extract_features(iter(batches), cfg["metrics"], classifier_path=classifier), 1)
         print(f"metric features (digits-net): {len(images) / seconds:8.1f} images/s")
 
     # FID/IS bootstrap at the paper's size (10k samples, 2048-d pool features, 1008 logits), from

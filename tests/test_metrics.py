@@ -1,4 +1,4 @@
-"""FID/IS through torch-fidelity: the digits-net feature network, reference statistics, checks, assets."""
+"""FID/IS through torch-fidelity: the digits-net feature network (feature_nets), reference statistics, checks (metrics), assets."""
 
 import json
 import os
@@ -14,7 +14,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 torch.set_num_threads(1)
 
 from ddaepp import config as ddaepp_config  # noqa: E402
-from ddaepp import metrics, scores  # noqa: E402
+from ddaepp import assets, feature_nets, metrics, scores  # noqa: E402
 from ddaepp.config import ConfigError  # noqa: E402
 
 
@@ -75,7 +75,7 @@ def noise_like(images, seed=0):
 @pytest.fixture(scope="session")
 def classifier(tmp_path_factory):
     path = tmp_path_factory.mktemp("clf") / "digits-net.pt"
-    summary = metrics.train_classifier(DATASET, path, epochs=CLASSIFIER_EPOCHS, seed=0)
+    summary = feature_nets.train_classifier(DATASET, path, epochs=CLASSIFIER_EPOCHS, seed=0)
     return path, summary
 
 
@@ -97,7 +97,7 @@ def test_digits_net_trains_and_saves(classifier):
     assert json.loads(path.with_suffix(".json").read_text()) == summary
     assert summary["epochs"] == CLASSIFIER_EPOCHS and summary["n_train"] == len(real("train")[0])
     checkpoint = torch.load(path, weights_only=True)
-    net = metrics.DigitsNet(**checkpoint["arch"])
+    net = feature_nets.DigitsNet(**checkpoint["arch"])
     net.load_state_dict(checkpoint["state_dict"])
     features, logits = net(torch.from_numpy(real("val")[0][:5]))
     assert features.shape == (5, ddaepp_config.FEATURE_DIMS["digits-net"]) and logits.shape == (5, 10)
@@ -132,8 +132,8 @@ def test_fid_of_train_against_its_own_reference_is_zero(tmp_path, classifier, re
 
 def test_fid_between_disjoint_halves_is_small(classifier):
     images = real("train")[0]
-    layer = metrics.FEATURE_NETS["digits-net"][1]
-    first, second, noise = (metrics.extract_features([torch.from_numpy(x)], METRICS, classifier[0], [layer])[layer]
+    layer = feature_nets.FEATURE_NETS["digits-net"][1]
+    first, second, noise = (feature_nets.extract_features([torch.from_numpy(x)], METRICS, classifier[0], [layer])[layer]
                             for x in (images[::2], images[1::2], noise_like(images[::2])))
     stats = metrics.fid_features_to_statistics(first)
     frechet = scores.FrechetToReference(stats["mu"], stats["sigma"])
@@ -183,8 +183,8 @@ def test_fid_and_is_agree_with_adm_formulas(tmp_path, classifier, reference):
     images, labels = real("val")
     result = metrics.compute([write_samples(tmp_path / "s.npz", images, labels)], DATASET,
                              {**METRICS, "is_split_size": 100}, reference, tmp_path / "s.json", classifier[0])
-    features = metrics.extract_features([torch.from_numpy(images)], METRICS, classifier[0])
-    fid_layer, is_layer = metrics.FEATURE_NETS["digits-net"][1:]
+    features = feature_nets.extract_features([torch.from_numpy(images)], METRICS, classifier[0])
+    fid_layer, is_layer = feature_nets.FEATURE_NETS["digits-net"][1:]
     with np.load(reference) as ref:
         expected_fid = adm_fid(features[fid_layer].double().numpy(), ref["mu"], ref["sigma"])
     assert result["fid"] == pytest.approx(expected_fid, rel=1e-6)
@@ -230,7 +230,7 @@ def test_too_few_samples_fail_before_feature_extraction(tmp_path, classifier, re
         metrics.check_ready(DATASET, METRICS, 64)
     metrics.check_ready(DATASET, METRICS, 65)
     images, labels = real("val")
-    monkeypatch.setattr(metrics, "extract_features", lambda *a, **k: pytest.fail("features extracted"))
+    monkeypatch.setattr(feature_nets, "extract_features", lambda *a, **k: pytest.fail("features extracted"))
     with pytest.raises(ConfigError, match="got 60"):
         run_compute(tmp_path, images[:60], labels[:60], classifier, reference)
 
@@ -299,7 +299,7 @@ def test_inception_from_local_weights_on_grayscale(random_inception_weights):
     cfg = {**METRICS, "features": "inception", "inception_weights": str(random_inception_weights)}
     images = torch.from_numpy(real("val")[0][:2])
     assert images.shape[1] == 1
-    out = metrics.extract_features([images], cfg)
+    out = feature_nets.extract_features([images], cfg)
     assert out["2048"].shape == (2, 2048) and out["logits_unbiased"].shape == (2, 1008)
     assert torch.isfinite(out["2048"]).all() and not torch.equal(out["2048"][0], out["2048"][1])
 
@@ -320,11 +320,11 @@ def test_fetch_assets_downloads_inception_weights(tmp_path, monkeypatch, capsys)
     target = tmp_path / "w" / "inception.pth"
     config = make_config(metrics={"features": "inception", "inception_weights": str(target)}, sample={"n": 3000})
     fetched = []
-    monkeypatch.setattr(metrics, "_download", lambda url, path: (fetched.append(url), path.parent.mkdir(parents=True),
+    monkeypatch.setattr(assets, "_download", lambda url, path: (fetched.append(url), path.parent.mkdir(parents=True),
                                                                  path.write_bytes(b"w")))
-    assert metrics.fetch_assets(config, tmp_path) == 0 and target.read_bytes() == b"w"
-    assert fetched == [metrics.URL_INCEPTION_V3]
-    assert metrics.fetch_assets(config, tmp_path) == 0 and len(fetched) == 1  # present: not fetched again
+    assert assets.fetch_assets(config, tmp_path) == 0 and target.read_bytes() == b"w"
+    assert fetched == [assets.URL_INCEPTION_V3]
+    assert assets.fetch_assets(config, tmp_path) == 0 and len(fetched) == 1  # present: not fetched again
     assert "already at" in capsys.readouterr().out
 
 
@@ -332,36 +332,36 @@ def test_fetch_assets_offline_says_what_to_put_where(tmp_path, monkeypatch, caps
     def offline(*args):
         raise OSError("network unreachable")
 
-    monkeypatch.setattr(metrics, "_download", offline)
-    monkeypatch.setattr(metrics, "_save_sd_vae", offline)
+    monkeypatch.setattr(assets, "_download", offline)
+    monkeypatch.setattr(assets, "_save_sd_vae", offline)
     ref = tmp_path / "VIRTUAL_imagenet256_labeled.npz"
     config = make_config(metrics={"features": "inception", "inception_weights": str(tmp_path / "inc.pth"),
                                   "reference": str(ref)},
                          tokenizer={"name": "sd-vae", "path": str(tmp_path / "sdvae")},
                          dataset={"image_size": 256}, sample={"n": 3000})
-    assert metrics.fetch_assets(config, tmp_path) == 1
+    assert assets.fetch_assets(config, tmp_path) == 1
     out = capsys.readouterr().out
-    for expected in (metrics.URL_INCEPTION_V3, str(tmp_path / "inc.pth"), metrics.ADM_REFERENCE_URLS[ref.name],
-                     str(ref), metrics.SD_VAE_REPO, str(tmp_path / "sdvae"), "network unreachable"):
+    for expected in (assets.URL_INCEPTION_V3, str(tmp_path / "inc.pth"), assets.ADM_REFERENCE_URLS[ref.name],
+                     str(ref), assets.SD_VAE_REPO, str(tmp_path / "sdvae"), "network unreachable"):
         assert expected in out
     assert not (tmp_path / "inc.pth").exists() and not (tmp_path / "sdvae").exists()
 
 
 def test_fetch_assets_va_vae_prints_url_and_place(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(metrics, "_download", lambda *a: pytest.fail("download attempted"))
+    monkeypatch.setattr(assets, "_download", lambda *a: pytest.fail("download attempted"))
     checkpoint = tmp_path / "vavae.pt"
     config = make_config(tokenizer={"name": "va-vae", "path": str(checkpoint)}, dataset={"image_size": 256})
-    assert metrics.fetch_assets(config) == 1
+    assert assets.fetch_assets(config) == 1
     out = capsys.readouterr().out
-    assert metrics.VAVAE_URL in out and str(checkpoint) in out
-    assert metrics.VAVAE_URL.endswith("hustvl/vavae-imagenet256-f16d32-dinov2/resolve/main/vavae-imagenet256-f16d32-dinov2.pt")
+    assert assets.VAVAE_URL in out and str(checkpoint) in out
+    assert assets.VAVAE_URL.endswith("hustvl/vavae-imagenet256-f16d32-dinov2/resolve/main/vavae-imagenet256-f16d32-dinov2.pt")
     checkpoint.write_bytes(b"x")
-    assert metrics.fetch_assets(config) == 0
+    assert assets.fetch_assets(config) == 0
 
 
 def test_fetch_assets_nothing_needed_for_digits(monkeypatch):
-    monkeypatch.setattr(metrics, "_download", lambda *a: pytest.fail("download attempted"))
-    assert metrics.fetch_assets(CONFIG) == 0
+    monkeypatch.setattr(assets, "_download", lambda *a: pytest.fail("download attempted"))
+    assert assets.fetch_assets(CONFIG) == 0
 
 
 def test_shards_are_read_in_sample_index_order(tmp_path):

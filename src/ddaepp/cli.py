@@ -146,7 +146,7 @@ def _dispatch(args) -> int:
                      device=_device(args, "sample", run_cfg))
         return 0
     if args.stage == "fetch-assets":
-        from .metrics import fetch_assets
+        from .assets import fetch_assets
 
         return fetch_assets(config_mod.load(args.config, check_paths=False))
     raise AssertionError(args.stage)

@@ -1,5 +1,5 @@
 """FID and Inception Score with ADM's formulas (guided-diffusion evaluations/evaluator.py), and a
-paired bootstrap of both, from features already extracted (ddaepp.metrics does the extraction).
+paired bootstrap of both, from features already extracted (ddaepp.feature_nets does the extraction).
 
 - FID: |mu - mu_ref|^2 + tr(S) + tr(S_ref) - 2 tr((S S_ref)^1/2), S = np.cov of the sample
   features (ddof 1), mu_ref / S_ref as given (ADM reads them from its reference batch's npz).

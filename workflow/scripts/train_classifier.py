@@ -1,4 +1,4 @@
-from ddaepp import io, metrics
+from ddaepp import feature_nets, io
 
 with io.job_log(snakemake.log[0], snakemake.threads):
-    metrics.train_classifier(snakemake.params.dataset, snakemake.output.model, epochs=snakemake.params.epochs)
+    feature_nets.train_classifier(snakemake.params.dataset, snakemake.output.model, epochs=snakemake.params.epochs)
