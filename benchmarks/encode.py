@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from ddaepp import data, tokenizers  # noqa: E402
+from ddaepp import data, tokenizers, vavae  # noqa: E402
 from standins import make_sd_vae  # noqa: E402
 
 SD_VAE_FULL = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
@@ -77,8 +77,8 @@ def main() -> None:
 
         sd_full = random_vae("sd-vae full-size", AutoencoderKL(**SD_VAE_FULL), 256, args.device)
         rows.append(measure("sd-vae full-size (baseline)", sd_full, big_x, args.seconds))
-        vavae = random_vae("va-vae", tokenizers.vavae_autoencoder(tokenizers.VAVAE_F16D32), 256, args.device)
-        rows.append(measure("va-vae f16d32 (ch=128)", vavae, big_x, args.seconds))
+        vavae_tokenizer = random_vae("va-vae", vavae.vavae_autoencoder(vavae.VAVAE_F16D32), 256, args.device)
+        rows.append(measure("va-vae f16d32 (ch=128)", vavae_tokenizer, big_x, args.seconds))
     baseline = rows[2]
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
     print(f"\nTokenizer throughput on {device} (torch {torch.__version__}), fp32, images/s\n")

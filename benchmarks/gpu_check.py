@@ -31,7 +31,7 @@ from accelerate import Accelerator
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import time_steps, upstream_model  # noqa: E402
 
-from ddaepp import config as config_mod, objectives, tokenizers  # noqa: E402
+from ddaepp import config as config_mod, objectives, tokenizers, vavae  # noqa: E402
 from ddaepp.models import build_model, count_flops  # noqa: E402
 from ddaepp.train import accelerate_command  # noqa: E402
 from ddaepp.transport import euler_sample, shifted_timesteps  # noqa: E402
@@ -84,8 +84,8 @@ def measure_training(args, sizes, paper, accelerator) -> dict:
 
 
 def measure_encode(sizes, device) -> float:
-    arch = tokenizers.VAVAE_F16D32 if sizes is FULL else dict(tokenizers.VAVAE_F16D32, ch=32, ch_mult=(1, 1, 1, 1, 1))
-    vae = tokenizers.vavae_autoencoder(arch)
+    arch = vavae.VAVAE_F16D32 if sizes is FULL else dict(vavae.VAVAE_F16D32, ch=32, ch_mult=(1, 1, 1, 1, 1))
+    vae = vavae.vavae_autoencoder(arch)
     tok = tokenizers.VAETokenizer("va-vae", vae, {"name": "imagefolder", "image_size": sizes["image"]}, device)
     x = torch.rand(sizes["vae_batch"], 3, sizes["image"], sizes["image"], device=device) * 2 - 1
     seeds = list(range(len(x)))  # the paper's latents are posterior draws, one seed per image

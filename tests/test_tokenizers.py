@@ -4,7 +4,7 @@ import re
 import pytest
 import torch
 
-from ddaepp import tokenizers
+from ddaepp import tokenizers, vavae
 from standins import make_sd_vae, make_vavae_checkpoint, vavae_golden
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -54,12 +54,12 @@ def test_vavae_safetensors_and_real_architecture_keys(tmp_path, golden):
     from safetensors.torch import save_file
 
     save_file(golden["state_dict"], tmp_path / "vavae.safetensors")
-    vae = tokenizers.load_vavae(tmp_path / "vavae.safetensors")
+    vae = vavae.load_vavae(tmp_path / "vavae.safetensors")
     torch.testing.assert_close(vae.encode(golden["x"]).latent_dist.mean, golden["mean"], atol=1e-4, rtol=0)
     # the real f16d32 (ch=128): our key list is exactly what the diffusers model converts from
-    arch = tokenizers.VAVAE_F16D32
-    real = tokenizers.vavae_autoencoder(arch)
-    keys = tokenizers.ldm_vae_keys(arch)
+    arch = vavae.VAVAE_F16D32
+    real = vavae.vavae_autoencoder(arch)
+    keys = vavae.ldm_vae_keys(arch)
     assert len(keys) == len(set(keys)) == len(real.state_dict())
     assert real.config.block_out_channels == [128, 128, 256, 256, 512] and real.config.latent_channels == 32
 
@@ -67,12 +67,12 @@ def test_vavae_safetensors_and_real_architecture_keys(tmp_path, golden):
 def test_vavae_unexpected_and_missing_keys_are_errors(tmp_path, golden):
     path = make_vavae_checkpoint(tmp_path / "extra.pt", extra={"foo.bar": torch.zeros(1)})
     with pytest.raises(ValueError, match=r"unexpected keys \['foo.bar'\]"):
-        tokenizers.load_vavae(path)
+        vavae.load_vavae(path)
     state = dict(golden["state_dict"])
     del state["decoder.up.4.attn.1.q.bias"]
     torch.save(state, tmp_path / "missing.pt")
     with pytest.raises(ValueError, match=r"missing keys \['decoder.up.4.attn.1.q.bias'\]"):
-        tokenizers.load_vavae(tmp_path / "missing.pt")
+        vavae.load_vavae(tmp_path / "missing.pt")
 
 
 class RunsCode:
@@ -86,7 +86,7 @@ def test_pickles_that_run_code_are_refused(tmp_path):
     with pytest.raises(ValueError, match=f"refusing to load {re.escape(str(path))}"):
         tokenizers.build(tok_cfg("va-vae", path=str(path)), RGB64)
     with pytest.raises(FileNotFoundError, match="no weights file"):
-        tokenizers.load_weights(tmp_path / "absent.pt")
+        vavae.load_weights(tmp_path / "absent.pt")
 
 
 def test_sd_vae_posterior_mean_and_scaling_factor(tmp_path):
