@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from ddaepp import io, latents as latent_store
+from ddaepp import io, latents as latent_store, models
 from ddaepp.data import num_classes as dataset_num_classes
 # The probe's building blocks, importable from here as one API (tests and benchmarks use them so).
 from ddaepp.linear_probe import (BatchedLinearProbe, FeatureSource, Scores, array_source, epoch_batches,  # noqa: F401
@@ -269,14 +269,12 @@ def _device(device: str | None) -> torch.device:
 def probe_state(run_cfg: dict, state_path, latents_dir, out_parquet, out_json, out_png, out_predictions, work_dir,
                 device: str | None = None) -> dict:
     """run_probe on a training state's EMA model and the latents stage's files (the workflow's entry)."""
-    from ddaepp.train import load_ema  # imports accelerate: only where a state is probed
-
     device = _device(device)
     train_latents, train_labels = latent_store.load_latents(latents_dir, "train")
     val_latents, val_labels = latent_store.load_latents(latents_dir, "val")
     mean, std = latent_store.load_stats(latents_dir)
     n_classes = dataset_num_classes(run_cfg["dataset"]) if run_cfg["conditional"] else 0
-    model = load_ema(state_path, run_cfg, train_latents.shape[2:], n_classes)
+    model = models.load_ema(state_path, run_cfg, train_latents.shape[2:], n_classes)
     with io.exclusive(Path(work_dir).parent / f"{Path(work_dir).name}.lock", f"the probe features in {work_dir}"):
         return run_probe(model, train_latents, train_labels, val_latents, val_labels, mean.numpy(), std.numpy(),
                          run_cfg["probe"], out_parquet, out_json, out_png, out_predictions, work_dir, device=device)

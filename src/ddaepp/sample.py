@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from . import io, latents as latent_store, tokenizers
 from .data import num_classes as dataset_num_classes
-from .train import load_ema
+from .models import load_ema
 from .transport import euler_sample
 
 log = logging.getLogger("ddaepp.sample")

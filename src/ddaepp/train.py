@@ -28,7 +28,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from tqdm import tqdm
 
-from . import devices, io, latents as latent_store, layer_search, objectives, preemption
+from . import devices, io, latents as latent_store, objectives, preemption
 from .config import result_config
 from .data import num_classes as dataset_num_classes
 from .models import model_from_run_config
@@ -331,15 +331,6 @@ def _save(accelerator, path, model, ema, heads, opt, step, epoch_losses, fp):
                             "heads": accelerator.unwrap_model(heads).state_dict(), "opt": opt.state_dict(),
                             "step": step, "epoch_losses": epoch_losses, "fingerprint": fp}, path)
     accelerator.wait_for_everyone()
-
-
-def load_ema(state_path: str | Path, run_cfg: dict, latent_shape, n_classes: int) -> torch.nn.Module:
-    """The EMA model of a finished state, in eval mode (what sampling and probing use)."""
-    state = io.load_checkpoint(state_path)
-    run_cfg = layer_search.resolve_from_state(run_cfg, state)  # self_cond_layer: auto
-    model = model_from_run_config(run_cfg, tuple(latent_shape), n_classes)
-    model.load_state_dict(state["ema"])
-    return model.eval().requires_grad_(False)
 
 
 def launch(run_cfg: dict, latents_dir, seed: int, epoch: int, out_state, init_state=None, wip_dir=None,
