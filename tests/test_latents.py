@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from ddaepp import config, data, latents, tokenizers
+from ddaepp import config, data, io, latents, tokenizers
 from standins import make_imagefolder, make_sd_vae
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -33,11 +33,11 @@ def encode_all(tmp_path, dataset_cfg, tokenizer_cfg, split, index_path, out="sha
 
 
 def test_shard_rows_are_contiguous_and_cover_everything():
-    ranges = [latents.shard_rows(10, k, 4) for k in range(4)]
+    ranges = [io.shard_rows(10, k, 4) for k in range(4)]
     assert [(r.start, r.stop) for r in ranges] == [(0, 3), (3, 6), (6, 9), (9, 10)]
-    assert list(latents.shard_rows(2, 3, 4)) == []
+    assert list(io.shard_rows(2, 3, 4)) == []
     with pytest.raises(ValueError, match="outside"):
-        latents.shard_rows(10, 4, 4)
+        io.shard_rows(10, 4, 4)
 
 
 @pytest.mark.parametrize("hflip", [False, True])

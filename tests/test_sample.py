@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from ddaepp import config
-from ddaepp.sample import guidance_record, guided_channels, sample_shard, save_grid, shard_range
+from ddaepp.io import shard_rows
+from ddaepp.sample import guidance_record, guided_channels, sample_shard, save_grid
 from ddaepp.train import train
 
 
@@ -73,8 +74,8 @@ def test_cfg_needs_a_conditional_setting(default_config, small_latents, tmp_path
 
 
 def test_shard_ranges_cover_every_sample_once():
-    ranges = [shard_range(10_000, k, 7) for k in range(7)]
-    covered = np.concatenate([np.arange(a, b) for a, b in ranges])
+    ranges = [shard_rows(10_000, k, 7) for k in range(7)]
+    covered = np.concatenate([np.arange(r.start, r.stop) for r in ranges])
     assert np.array_equal(covered, np.arange(10_000))
 
 

@@ -1,4 +1,4 @@
-"""Small file helpers every stage shares: atomic writes, JSON, logging, free-space checks.
+"""Small file helpers every stage shares: atomic writes, JSON, logging, free-space checks, shards.
 
 A finished output is only ever created by a rename, so a killed job leaves either the old
 file, nothing, or a temporary `*.tmp-*` name that no rule declares.
@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -149,3 +150,12 @@ def exclusive(lock_path: str | os.PathLike, what: str) -> Iterator[None]:
     finally:
         lock.release()
         lock_path.unlink(missing_ok=True)  # leave no litter in folders that jobs clean up
+
+
+def shard_rows(n: int, shard: int, num_shards: int) -> range:
+    """Contiguous rows of shard `shard` of `n` (encoding jobs, sampling jobs):
+    [k * ceil(n / S), (k + 1) * ceil(n / S)) clipped to n."""
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard {shard} is outside 0..{num_shards - 1}")
+    per = math.ceil(n / num_shards)
+    return range(min(shard * per, n), min((shard + 1) * per, n))

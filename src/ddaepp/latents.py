@@ -30,14 +30,6 @@ log = logging.getLogger("ddaepp.latents")
 STATS_ROWS = 1024  # samples per float64 block when streaming the statistics
 
 
-def shard_rows(n: int, shard: int, num_shards: int) -> range:
-    """Contiguous rows of shard `shard`: [k * ceil(n / S), (k + 1) * ceil(n / S)) clipped to n."""
-    if not 0 <= shard < num_shards:
-        raise ValueError(f"shard {shard} is outside 0..{num_shards - 1}")
-    per = math.ceil(n / num_shards)
-    return range(min(shard * per, n), min((shard + 1) * per, n))
-
-
 def encode_shard(dataset_cfg: dict, tokenizer_cfg: dict, split: str, shard: int, num_shards: int,
                  index_path, out_path, device: str = "cpu") -> None:
     """Encode one shard of the index at `index_path` into `out_path` (.npz), resuming from `_wip` chunks."""
@@ -48,7 +40,7 @@ def encode_shard(dataset_cfg: dict, tokenizer_cfg: dict, split: str, shard: int,
 
 def _encode_shard(dataset_cfg, tokenizer_cfg, split, shard, num_shards, index_path, out_path, device) -> None:
     index = pd.read_parquet(index_path)
-    rows = shard_rows(len(index), shard, num_shards)
+    rows = io.shard_rows(len(index), shard, num_shards)
     batch, views = tokenizer_cfg["batch_size"], data.views(dataset_cfg, split)
     wip = out_path.parent / "_wip" / out_path.stem
     _open_wip(wip, {"dataset": dataset_cfg, "tokenizer": tokenizer_cfg, "split": split,

@@ -24,11 +24,6 @@ from .transport import euler_sample
 log = logging.getLogger("ddaepp.sample")
 
 
-def shard_range(n: int, shard: int, num_shards: int) -> tuple[int, int]:
-    size = math.ceil(n / num_shards)
-    return min(shard * size, n), min((shard + 1) * size, n)
-
-
 def noise_and_labels(indices, latent_shape, n_classes: int, seed: int):
     """Per-sample noise (and uniform label) from a generator seeded by (seed, index)."""
     noises, labels = [], []
@@ -79,7 +74,8 @@ def sample_shard(run_cfg: dict, state_path, latents_dir, guidance: str, shard: i
     latent_shape = tuple(tokenizer.latent_shape)
     n_classes = dataset_num_classes(run_cfg["dataset"])
     model = load_ema(state_path, run_cfg, latent_shape, n_classes if run_cfg["conditional"] else 0).to(device)
-    start, stop = shard_range(cfg["n"], shard, cfg["shards"])
+    rows = io.shard_rows(cfg["n"], shard, cfg["shards"])
+    start, stop = rows.start, rows.stop
     size = run_cfg["dataset"]["image_size"]
     io.check_free_space(Path(out_npz).parent, (stop - start) * 3 * size * size, f"the samples {out_npz}")
     images, labels = [], []
