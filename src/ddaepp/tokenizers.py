@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -45,14 +45,7 @@ class Tokenizer(Protocol):
 def latent_shape(tokenizer_cfg: dict, dataset_cfg: dict) -> tuple[int, int, int]:
     """(c, h, w) of the latents, without loading any weights."""
     name, size = tokenizer_cfg["name"], dataset_cfg["image_size"]
-    if name == "pixel":
-        channels, down = image_channels(dataset_cfg) * tokenizer_cfg["factor"] ** 2, tokenizer_cfg["factor"]
-    elif name == "sd-vae":
-        channels, down = _sd_vae_shape(tokenizer_cfg.get("path"))
-    elif name == "va-vae":
-        channels, down = VAVAE_F16D32["embed_dim"], 2 ** (len(VAVAE_F16D32["ch_mult"]) - 1)
-    else:
-        raise ValueError(f"unknown tokenizer {name!r}; use pixel, sd-vae or va-vae")
+    channels, down = _kind(name).shape(tokenizer_cfg, dataset_cfg)
     if size % down:
         raise ValueError(f"tokenizer {name} downsamples by {down}; dataset.image_size {size} is not a multiple of it")
     return channels, size // down, size // down
@@ -63,17 +56,7 @@ def build(tokenizer_cfg: dict, dataset_cfg: dict, device: str | torch.device = "
     posterior = tokenizer_cfg.get("posterior") or "sample"  # null: LightningDiT's (and DiT's) posterior draw
     if posterior not in POSTERIORS:
         raise ValueError(f"config key 'tokenizer.posterior': {posterior!r}; use one of {', '.join(POSTERIORS)}")
-    if name == "pixel":
-        tokenizer = PixelTokenizer(tokenizer_cfg["factor"], image_channels(dataset_cfg), dataset_cfg["image_size"])
-    elif name == "sd-vae":
-        vae = load_sd_vae(tokenizer_cfg["path"])
-        shift = vae.config.get("shift_factor") or 0.0
-        tokenizer = VAETokenizer(name, vae, dataset_cfg, device, scale=vae.config.scaling_factor, shift=shift,
-                                 posterior=posterior)
-    elif name == "va-vae":
-        tokenizer = VAETokenizer(name, load_vavae(tokenizer_cfg["path"]), dataset_cfg, device, posterior=posterior)
-    else:
-        raise ValueError(f"unknown tokenizer {name!r}; use pixel, sd-vae or va-vae")
+    tokenizer = _kind(name).build(tokenizer_cfg, dataset_cfg, device, posterior)
     expected = latent_shape(tokenizer_cfg, dataset_cfg)
     if tuple(tokenizer.latent_shape) != expected:
         raise ValueError(f"tokenizer {name} from {tokenizer_cfg.get('path')} gives latents {tokenizer.latent_shape}, "
@@ -163,3 +146,39 @@ def _sd_vae_shape(path: str | None) -> tuple[int, int]:
     config = json.loads(config_file.read_text())
     # missing keys take diffusers' defaults
     return config.get("latent_channels", 4), 2 ** (len(config.get("block_out_channels", [64])) - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the tokenizers by config name: the one place that dispatches on tokenizer.name
+
+
+class TokenizerKind(NamedTuple):
+    # (tokenizer_cfg, dataset_cfg) -> (latent channels, downsampling), without loading weights
+    shape: Callable[[dict, dict], tuple[int, int]]
+    build: Callable[[dict, dict, str | torch.device, str], Tokenizer]  # (..., device, posterior) -> tokenizer
+
+
+def _build_sd_vae(tokenizer_cfg: dict, dataset_cfg: dict, device, posterior: str) -> Tokenizer:
+    vae = load_sd_vae(tokenizer_cfg["path"])
+    shift = vae.config.get("shift_factor") or 0.0
+    return VAETokenizer("sd-vae", vae, dataset_cfg, device, scale=vae.config.scaling_factor, shift=shift,
+                        posterior=posterior)
+
+
+TOKENIZERS = {
+    "pixel": TokenizerKind(
+        shape=lambda tok, data: (image_channels(data) * tok["factor"] ** 2, tok["factor"]),
+        build=lambda tok, data, device, posterior: PixelTokenizer(tok["factor"], image_channels(data),
+                                                                  data["image_size"])),
+    "sd-vae": TokenizerKind(shape=lambda tok, data: _sd_vae_shape(tok.get("path")), build=_build_sd_vae),
+    "va-vae": TokenizerKind(
+        shape=lambda tok, data: (VAVAE_F16D32["embed_dim"], 2 ** (len(VAVAE_F16D32["ch_mult"]) - 1)),
+        build=lambda tok, data, device, posterior: VAETokenizer("va-vae", load_vavae(tok["path"]), data, device,
+                                                                posterior=posterior)),
+}
+
+
+def _kind(name: str) -> TokenizerKind:
+    if name not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer {name!r}; use one of {', '.join(TOKENIZERS)}")
+    return TOKENIZERS[name]
