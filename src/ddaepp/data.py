@@ -19,7 +19,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -37,13 +37,11 @@ WIDE_GRAY_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 
 
 def num_classes(dataset_cfg: dict) -> int:
-    if dataset_cfg["name"] == "digits":
-        return 10
-    return len(_class_folders(_root(dataset_cfg) / "train"))
+    return _kind(dataset_cfg).num_classes(dataset_cfg)
 
 
 def image_channels(dataset_cfg: dict) -> int:
-    return 1 if dataset_cfg["name"] == "digits" else 3
+    return _kind(dataset_cfg).channels
 
 
 def hflip(dataset_cfg: dict) -> bool:
@@ -64,16 +62,12 @@ def build_index(dataset_cfg: dict, split: str) -> pd.DataFrame:
     """Rows (source: str, label: int64) of one split, in a fixed order."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
-    if dataset_cfg["name"] == "digits":
-        return _digits_index(dataset_cfg, split)
-    return _imagefolder_index(dataset_cfg, split)
+    return _kind(dataset_cfg).index(dataset_cfg, split)
 
 
 def load_images(dataset_cfg: dict, index_df: pd.DataFrame, workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Decode the rows of `index_df`: (uint8 images (N, C, S, S), bool ok (N,))."""
-    if dataset_cfg["name"] == "digits":
-        return _digits_images(dataset_cfg, index_df)
-    return _imagefolder_images(dataset_cfg, index_df, workers)
+    return _kind(dataset_cfg).images(dataset_cfg, index_df, workers)
 
 
 def iter_image_batches(dataset_cfg: dict, split: str, batch_size: int,
@@ -235,3 +229,27 @@ def _imagefolder_images(dataset_cfg: dict, index_df: pd.DataFrame,
     if not ok.all():
         log.warning("%d of %d images could not be decoded and were skipped", (~ok).sum(), len(ok))
     return out, ok
+
+
+# ---------------------------------------------------------------------------------------------
+# the datasets by config name: the one place that dispatches on dataset.name
+
+
+class DatasetKind(NamedTuple):
+    channels: int
+    num_classes: Callable[[dict], int]
+    index: Callable[[dict, str], pd.DataFrame]  # (dataset_cfg, split) -> rows (source, label)
+    images: Callable[[dict, pd.DataFrame, int | None], tuple[np.ndarray, np.ndarray]]  # -> (images, ok)
+
+
+DATASETS = {
+    "digits": DatasetKind(1, lambda cfg: 10, _digits_index, lambda cfg, rows, workers: _digits_images(cfg, rows)),
+    "imagefolder": DatasetKind(3, lambda cfg: len(_class_folders(_root(cfg) / "train")), _imagefolder_index,
+                               _imagefolder_images),
+}
+
+
+def _kind(dataset_cfg: dict) -> DatasetKind:
+    if dataset_cfg["name"] not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset_cfg['name']!r}; use one of {', '.join(DATASETS)}")
+    return DATASETS[dataset_cfg["name"]]
