@@ -132,7 +132,7 @@ def test_fid_of_train_against_its_own_reference_is_zero(tmp_path, classifier, re
 
 def test_fid_between_disjoint_halves_is_small(classifier):
     images = real("train")[0]
-    layer = feature_nets.FEATURE_NETS["digits-net"][1]
+    layer = feature_nets.FEATURE_NETS["digits-net"].fid_layer
     first, second, noise = (feature_nets.extract_features([torch.from_numpy(x)], METRICS, classifier[0], [layer])[layer]
                             for x in (images[::2], images[1::2], noise_like(images[::2])))
     stats = metrics.fid_features_to_statistics(first)
@@ -184,7 +184,8 @@ def test_fid_and_is_agree_with_adm_formulas(tmp_path, classifier, reference):
     result = metrics.compute([write_samples(tmp_path / "s.npz", images, labels)], DATASET,
                              {**METRICS, "is_split_size": 100}, reference, tmp_path / "s.json", classifier[0])
     features = feature_nets.extract_features([torch.from_numpy(images)], METRICS, classifier[0])
-    fid_layer, is_layer = feature_nets.FEATURE_NETS["digits-net"][1:]
+    net = feature_nets.FEATURE_NETS["digits-net"]
+    fid_layer, is_layer = net.fid_layer, net.is_layer
     with np.load(reference) as ref:
         expected_fid = adm_fid(features[fid_layer].double().numpy(), ref["mu"], ref["sigma"])
     assert result["fid"] == pytest.approx(expected_fid, rel=1e-6)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -29,10 +30,18 @@ from ddaepp.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
-# config name -> (torch-fidelity feature extractor, FID layer, IS layer)
+class FeatureNet(NamedTuple):
+    extractor: str  # torch-fidelity feature extractor name
+    fid_layer: str
+    is_layer: str
+    trained_here: bool  # weights: train_classifier's file (classifier_path); else metrics.inception_weights
+    rgb: bool  # takes RGB only: grayscale images are repeated to three channels
+
+
+# the feature networks by config name (metrics.features): the one place that dispatches on it
 FEATURE_NETS = {
-    "inception": ("inception-v3-compat", "2048", "logits_unbiased"),
-    "digits-net": ("digits-net", "penultimate", "logits_unbiased"),
+    "inception": FeatureNet("inception-v3-compat", "2048", "logits_unbiased", trained_here=False, rgb=True),
+    "digits-net": FeatureNet("digits-net", "penultimate", "logits_unbiased", trained_here=True, rgb=False),
 }
 BATCH_SIZE = 100  # images per feature-network forward pass
 
@@ -155,10 +164,10 @@ def train_classifier(dataset_cfg: dict, out_path: str | os.PathLike, epochs: int
 
 def _feature_extractor(metrics_cfg: dict, layers: list[str], classifier_path=None,
                        device: str = "cpu") -> FeatureExtractorBase:
-    name = FEATURE_NETS[metrics_cfg["features"]][0]
-    weights = classifier_path if metrics_cfg["features"] == "digits-net" else metrics_cfg["inception_weights"]
+    net = FEATURE_NETS[metrics_cfg["features"]]
+    weights = classifier_path if net.trained_here else metrics_cfg["inception_weights"]
     try:
-        return create_feature_extractor(name, layers, cuda=device == "cuda", verbose=False,
+        return create_feature_extractor(net.extractor, layers, cuda=device == "cuda", verbose=False,
                                         feature_extractor_weights_path=str(weights) if weights else None)
     except OSError as error:  # urllib's errors are OSErrors: only the download can raise them here
         if weights:
@@ -172,15 +181,15 @@ def _feature_extractor(metrics_cfg: dict, layers: list[str], classifier_path=Non
 def extract_features(batches, metrics_cfg: dict, classifier_path=None, layers: list[str] | None = None,
                      total: int | None = None, device: str = "cpu") -> dict[str, torch.Tensor]:
     """Features of uint8 (B, C, S, S) image batches: {layer: (N, D) float32}; default layers: FID's and IS's."""
-    name, fid_layer, is_layer = FEATURE_NETS[metrics_cfg["features"]]
-    layers = layers or list(dict.fromkeys([fid_layer, is_layer]))
+    net = FEATURE_NETS[metrics_cfg["features"]]
+    layers = layers or list(dict.fromkeys([net.fid_layer, net.is_layer]))
     extractor = _feature_extractor(metrics_cfg, layers, classifier_path, device)
     device = next(extractor.parameters()).device
     out = {layer: [] for layer in layers}
     with tqdm(total=total, desc=f"{metrics_cfg['features']} features", unit="img") as progress:
         for images in batches:
             images = torch.as_tensor(images).to(device)
-            if name == "inception-v3-compat" and images.shape[1] == 1:
+            if net.rgb and images.shape[1] == 1:
                 images = images.repeat(1, 3, 1, 1)
             for layer, value in extractor.convert_features_tuple_to_dict(extractor(images)).items():
                 out[layer].append(value.cpu())

@@ -54,7 +54,7 @@ def load_reference(path: str | os.PathLike, features: str) -> dict:
 
 def _check_weights(metrics_cfg: dict, classifier_path, need_classifier: bool) -> None:
     weights = metrics_cfg["inception_weights"]
-    if metrics_cfg["features"] == "inception":
+    if not FEATURE_NETS[metrics_cfg["features"]].trained_here:
         if weights and not Path(weights).is_file():
             raise ConfigError(f"config key 'metrics.inception_weights': no file {weights}; put torch-fidelity's "
                               f"{URL_INCEPTION_V3} there (`ddaepp fetch-assets` on an online machine)")
@@ -101,7 +101,7 @@ def reference_stats(dataset_cfg: dict, metrics_cfg: dict, out_npz: str | os.Path
 
         _check_weights(metrics_cfg, classifier_path, need_classifier=True)
         limit = metrics_cfg["reference_n"] or None
-        fid_layer = FEATURE_NETS[features][1]
+        fid_layer = FEATURE_NETS[features].fid_layer
         batches = (x for x, _ in iter_image_batches(dataset_cfg, "train", BATCH_SIZE, limit=limit))
         train_features = feature_nets.extract_features(batches, metrics_cfg, classifier_path, [fid_layer],
                                                        total=limit, device=device)[fid_layer]
@@ -180,7 +180,7 @@ def compute(sample_npzs: list, dataset_cfg: dict, metrics_cfg: dict, reference_n
     _check_weights(metrics_cfg, classifier_path, need_classifier=True)
     reference = load_reference(reference_npz, features)
     images, labels = load_samples(sample_npzs, dataset_cfg["image_size"])
-    _, fid_layer, is_layer = FEATURE_NETS[features]
+    fid_layer, is_layer = FEATURE_NETS[features].fid_layer, FEATURE_NETS[features].is_layer
     batches = (torch.from_numpy(images[i:i + BATCH_SIZE]) for i in range(0, len(images), BATCH_SIZE))
     sample_features = feature_nets.extract_features(batches, metrics_cfg, classifier_path, total=len(images),
                                                     device=device)
@@ -189,7 +189,7 @@ def compute(sample_npzs: list, dataset_cfg: dict, metrics_cfg: dict, reference_n
         result = scores.evaluate(sample_features[fid_layer], sample_features[is_layer], reference,
                                  metrics_cfg["is_split_size"], metrics_cfg["bootstrap"], device, progress)
     result.update(n=len(images), features=features, reference=str(reference_npz))
-    if features == "digits-net":
+    if FEATURE_NETS[features].trained_here:
         result["classifier_val_acc"] = read_json(Path(classifier_path).with_suffix(".json"))["val_acc"]
         result["label_agreement"] = label_agreement(sample_features[is_layer], labels)
     result.update(extra or {})
