@@ -1,7 +1,9 @@
 """The whole default DAG on the smoke config: tables with finite numbers or explained blanks,
 nothing to do on a rerun, --forcerun of one epoch redoes only that epoch, a new budget only the
-new work. Minutes, not seconds: marked slow (still part of the default test run)."""
+new work, the same tables from 2 training processes (the rehearsal switch). Minutes, not seconds:
+marked slow (still part of the default test run)."""
 
+import json
 import math
 import os
 import re
@@ -170,3 +172,41 @@ def test_kill_9_at_random_points_then_rerun_gives_identical_tables(smoke_run, tm
     for name in ("uncond", "cond"):
         assert (tmp_path / f"results/tables/{name}.md").read_text() == \
             (smoke_run / f"results/tables/{name}.md").read_text()
+
+
+# How far the 2-process tables may be from the 1-process ones. Training at 2 processes differs
+# from 1 by float reduction order only (tests/test_multiprocess.py: EMA weights within 5e-6
+# relative); sampling, metrics and probes then run the same seeded code on those weights.
+# Measured on the smoke config: FID and IS within 5e-6 relative, LP Acc. identical. Processes
+# drawing their own noise (draws seeded by rank) move FID by up to 7e-2 relative, IS by 3e-2 and
+# LP Acc. by up to 17 points. FID and IS get 1e-4 relative; LP Acc. may differ by one validation
+# image (a prediction at its decision boundary).
+TWO_PROCESS_REL_TOL = 1e-4
+
+
+def test_two_processes_build_the_same_tables(smoke_run, tmp_path):
+    """The rehearsal switch with `train.gpus: 2`: every training job of the smoke DAG redone by
+    2 gloo processes under `accelerate launch` (what an N-GPU job runs), and what follows it
+    (sampling, metrics, probes, tables) gives the one-process tables' numbers. The data stages are
+    the one-process run's: `device: cpu` changes none of them on this config (pixel tokenizer,
+    digits-net features), so only the process count differs."""
+    workdir = tmp_path / "two"
+    shutil.copytree(smoke_run, workdir, symlinks=True)  # outputs, their mtimes and Snakemake's records
+    out = snakemake(workdir, "results/tables/uncond.md", "results/tables/cond.md", "--forcerun", "train",
+                    "--config", "device=cpu", "train={gpus: 2}")
+    summaries = sorted(workdir.glob("results/runs/*/s0/ep*/train.json"))
+    assert len(summaries) == 8 and planned(out)["train"] == 8, out
+    for summary in summaries:
+        assert json.loads(summary.read_text())["processes"] == 2, summary
+    for name in ("uncond", "cond"):
+        one = pd.read_parquet(smoke_run / f"results/tables/{name}.parquet")
+        two = pd.read_parquet(workdir / f"results/tables/{name}.parquet")
+        keys = ["variant", "seed", "epoch"]
+        assert one[keys].equals(two[keys])
+        metrics = [m for m in ("fid", "fid_cfg", "is_cfg") if m in one]
+        relative = ((two[metrics] - one[metrics]).abs() / one[metrics].abs()).max()
+        lp_acc = (two["lp_acc"] - one["lp_acc"]).abs().max()
+        print(f"\n{name}: 1 vs 2 processes, max relative difference {relative.round(8).to_dict()}, "
+              f"max LP Acc. difference {lp_acc:.3g}")
+        assert (relative <= TWO_PROCESS_REL_TOL).all(), (name, relative.to_dict())
+        assert lp_acc <= (100 / one["probe_n_val"]).min() + 1e-9, (name, lp_acc)  # one image, in percent
