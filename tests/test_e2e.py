@@ -16,6 +16,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from dag import planned
+
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
@@ -26,15 +28,6 @@ def snakemake(workdir, *args, configfile=None):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, f"{' '.join(args)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc.stdout + proc.stderr
-
-
-def planned(output: str) -> dict[str, int]:
-    if "Nothing to be done" in output:
-        return {}
-    stats = output.split("Job stats:")[1].split("\n\n")[0]
-    jobs = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M)}
-    jobs.pop("total", None)
-    return jobs
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ stage on a tiny workflow: the search runs, picks a layer, the training uses it, 
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
+from dag import planned
 from ddaepp import config, layer_search
 
 REPO = Path(__file__).resolve().parents[1]
@@ -213,8 +213,7 @@ def test_dag_has_one_short_run_per_candidate_and_seed(tmp_path):
                            "-n", "-c1", "results/tables/uncond.md", "--configfile", str(tmp_path / "auto.yaml")],
                           capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    stats = proc.stdout.split("Job stats:")[1].split("\n\n")[0]
-    jobs = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M)}
+    jobs = planned(proc.stdout)
     assert jobs["layer_search_run"] == 4 and jobs["choose_layer"] == 2  # 2 candidates x 2 seeds
     assert jobs["train"] == 4  # baseline and selfcond, 2 seeds, one budget
 

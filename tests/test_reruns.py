@@ -3,7 +3,6 @@ a job runs reruns nothing; editing a key that changes results reruns exactly the
 and what follows. The fast tests check the definition; the slow one runs a one-epoch DAG and asks
 `snakemake -n` about each kind of edit."""
 
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
+from dag import planned
 from ddaepp import config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,15 +103,6 @@ def snakemake(workdir, *args):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{' '.join(args)}:\n{out[-5000:]}"
     return out
-
-
-def planned(output: str) -> dict[str, int]:
-    if "Nothing to be done" in output:
-        return {}
-    stats = output.split("Job stats:")[1].split("\n\n")[0]
-    jobs = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M)}
-    jobs.pop("total", None)
-    return jobs
 
 
 @pytest.fixture(scope="module")

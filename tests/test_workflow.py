@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
+from dag import planned
 from standins import make_imagefolder, make_vavae_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,11 +24,6 @@ def snakemake(*args, cwd=REPO, check=True):
     if check and proc.returncode:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
-
-
-def job_counts(output: str) -> dict[str, int]:
-    stats = output.split("Job stats:")[1].split("\n\n")[0]
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M)}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +45,7 @@ def paper_args(root):
 
 def test_paper_grid_dry_run(paper_standins):
     out = snakemake("-n", "results/tables/uncond.md", "results/tables/cond.md", *paper_args(paper_standins)).stdout
-    jobs = job_counts(out)
+    jobs = planned(out)
     uncond, cond = 8, 5  # epoch budgets; 2 variants each, one seed
     assert jobs["train"] == 2 * (uncond + cond)
     assert jobs["probe"] == 2 * (uncond + cond)
@@ -95,7 +91,7 @@ def test_slurm_profile_asks_small_on_the_default_config():
 
 
 def test_default_dag_dry_run():
-    jobs = job_counts(snakemake("-n", "--forceall").stdout)
+    jobs = planned(snakemake("-n", "--forceall").stdout)
     assert jobs["train"] == 12 and jobs["probe"] == 12 and jobs["metrics"] == 18 and jobs["table"] == 2
     assert jobs["probe_floor"] == 1
     assert "index" in jobs and "train_classifier" in jobs
