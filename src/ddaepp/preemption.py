@@ -14,8 +14,8 @@ makes that process ignore SIGUSR1 (whose default action would kill it, and with 
 it waits for); Snakemake already handles SIGTERM by waiting for its running job.
 
 A handler only sets a flag; the training loop looks at it after each step (all processes agree
-through one tiny all-reduce), writes its in-progress checkpoint at once and exits with
-PREEMPTED_EXIT, so at most the current step is lost.
+through the all-reduce that already averages the step's loss), writes its in-progress checkpoint
+at once and exits with PREEMPTED_EXIT, so at most the current step is lost.
 """
 
 from __future__ import annotations
@@ -56,17 +56,6 @@ def catch_stop_signals() -> Iterator[None]:
 def requested() -> int | None:
     """The first stop signal received in this process, or None."""
     return _received[0] if _received else None
-
-
-def agreed_stop(accelerator) -> bool:
-    """True when any training process received a stop signal; every process gets the same answer."""
-    stop = requested() is not None
-    if accelerator.num_processes == 1:
-        return stop
-    import torch
-
-    flag = torch.tensor([float(stop)], device=accelerator.device)
-    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
 def exit_to_resume(saved_to, step: int, main_process: bool = True) -> None:

@@ -239,15 +239,19 @@ def _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir, ma
         if train_cfg["grad_clip"] > 0:
             accelerator.clip_grad_norm_(params, train_cfg["grad_clip"])
         opt.step()
-        # the global batch's mean loss (what one process would report); the step's one device sync
-        value = accelerator.reduce(loss.detach().float(), "mean").item()
+        # The step's one collective and device sync: the global batch's mean loss (what one process
+        # would report) and how many processes were asked to stop (preemption, SLURM's warning).
+        stop_flag = float(preemption.requested() is not None)
+        summed = accelerator.reduce(torch.stack([loss.detach().float(), loss.new_tensor(stop_flag).float()]), "sum")
+        value, stops = summed[0].item() / world, summed[1].item()
         if not np.isfinite(value):
             raise FloatingPointError(f"loss is {value} at step {step}; the last good state is kept "
                                      f"({wip_path if wip_path.exists() else init_state or 'none yet'})")
         update_ema(ema, model, ema_decay(train_cfg, step))
         step += 1
         running.append(value)
-        step_losses.append(value)
+        if max_steps is not None:  # the layer search's curves
+            step_losses.append(value)
         progress.step(step, value)
         if step % steps_per_epoch == 0:
             epoch_losses.append(float(np.mean(running)))
@@ -256,7 +260,7 @@ def _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir, ma
             _save(accelerator, wip_path, model, ema, heads, opt, step, epoch_losses, expected)
             progress.checkpoint(step, wip_path)
             last_ckpt = time.time()
-        if step < target_step and preemption.agreed_stop(accelerator):  # preempted or warned by SLURM
+        if step < target_step and stops > 0:  # any process preempted or warned by SLURM: all stop here
             _save(accelerator, wip_path, model, ema, heads, opt, step, epoch_losses, expected)
             progress.close()
             preemption.exit_to_resume(wip_path, step, accelerator.is_main_process)
