@@ -33,6 +33,7 @@ from train_step import time_steps, upstream_model  # noqa: E402
 
 from ddaepp import config as config_mod, objectives, tokenizers, vavae  # noqa: E402
 from ddaepp.models import build_model, count_flops  # noqa: E402
+from ddaepp.sample import tf32_matmuls  # noqa: E402
 from ddaepp.train import accelerate_command  # noqa: E402
 from ddaepp.transport import euler_sample, shifted_timesteps  # noqa: E402
 
@@ -79,7 +80,8 @@ def measure_training(args, sizes, paper, accelerator) -> dict:
         if args.lightningdit_repo:
             upstream = upstream_model(args.lightningdit_repo, sizes["size"], latent, sizes["classes"]).to(dev)
             sec = time_steps(run, upstream, nn.ModuleDict(), x1, y, accelerator, sizes["steps"], compile=compile_)
-            out[f"hustvl {'compiled' if compile_ else 'eager'}"] = (batch / sec, count_flops(model))
+            # upstream's blocks carry @torch.compile, so its "eager" is how hustvl's train.py runs it
+            out[f"hustvl {'compiled' if compile_ else 'as shipped'}"] = (batch / sec, count_flops(model))
     return out
 
 
@@ -97,7 +99,8 @@ def measure_encode(sizes, device) -> float:
 
 
 def measure_sampling(sizes, paper, device, decode_rate) -> dict:
-    """img/s of sample.steps Euler steps at the paper's batch, plus the VAE decode."""
+    """img/s of sample.steps Euler steps at the paper's batch, plus the VAE decode, in the paper config's
+    sample.precision (tf32: float32 with TF32 matmuls, as LightningDiT's inference.py)."""
     run = paper_run(paper, sizes["size"], True)
     model = build_model(sizes["size"], sizes["latent"], sizes["classes"],
                         **{k: v for k, v in run["model"].items() if k != "size"}).to(device).eval()
@@ -105,10 +108,11 @@ def measure_sampling(sizes, paper, device, decode_rate) -> dict:
     noise = torch.randn(batch, *sizes["latent"], device=device)
     y = torch.randint(0, sizes["classes"], (batch,), device=device)
     cfg = paper["sample"]
-    # one Euler step timed per mode (fp32, as upstream samples); a run is `steps - 1` of them
-    plain = timed(lambda: euler_sample(model, noise, y, steps=2), 2, device == "cuda")
-    guided = timed(lambda: euler_sample(model, noise, y, steps=2, cfg_scale=cfg["cfg"]["scale"],
-                                        interval_start=0.0, null_label=sizes["classes"]), 2, device == "cuda")
+    # one Euler step timed per mode; a run is `steps - 1` of them
+    with tf32_matmuls(cfg["precision"] == "tf32"):
+        plain = timed(lambda: euler_sample(model, noise, y, steps=2), 2, device == "cuda")
+        guided = timed(lambda: euler_sample(model, noise, y, steps=2, cfg_scale=cfg["cfg"]["scale"],
+                                            interval_start=0.0, null_label=sizes["classes"]), 2, device == "cuda")
     t = shifted_timesteps(cfg["steps"], cfg["shift"])[:-1]
     inside = int((t >= cfg["cfg"]["interval_start"]).sum())  # CFG doubles the batch only inside its interval
     nocfg_s = (cfg["steps"] - 1) * plain / batch + 1 / decode_rate

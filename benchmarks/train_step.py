@@ -103,7 +103,7 @@ def upstream_model(repo: str, size: str, latent, classes: int) -> nn.Module:
 
 def time_steps(run_cfg, model, heads, x1, y, accelerator, steps, warmup=3, compile=False):
     """Seconds per training step (loss, backward, AdamW, EMA) with the training loop's loss module."""
-    ema = copy.deepcopy(model).requires_grad_(False)
+    ema = copy.deepcopy(model).requires_grad_(False).to(accelerator.device)
     params = list(model.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95))
     step_module = objectives.TrainingLoss(run_cfg, model, heads, ema, accelerator.gather, accelerator.process_index)

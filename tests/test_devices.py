@@ -49,12 +49,14 @@ def test_stage_gpus_follow_the_config(default_config):
     assert devices.stage_gpus(default_config, "sample", cpu_run) == devices.stage_gpus(default_config, "floor") == 0
 
 
-def test_rehearsal_switch_asks_for_the_gpus_and_runs_on_the_cpu(default_config, no_cuda):
+def test_rehearsal_switch_asks_for_the_gpus_and_runs_on_the_cpu(default_config, no_cuda, caplog):
     rehearsal = with_gpus(default_config, 2, "cpu")
     run = config.run_config(rehearsal, "cond", "baseline")
     assert devices.stage_gpus(rehearsal, "train", run) == 2  # the scheduler still allocates them
     job = SimpleNamespace(config={"device": "cpu"}, resources=SimpleNamespace(gpu=2), rule="train")
-    assert devices.for_job(job) == "cpu"
+    with caplog.at_level("INFO", logger="ddaepp.devices"):
+        assert devices.for_job(job) == "cpu"
+    assert "rule train: on the CPU (device: cpu, a rehearsal; the scheduler was asked for 2 GPU(s))" in caplog.text
     job.config = {}
     with pytest.raises(devices.DeviceError, match="asks for 2 GPU"):
         devices.for_job(job)
@@ -76,8 +78,10 @@ def test_no_cuda_is_refused_with_what_is_seen_and_the_fix(no_cuda):
         assert part in message, (part, message)
 
 
-def test_too_few_devices_are_refused(one_gpu):
-    assert devices.require(1, "rule probe") == "cuda"
+def test_too_few_devices_are_refused(one_gpu, caplog):
+    with caplog.at_level("INFO", logger="ddaepp.devices"):
+        assert devices.require(1, "rule probe") == "cuda"
+    assert "rule probe: 1 GPU(s) of 1 CUDA device(s) (Fake GPU)" in caplog.text  # the job log names its GPU
     with pytest.raises(devices.DeviceError, match=r"asks for 2 GPU\(s\) on one node but sees 1 CUDA device\(s\) "
                                                  r"\(Fake GPU\).*CUDA_VISIBLE_DEVICES=3"):
         devices.require(2, "rule train")

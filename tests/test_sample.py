@@ -107,3 +107,30 @@ def test_guidance_record_names_the_sampler_and_guidance(repo):
     assert guidance_record(sample, "cfg") == {"guide": "cfg", "steps": 250, "shift": 0.3,
                                               "guidance": {"scale": 10.0, "interval_start": 0.11, "channels": 3}}
     assert guidance_record(sample, "nocfg")["guidance"] is None
+
+
+@pytest.mark.parametrize("precision, tf32", [("tf32", True), ("fp32", False), ("bf16", False)])
+def test_precision_sets_tf32_matmuls_for_the_model_and_decode_only(cond_state, small_latents, tmp_path, monkeypatch,
+                                                                   precision, tf32):
+    import torch
+
+    from ddaepp import sample as sample_mod, tokenizers
+
+    seen = []
+    real_sample, real_decode = sample_mod.euler_sample, tokenizers.PixelTokenizer.decode
+
+    def euler(*args, **kwargs):
+        seen.append(("model", torch.backends.cuda.matmul.allow_tf32, torch.is_autocast_enabled("cpu")))
+        return real_sample(*args, **kwargs)
+
+    def decode(self, z):
+        seen.append(("decode", torch.backends.cuda.matmul.allow_tf32, torch.is_autocast_enabled("cpu")))
+        return real_decode(self, z)
+
+    monkeypatch.setattr(sample_mod, "euler_sample", euler)
+    monkeypatch.setattr(tokenizers.PixelTokenizer, "decode", decode)
+    before = torch.backends.cuda.matmul.allow_tf32
+    run, state = cond_state
+    _sample(run, state, small_latents, tmp_path, precision, guidance="nocfg", shards=1, precision=precision)
+    assert seen == [("model", tf32, precision == "bf16"), ("decode", tf32, False)]  # LightningDiT: allow_tf32 = True
+    assert torch.backends.cuda.matmul.allow_tf32 == before

@@ -17,6 +17,7 @@ visible, naming what it sees and the fix.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -25,6 +26,7 @@ import torch
 
 RUN_STAGES = ("train", "sample", "metrics", "probe")
 DATASET_STAGES = ("encode", "reference", "floor")
+log = logging.getLogger("ddaepp.devices")
 
 
 class DeviceError(RuntimeError):
@@ -87,6 +89,7 @@ def require(gpus: int, what: str) -> str:
         return "cpu"
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if visible >= gpus:
+        log.info("%s: %d GPU(s) of %s", what, gpus, describe())  # the job log says where it ran
         return "cuda"
     raise DeviceError(
         f"{what} asks for {gpus} GPU(s) on one node but sees {describe()}. Fix: run the job where its GPUs are "
@@ -98,7 +101,9 @@ def require(gpus: int, what: str) -> str:
 def for_job(snakemake, stage: str | None = None) -> str:
     """The device of a workflow job: exactly the GPUs its rule asked the scheduler for, or the CPU
     under the rehearsal switch (`device: cpu`, which still asks for them)."""
-    if snakemake.config.get("device") == "cpu":
-        return "cpu"
     gpus = int(getattr(snakemake.resources, "gpu", 0) or 0)
-    return require(gpus, f"rule {getattr(snakemake, 'rule', stage or '?')}")
+    what = f"rule {getattr(snakemake, 'rule', stage or '?')}"
+    if snakemake.config.get("device") == "cpu":
+        log.info("%s: on the CPU (device: cpu, a rehearsal; the scheduler was asked for %d GPU(s))", what, gpus)
+        return "cpu"
+    return require(gpus, what)

@@ -8,6 +8,7 @@ only its missing shards.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from pathlib import Path
@@ -53,6 +54,18 @@ def guidance_record(sample_cfg: dict, guide: str) -> dict:
                          "channels": cfg["channels"]} if guided else None}
 
 
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool):
+    """CUDA float32 matmuls in TF32 (LightningDiT's inference.py sets allow_tf32 = True for sampling) or
+    strict float32; restored on exit. No effect on the CPU."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
 
@@ -79,20 +92,21 @@ def sample_shard(run_cfg: dict, state_path, latents_dir, guidance: str, shard: i
     size = run_cfg["dataset"]["image_size"]
     io.check_free_space(Path(out_npz).parent, (stop - start) * 3 * size * size, f"the samples {out_npz}")
     images, labels = [], []
-    # fp32 by default, as upstream samples; sample.precision: bf16 trades exactness for speed
+    # tf32 by default, as upstream samples (model and VAE decode); bf16 autocast trades exactness for speed
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["precision"] == "bf16")
-    for a in tqdm(range(start, stop, cfg["batch_size"]), desc=f"sample {guidance} shard {shard}"):
-        idx = range(a, min(a + cfg["batch_size"], stop))
-        noise, y = noise_and_labels(idx, latent_shape, n_classes, seed)
-        noise, y = noise.to(device), y.to(device)
-        with autocast:
-            z = euler_sample(model, noise, y if run_cfg["conditional"] else None, cfg["steps"], cfg["shift"],
-                             cfg_scale=cfg["cfg"]["scale"] if guidance == "cfg" else 1.0,
-                             interval_start=cfg["cfg"]["interval_start"], guided_channels=guided,
-                             null_label=n_classes)
-        with torch.no_grad():
-            images.append(to_uint8(tokenizer.decode(z.float() * std + mean)))
-        labels.append(y.cpu().numpy() if run_cfg["conditional"] else np.full(len(idx), -1))
+    with tf32_matmuls(cfg["precision"] == "tf32"):
+        for a in tqdm(range(start, stop, cfg["batch_size"]), desc=f"sample {guidance} shard {shard}"):
+            idx = range(a, min(a + cfg["batch_size"], stop))
+            noise, y = noise_and_labels(idx, latent_shape, n_classes, seed)
+            noise, y = noise.to(device), y.to(device)
+            with autocast:
+                z = euler_sample(model, noise, y if run_cfg["conditional"] else None, cfg["steps"], cfg["shift"],
+                                 cfg_scale=cfg["cfg"]["scale"] if guidance == "cfg" else 1.0,
+                                 interval_start=cfg["cfg"]["interval_start"], guided_channels=guided,
+                                 null_label=n_classes)
+            with torch.no_grad():
+                images.append(to_uint8(tokenizer.decode(z.float() * std + mean)))
+            labels.append(y.cpu().numpy() if run_cfg["conditional"] else np.full(len(idx), -1))
     with io.atomic_path(out_npz) as tmp:
         np.savez(tmp, images=np.concatenate(images), labels=np.concatenate(labels).astype(np.int64),
                  indices=np.arange(start, stop))
