@@ -41,3 +41,4 @@ rule all:
     default_target: True
     input:
         [table_files(name)["md"] for name in CONFIG["default_tables"]],
+        rules.real_grid.output,

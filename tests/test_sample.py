@@ -79,11 +79,23 @@ def test_shard_ranges_cover_every_sample_once():
     assert np.array_equal(covered, np.arange(10_000))
 
 
-def test_grid(cond_state, small_latents, tmp_path):
-    run, state = cond_state
-    _sample(run, state, small_latents, tmp_path, "g", guidance="nocfg", shards=1)
-    save_grid(tmp_path / "g-0.npz", tmp_path / "grid.png")
-    assert (tmp_path / "grid.png").stat().st_size > 100
+def test_grid_puts_one_class_per_row(tmp_path):
+    from PIL import Image
+
+    from ddaepp.sample import save_image_grid
+
+    labels = np.array([2, 0, 2, 1, 0, 2, 2])
+    images = (labels * 50 + 10).astype(np.uint8)[:, None, None, None] * np.ones((1, 1, 4, 4), np.uint8)
+    np.savez(tmp_path / "s.npz", images=images, labels=labels)
+    save_grid(tmp_path / "s.npz", tmp_path / "grid.png")
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    scale = 256 // (3 * 4)
+    cells = grid[::4 * scale, ::4 * scale]  # one pixel per cell: 3 class rows x 10 columns
+    assert cells.shape == (3, 10)
+    assert cells[:, :4].tolist() == [[10, 10, 255, 255], [60, 255, 255, 255], [110, 110, 110, 110]]  # blank: white
+    save_image_grid(images, np.full(7, -1), tmp_path / "unlabelled.png", rows=2, columns=4)
+    cells = np.asarray(Image.open(tmp_path / "unlabelled.png"))[::4 * 32, ::4 * 32]
+    assert cells.tolist() == [[110, 10, 110, 60], [10, 110, 110, 255]]  # index order, row by row
 
 
 def test_paper_config_guides_as_lightningdit(repo):
@@ -134,3 +146,18 @@ def test_precision_sets_tf32_matmuls_for_the_model_and_decode_only(cond_state, s
     _sample(run, state, small_latents, tmp_path, precision, guidance="nocfg", shards=1, precision=precision)
     assert seen == [("model", tf32, precision == "bf16"), ("decode", tf32, False)]  # LightningDiT: allow_tf32 = True
     assert torch.backends.cuda.matmul.allow_tf32 == before
+
+
+def test_real_grid_shows_each_class_like_the_samples(default_config, tmp_path):
+    from PIL import Image
+
+    from ddaepp.data import iter_image_batches
+    from ddaepp.sample import save_real_grid
+
+    save_real_grid(default_config["dataset"], tmp_path / "real.png", rows=10, columns=3)
+    grid = np.asarray(Image.open(tmp_path / "real.png"))
+    scale = 256 // (10 * 16)
+    assert grid.shape == (10 * 16 * scale, 3 * 16 * scale)
+    x, y = next(iter_image_batches(default_config["dataset"], "val", 10_000))
+    first_of_class_3 = x[np.flatnonzero(y == 3)[0], 0]
+    assert np.array_equal(grid[3 * 16 * scale:4 * 16 * scale:scale, :16 * scale:scale], first_of_class_3)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -112,19 +111,46 @@ def sample_shard(run_cfg: dict, state_path, latents_dir, guidance: str, shard: i
                  indices=np.arange(start, stop))
 
 
-def save_grid(npz_path, png_path, n: int = 64) -> None:
-    """A square grid of the first `n` samples, for the report."""
+def save_grid(npz_path, png_path) -> None:
+    """The report's picture of a samples file (see save_image_grid)."""
+    with np.load(npz_path) as npz:
+        save_image_grid(npz["images"], npz["labels"], png_path)
+
+
+def save_image_grid(images: np.ndarray, labels: np.ndarray, png_path, rows: int = 10, columns: int = 10) -> None:
+    """uint8 (N, C, S, S) images as a PNG grid: with class labels, one row per class (the first `rows`
+    classes present, each its first `columns` images), so that samples and real images laid out
+    alike compare class by class; unlabelled (-1), the first rows x columns images."""
     from PIL import Image
 
-    images = np.load(npz_path)["images"][:n]
-    side = int(math.ceil(math.sqrt(len(images))))
+    if (labels >= 0).all():
+        picked = [np.flatnonzero(labels == k)[:columns] for k in np.unique(labels)[:rows]]
+    else:
+        picked = [np.arange(len(images))[r * columns:(r + 1) * columns] for r in range(rows)]
     c, h, w = images.shape[1:]
-    grid = np.zeros((side * h, side * w, c), dtype=np.uint8)
-    for k, img in enumerate(images):
-        r, q = divmod(k, side)
-        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img.transpose(1, 2, 0)
-    scale = max(1, 256 // (side * h))
-    picture = Image.fromarray(grid.squeeze(-1) if c == 1 else grid).resize((side * w * scale, side * h * scale),
-                                                                            Image.NEAREST)
+    grid = np.full((len(picked) * h, columns * w, c), 255, dtype=np.uint8)
+    for r, row in enumerate(picked):
+        for q, k in enumerate(row):
+            grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = images[k].transpose(1, 2, 0)
+    scale = max(1, 256 // (len(picked) * h))
+    picture = Image.fromarray(grid.squeeze(-1) if c == 1 else grid)
+    picture = picture.resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
     with io.atomic_path(png_path) as tmp:
         picture.save(tmp, format="PNG")
+
+
+def save_real_grid(dataset_cfg: dict, png_path, rows: int = 10, columns: int = 10) -> None:
+    """The dataset's val images in save_image_grid's layout: the first `rows` classes, `columns` each.
+    Reads the split in index order and stops once those are found (an ImageNet val folder is sorted
+    by class: a few hundred images, not 50,000)."""
+    from .data import iter_image_batches
+
+    images, labels, counts = [], [], {}
+    for x, y in iter_image_batches(dataset_cfg, "val", 256):
+        for image, label in zip(x, y.tolist()):
+            if counts.get(label, 0) < columns and (label in counts or len(counts) < rows):
+                counts[label] = counts.get(label, 0) + 1
+                images.append(image), labels.append(label)
+        if len(counts) == rows and min(counts.values()) == columns:
+            break
+    save_image_grid(np.stack(images), np.array(labels), png_path, rows, columns)

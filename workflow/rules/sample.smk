@@ -51,6 +51,25 @@ rule reference_stats:
         "../scripts/reference_stats.py"
 
 
+rule real_grid:
+    output:
+        report(
+            f"{DATASET_DIR}/real-val.png",
+            caption="../report/real_grid.rst",
+            category="Samples",
+            labels={"images": "real val"},
+        ),
+    log:
+        "logs/data/real-grid.log",
+    threads: job_size("real_grid")["cpus"]
+    resources:
+        **job_resources("real_grid"),
+    params:
+        dataset=section_params("index", "dataset"),
+    script:
+        "../scripts/real_grid.py"
+
+
 rule metrics:
     input:
         samples=sample_shards,
