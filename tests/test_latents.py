@@ -241,23 +241,23 @@ def _orientations(rows, x) -> list[str]:
 
 def _spy_training(monkeypatch, run_cfg, folder):
     """Train (CSD on, so the second view is drawn too); what the objectives see, per view."""
-    from ddaepp import objectives
+    from ddaepp.objectives import TrainingLoss, csd
     from ddaepp.train import train
 
     seen = {"batch": [], "other": [], "crop": []}
-    extra_loss, crop = objectives.extra_loss, objectives.random_resized_crop
+    extra_loss, crop = TrainingLoss.extra_loss, csd.random_resized_crop
 
-    def spy_extra_loss(run_cfg, heads, teacher, student, feats, x1, x1_other, *rest):
+    def spy_extra_loss(self, feats, x1, x1_other, *rest):
         seen["batch"] += list(x1.detach().cpu().numpy())
         seen["other"] += [] if x1_other is None else list(x1_other.detach().cpu().numpy())
-        return extra_loss(run_cfg, heads, teacher, student, feats, x1, x1_other, *rest)
+        return extra_loss(self, feats, x1, x1_other, *rest)
 
     def spy_crop(x, *draws):
         seen["crop"] += list(x.detach().cpu().numpy())
         return crop(x, *draws)
 
-    monkeypatch.setattr(objectives, "extra_loss", spy_extra_loss)
-    monkeypatch.setattr(objectives, "random_resized_crop", spy_crop)
+    monkeypatch.setattr(TrainingLoss, "extra_loss", spy_extra_loss)
+    monkeypatch.setattr(csd, "random_resized_crop", spy_crop)
     train(run_cfg, folder, seed=0, epoch=2, out_state=folder / "state.pt")
     return seen
 

@@ -8,7 +8,9 @@ import torch
 
 from ddaepp import config, io
 from ddaepp.models import model_from_run_config
-from ddaepp.objectives import build_heads, dispersive_loss, draw_step, extra_loss, info_nce, random_resized_crop
+from ddaepp.objectives import TrainingLoss, build_heads, draw_step
+from ddaepp.objectives.csd import info_nce, random_resized_crop
+from ddaepp.objectives.dispersive import dispersive_loss
 from ddaepp.train import train
 from ddaepp.transport import interpolate
 
@@ -67,7 +69,7 @@ def test_variants_train_and_change_the_model(default_config, small_latents, tmp_
     # the same data, noise and initial weights: the loss differs only by the objective's term
     assert summary["epoch_losses"][0] != base_summary["epoch_losses"][0]
     v = io.load_checkpoint(tmp_path / "v/state.pt")
-    assert any(k.startswith("projector") for k in v["heads"]) == ("csd" in variant)
+    assert any(k.startswith("csd.projector.") for k in v["heads"]) == ("csd" in variant)
 
 
 @pytest.mark.parametrize("variant", ["selfcond+csd", "dispersive"])
@@ -87,7 +89,7 @@ def test_objective_reaches_exactly_the_blocks_up_to_its_layer(default_config, va
     draws = draw_step(gen, run, 8, slice(0, 8), (4, 8, 8))
     t = draws["t"]
     _, feats = model(interpolate(x1, draws["x0"], t)[0], t, None, return_features=True)
-    loss = extra_loss(run, heads, teacher, model, feats, x1, None, t, None, draws)
+    loss = TrainingLoss(run, model, heads, teacher).extra_loss(feats, x1, None, None, draws)
     loss.backward()
     reached = [any(p.grad is not None and p.grad.abs().sum() > 0 for p in block.parameters()) for block in model.blocks]
     assert reached == [i <= layer for i in range(len(model.blocks))]

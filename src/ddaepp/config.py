@@ -190,17 +190,28 @@ def _check_semantics(config: dict) -> None:
             where = f"run {setting}-{variant}"
             if run["model"]["self_cond"]:
                 _check_self_cond_layer(run, depth, where)
-            if run["train"]["dispersive"]["layer"] >= depth:
-                raise ConfigError(f"config key 'train.dispersive.layer' ({where}): must be below the depth {depth}")
-            if run["train"]["csd"]["weight"] > 0 and not run["model"]["self_cond"]:
-                raise ConfigError(f"config key 'train.csd.weight' ({where}): contrastive self-distillation works on "
-                                  "the self-conditioning features; set model.self_cond: true for this variant")
+            _check_objectives(run, depth, where)
             if run["sample"]["n"] <= feature_dim:
                 raise ConfigError(f"config key 'sample.n' ({where}): FID needs more samples than the {feature_dim} feature "
                                   f"dimensions of '{config['metrics']['features']}' for a full-rank covariance; "
                                   f"got {run['sample']['n']}")
             if run["train"]["gpus"] == 0 and run["train"]["precision"] == "bf16":
                 raise ConfigError(f"config key 'train.precision' ({where}): bf16 needs GPUs (train.gpus > 0); use auto")
+
+
+def _check_objectives(run: dict, depth: int, where: str) -> None:
+    """Every object-valued key of `train` names a registered objective, whose own check passes."""
+    from . import objectives  # here, not at the top: importing ddaepp.config does not import torch
+
+    try:
+        configured = objectives.configured(run["train"])
+    except ValueError as err:
+        raise ConfigError(f"config key 'train' ({where}): {err}") from None
+    for objective in configured:
+        problem = objective.check(run["train"][objective.name], run, depth)
+        if problem:
+            key, message = problem
+            raise ConfigError(f"config key 'train.{objective.name}.{key}' ({where}): {message}")
 
 
 def _check_self_cond_layer(run: dict, depth: int, where: str) -> None:

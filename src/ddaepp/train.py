@@ -1,7 +1,7 @@
 """Training in epoch-budget segments: the state at budget E_prev -> the state at budget E.
 
-Every random draw of a training sample (batch order, flip view, noise, t, label dropout, the CSD
-crop and teacher noise) is a function of (seed, step, the sample's row in the global batch),
+Every random draw of a training sample (batch order, flip view, noise, t, label dropout, the
+objectives' draws) is a function of (seed, step, the sample's row in the global batch),
 never of the process rank: N processes compute what one process computes at the same global
 batch, up to float reduction order. Training 0 -> 2 epochs in one job therefore equals 0 -> 1 -> 2
 in two jobs, and a job killed mid-segment resumes from its last `_wip` checkpoint to the same
@@ -68,7 +68,7 @@ class StepBatches(torch.utils.data.Dataset):
     The global batch is sorted by dataset index (sequential memmap reads) and then split into
     contiguous per-process rows, so row r of the global batch holds the same sample and view
     whatever the number of processes. Only the view in use is read; the other flip view only
-    when contrastive self-distillation needs it (`other_view`)."""
+    when an objective needs it (`other_view`: contrastive self-distillation's second view)."""
 
     def __init__(self, latents, labels, batch_size, seed, start, stop, rank=0, world=1, other_view=False):
         self.latents, self.labels, self.other_view = latents, labels, other_view
@@ -221,7 +221,7 @@ def _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir, ma
         raise ValueError(f"the starting state is at step {start_step}, past the {target_step} steps of {epoch} epochs")
     batches = torch.utils.data.DataLoader(
         StepBatches(latents, labels, batch_size, seed, start_step, target_step, rank, world,
-                    other_view=train_cfg["csd"]["weight"] > 0),
+                    other_view=any(o.needs_second_view for o in objectives.enabled(run_cfg))),
         batch_size=None, num_workers=train_cfg["num_workers"], pin_memory=accelerator.device.type == "cuda")
     gen = torch.Generator(accelerator.device)  # one generator, reseeded per step: see objectives.draw_step
     rows = slice(rank * (batch_size // world), (rank + 1) * (batch_size // world))
