@@ -1,12 +1,15 @@
-"""The representation objectives on hand-made inputs, and lambda = 0 reproducing selfcond exactly."""
+"""The representation objectives on hand-made inputs, lambda = 0 reproducing selfcond exactly, and
+the registry: a new objective is one module plus its schema entry."""
 
 import copy
+import importlib.util
 import math
 
 import pytest
 import torch
+import yaml
 
-from ddaepp import config, io
+from ddaepp import config, io, objectives
 from ddaepp.models import model_from_run_config
 from ddaepp.objectives import TrainingLoss, build_heads, draw_step
 from ddaepp.objectives.csd import info_nce, random_resized_crop
@@ -94,3 +97,108 @@ def test_objective_reaches_exactly_the_blocks_up_to_its_layer(default_config, va
     reached = [any(p.grad is not None and p.grad.abs().sum() > 0 for p in block.parameters()) for block in model.blocks]
     assert reached == [i <= layer for i in range(len(model.blocks))]
     assert all(p.grad is None or not p.grad.any() for p in model.final_layer.parameters())
+
+
+# A new objective, written as its own module file (the whole change a new variant needs in the
+# code), and its schema entry: a feature-norm regulariser on one block's pooled feature.
+TOY_MODULE = '''
+"""Feature norm (`train.feature_norm`): the mean squared pooled feature of block `layer`."""
+from ddaepp.objectives import Objective, register
+
+
+@register
+class FeatureNorm(Objective):
+    name = "feature_norm"
+
+    def check(self, cfg, run_cfg, depth):
+        return ("layer", f"must be below the depth {depth}") if cfg["layer"] >= depth else None
+
+    def loss(self, ctx):
+        return ctx.feats[:, ctx.cfg["layer"]].float().pow(2).mean()
+'''
+TOY_SCHEMA = """
+description: Feature-norm regulariser on block `layer`'s pooled feature; weight 0 turns it off.
+type: object
+additionalProperties: false
+default: {}
+properties:
+  weight: {type: number, minimum: 0, default: 0.0}
+  layer: {type: integer, minimum: 0, default: 1}
+"""
+TOY_VARIANT = {"variants": {"feature_norm": {"train": {"feature_norm": {"weight": 0.5}}}}}
+
+
+@pytest.fixture
+def toy_schema(monkeypatch):
+    """config.schema.yaml with the toy objective's entry under train, for this test only."""
+    schema = config.load_schema()
+    schema["$defs"]["train"]["properties"]["feature_norm"] = yaml.safe_load(TOY_SCHEMA)
+    monkeypatch.setattr(config, "load_schema", lambda: schema)
+
+
+@pytest.fixture
+def toy_objective(toy_schema, tmp_path, monkeypatch, repo):
+    """The toy module imported from its own file (registered for this test only); the validated
+    default config with a variant `feature_norm` that enables it."""
+    monkeypatch.setattr(objectives, "OBJECTIVES", dict(objectives.OBJECTIVES))
+    (tmp_path / "feature_norm.py").write_text(TOY_MODULE)
+    spec = importlib.util.spec_from_file_location("feature_norm", tmp_path / "feature_norm.py")
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    return config.load(f"{repo}/config.yaml", TOY_VARIANT)
+
+
+def test_a_new_objective_is_one_module_and_its_schema_entry(toy_objective):
+    run = config.run_config(toy_objective, "uncond", "feature_norm")
+    base = config.run_config(toy_objective, "uncond", "baseline")
+    assert run["train"]["feature_norm"] == {"layer": 1, "weight": 0.5}  # the schema's defaults filled in
+    assert base["train"]["feature_norm"]["weight"] == 0.0  # off elsewhere
+    assert [o.name for o in objectives.enabled(run)] == ["feature_norm"] and not objectives.enabled(base)
+    losses, grads = {}, {}
+    for name, cfg in (("with", run), ("without", base)):
+        torch.manual_seed(0)
+        model = model_from_run_config(cfg, (4, 8, 8), 0)
+        with torch.no_grad():
+            for p in model.parameters():  # adaLN-zero starts blocks as identities: wake every weight up
+                p.add_(0.05 * torch.randn_like(p))
+        step = TrainingLoss(cfg, model, build_heads(cfg, model), copy.deepcopy(model))
+        x1 = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+        draws = draw_step(torch.Generator().manual_seed(0), cfg, 8, slice(0, 8), (4, 8, 8))
+        losses[name] = step(x1, None, None, draws)
+        losses[name].backward()
+        grads[name] = [p.grad.clone() for p in model.blocks.parameters()]
+        if name == "with":  # the toy's own term, on the same features
+            _, feats = model(interpolate(x1, draws["x0"], draws["t"])[0], draws["t"], return_features=True)
+            toy = feats[:, 1].pow(2).mean()
+    assert (losses["with"] - losses["without"]).item() == pytest.approx(0.5 * toy.item(), rel=1e-4)
+    assert any(not torch.equal(a, b) for a, b in zip(grads["with"], grads["without"]))
+
+
+def test_a_new_objective_trains_through_the_training_loop(toy_objective, small_latents, tmp_path):
+    run = config.run_config(toy_objective, "uncond", "feature_norm")
+    base = config.run_config(toy_objective, "uncond", "baseline")
+    summary = train(run, small_latents, 0, 1, tmp_path / "toy/state.pt")
+    base_summary = train(base, small_latents, 0, 1, tmp_path / "base/state.pt")
+    assert math.isfinite(summary["epoch_losses"][0]) and summary["epoch_losses"] != base_summary["epoch_losses"]
+    toy, plain = (io.load_checkpoint(tmp_path / f"{d}/state.pt")["model"] for d in ("toy", "base"))
+    assert any(not torch.equal(toy[k], plain[k]) for k in toy)
+
+
+def test_config_checks_are_the_objectives_own(toy_objective, repo):
+    too_deep = r"'train.feature_norm.layer' \(run \w+-feature_norm\): must be below the depth 4"
+    with pytest.raises(config.ConfigError, match=too_deep):
+        config.load(f"{repo}/config.yaml", {"variants": {"feature_norm": {"train": {"feature_norm": {"layer": 4}}}}})
+    with pytest.raises(config.ConfigError, match=r"'train.csd.weight' \(run \w+-csd\): contrastive self-distillation"):
+        config.load(f"{repo}/config.yaml", {"variants": {"csd": {"train": {"csd": {"weight": 0.5}}}}})
+
+
+def test_a_schema_entry_without_its_module_is_refused(toy_schema, repo):
+    with pytest.raises(config.ConfigError, match=r"train.feature_norm: no objective of that name is registered "
+                                                 r"\(registered: csd, dispersive\)"):
+        config.load(f"{repo}/config.yaml")
+
+
+def test_an_unknown_objective_block_is_refused_naming_the_known_ones(repo):
+    """The schema's train section lists every key it allows, the objectives' blocks among them."""
+    with pytest.raises(config.ConfigError, match=r"'variants.dispersive.train': .*'dispersiv' was unexpected.*"
+                                                 r"allowed here: .*csd, dispersive"):
+        config.load(f"{repo}/config.yaml", {"variants": {"dispersive": {"train": {"dispersiv": {"weight": 0.25}}}}})

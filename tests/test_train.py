@@ -141,7 +141,7 @@ def _step_inputs(run, batch=8, latent=(4, 8, 8)):
     return step, (x1, None, y if run["conditional"] else None, draws)
 
 
-@pytest.mark.parametrize("variant", ["baseline", "selfcond"])
+@pytest.mark.parametrize("variant", ["baseline", "selfcond", "selfcond+csd", "dispersive"])
 def test_training_step_compiles_whole(default_config, variant):
     """One graph, no breaks, no complex tensors (TorchInductor cannot generate code for them)."""
     step, inputs = _step_inputs(run_cfg(default_config, variant, "cond"))
