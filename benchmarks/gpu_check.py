@@ -33,8 +33,8 @@ from train_step import time_steps, upstream_model  # noqa: E402
 
 from ddaepp import config as config_mod, objectives, tokenizers, vavae  # noqa: E402
 from ddaepp.models import build_model, count_flops  # noqa: E402
+from ddaepp.processes import accelerate_command  # noqa: E402
 from ddaepp.sample import tf32_matmuls  # noqa: E402
-from ddaepp.train import accelerate_command  # noqa: E402
 from ddaepp.transport import euler_sample, shifted_timesteps  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

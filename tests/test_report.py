@@ -15,7 +15,7 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ddaepp import config as config_lib
-from ddaepp import report, report_figures
+from ddaepp import report, report_figures, report_frame
 from ddaepp.io import read_json, write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,7 +133,7 @@ def test_uncond_frame_has_no_cfg_columns_and_parquet_round_trips(tmp_path):
     config = digits_config()
     records = fake_records(tmp_path, ["baseline", "selfcond"], [0], [5, 10, 20], conditional=False)
     _, _, parquet = write(tmp_path, config, "uncond", records)
-    frame = report.collect(config, "uncond", records)
+    frame = report_frame.collect(config, "uncond", records)
     assert not {"fid_cfg", "is_cfg"} & set(frame.columns)
     assert list(frame.variant.unique()) == ["baseline", "selfcond"]
     pd.testing.assert_frame_equal(pd.read_parquet(parquet), frame)
@@ -157,7 +157,7 @@ def test_nan_and_missing_metrics_are_explained_not_numbers(tmp_path):
     for mark in re.findall(r"\[\d+\]", blank):
         assert re.search(rf"^- {re.escape(mark)} not finite: 'fid' is nan", text, re.M)
     assert rows["20"][2].startswith("1.00 (n=1)[") and "'lp_acc' is inf" in text
-    frame = report.collect(config, "uncond", records)
+    frame = report_frame.collect(config, "uncond", records)
     row = frame[(frame.variant == "selfcond") & (frame.epoch == 10) & (frame.seed == 0)].iloc[0]
     assert math.isnan(row.fid) and "fid: not finite" in row.notes
 
@@ -180,17 +180,17 @@ def test_bad_records_get_clear_errors(tmp_path):
     config = digits_config()
     records = fake_records(tmp_path, ["baseline"], [0], [5], conditional=False)
     with pytest.raises(config_lib.ConfigError, match="unknown table 'nope'"):
-        report.collect(config, "nope", records)
+        report_frame.collect(config, "nope", records)
     with pytest.raises(ValueError, match="not a budget"):
-        report.collect(config, "uncond", [{**records[0], "epoch": 7}])
+        report_frame.collect(config, "uncond", [{**records[0], "epoch": 7}])
     with pytest.raises(ValueError, match="two records"):
-        report.collect(config, "uncond", records + records)
+        report_frame.collect(config, "uncond", records + records)
     with pytest.raises(ValueError, match="unconditional"):
-        report.collect(config, "uncond", [{**records[0], "metrics_cfg": records[0]["metrics_nocfg"]}])
+        report_frame.collect(config, "uncond", [{**records[0], "metrics_cfg": records[0]["metrics_nocfg"]}])
     with pytest.raises(ValueError, match="lacks metrics_nocfg, probe"):
-        report.collect(config, "uncond", [{"variant": "baseline", "seed": 0, "epoch": 5}])
+        report_frame.collect(config, "uncond", [{"variant": "baseline", "seed": 0, "epoch": 5}])
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        report.collect(config, "uncond", [{**records[0], "probe": tmp_path / "missing.json"}])
+        report_frame.collect(config, "uncond", [{**records[0], "probe": tmp_path / "missing.json"}])
 
 
 def test_paper_columns_only_for_the_paper_setup(tmp_path):
@@ -399,13 +399,13 @@ def test_paper_delta_needs_the_papers_guidance_steps_count_and_evaluator(tmp_pat
 
 def test_protocol_check_reads_each_key():
     good = {"steps": 250, "shift": 0.3, "n": 10_000, "evaluator": "adm", "guidance": dict(PAPER_GUIDANCE)}
-    assert report.paper_protocol_mismatch(good, guided=True) is None
-    assert report.paper_protocol_mismatch({**good, "guidance": None}, guided=False) is None
-    assert "guidance" in report.paper_protocol_mismatch(good, guided=False)  # CFG where the paper had none
+    assert report_frame.paper_protocol_mismatch(good, guided=True) is None
+    assert report_frame.paper_protocol_mismatch({**good, "guidance": None}, guided=False) is None
+    assert "guidance" in report_frame.paper_protocol_mismatch(good, guided=False)  # CFG where the paper had none
     for key, wrong in (("steps", 50), ("shift", 1.0), ("n", 5000), ("evaluator", "torch-fidelity")):
-        assert f"{key} {wrong}" in report.paper_protocol_mismatch({**good, key: wrong}, guided=True)
-    assert "scale 6.7" in report.paper_protocol_mismatch({**good, "guidance": {**PAPER_GUIDANCE, "scale": 6.7}}, True)
-    assert "does not record steps" in report.paper_protocol_mismatch({k: v for k, v in good.items() if k != "steps"},
+        assert f"{key} {wrong}" in report_frame.paper_protocol_mismatch({**good, key: wrong}, guided=True)
+    assert "scale 6.7" in report_frame.paper_protocol_mismatch({**good, "guidance": {**PAPER_GUIDANCE, "scale": 6.7}}, True)
+    assert "does not record steps" in report_frame.paper_protocol_mismatch({k: v for k, v in good.items() if k != "steps"},
                                                                      guided=True)
 
 

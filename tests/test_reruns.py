@@ -1,4 +1,4 @@
-"""What reruns (ddaepp.config.OPERATIONAL_KEYS): after a finished run, editing a key that changes how
+"""What reruns (ddaepp.reruns.OPERATIONAL_KEYS): after a finished run, editing a key that changes how
 a job runs reruns nothing; editing a key that changes results reruns exactly the jobs that read it
 and what follows. The fast tests check the definition; the slow one runs a one-epoch DAG and asks
 `snakemake -n` about each kind of edit."""
@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from dag import planned
-from ddaepp import config
+from ddaepp import config, reruns
 
 REPO = Path(__file__).resolve().parents[1]
 TABLE = "results/tables/uncond.md"
@@ -37,8 +37,8 @@ def test_operational_keys_are_schema_keys():
     """A misspelt key in the list would silently rerun; every listed key must exist in the schema."""
     schema = config.load_schema()
     sections = {name: schema["$defs"][name] if name in schema["$defs"] else schema["properties"][name]
-                for name in config.OPERATIONAL_KEYS}
-    for section, keys in config.OPERATIONAL_KEYS.items():
+                for name in reruns.OPERATIONAL_KEYS}
+    for section, keys in reruns.OPERATIONAL_KEYS.items():
         for key in keys:
             assert key in sections[section]["properties"], f"{section}.{key}"
 
@@ -49,17 +49,17 @@ def test_result_config_drops_operational_keys_only(default_config):
                                 "sample": {"batch_size": 7}, "probe": {"feature_batch_size": 3, "max_memory_gb": 1},
                                 "dataset": {"root": "/scratch/data"}, "tokenizer": {"path": "/w", "batch_size": 3},
                                 "metrics": {"inception_weights": "/w/i.pth", "reference": "/w/r.npz"}})
-    for stage in config.STAGE_SECTIONS:
-        if all(s in run for s in config.STAGE_SECTIONS[stage]):
-            assert config.result_config(edited, stage) == config.result_config(run, stage), stage
+    for stage in reruns.STAGE_SECTIONS:
+        if all(s in run for s in reruns.STAGE_SECTIONS[stage]):
+            assert reruns.result_config(edited, stage) == reruns.result_config(run, stage), stage
     for stage, key in [("train", {"train": {"lr": 1.0}}), ("train", {"train": {"precision": "fp32"}}),
                        ("probe", {"probe": {"batch_size": 7}}), ("sample", {"sample": {"steps": 3}}),
                        ("sample", {"sample": {"shards": 2}}), ("train", {"dataset": {"hflip": True}})]:
-        assert config.result_config(config.merge(run, key), stage) != config.result_config(run, stage), key
-    assert "probe" not in config.result_config(run, "train")  # a probe setting does not retrain
+        assert reruns.result_config(config.merge(run, key), stage) != reruns.result_config(run, stage), key
+    assert "probe" not in reruns.result_config(run, "train")  # a probe setting does not retrain
     flipped = config.merge(run, {"dataset": {"hflip": True}})
-    changed = {stage for stage in config.STAGE_SECTIONS
-               if config.result_config(flipped, stage) != config.result_config(run, stage)}
+    changed = {stage for stage in reruns.STAGE_SECTIONS
+               if reruns.result_config(flipped, stage) != reruns.result_config(run, stage)}
     assert {"encode", "train"} <= changed and not changed & {"index", "classifier", "reference"}  # images only
 
 
@@ -69,15 +69,15 @@ def test_resume_fingerprint_ignores_operational_keys_only(default_config):
     run = config.run_config(default_config, "uncond", "baseline")
     moved = config.merge(run, {"train": {"gpus": 2, "num_workers": 4, "compile": True},
                                "dataset": {"root": "/scratch"}, "tokenizer": {"batch_size": 1, "path": "/w"}})
-    assert fingerprint(moved, 0) == fingerprint(run, 0) == {**config.result_config(run, "train"), "seed": 0}
+    assert fingerprint(moved, 0) == fingerprint(run, 0) == {**reruns.result_config(run, "train"), "seed": 0}
     assert fingerprint(config.merge(run, {"train": {"precision": "fp32"}}), 0) != fingerprint(run, 0)
 
 
 def test_stage_config_is_recorded_as_its_result_config(default_config):
     run = config.run_config(default_config, "uncond", "baseline")
-    params = config.StageConfig(run, config.result_config(run, "train"))
+    params = reruns.StageConfig(run, reruns.result_config(run, "train"))
     assert params == run and params["train"]["gpus"] == run["train"]["gpus"]  # the script gets every key
-    assert repr(params) == repr(config.result_config(run, "train")) and "gpus" not in repr(params)
+    assert repr(params) == repr(reruns.result_config(run, "train")) and "gpus" not in repr(params)
     assert "gpus" in str(params)
 
 
@@ -85,13 +85,13 @@ def test_reference_is_recorded_by_content(tmp_path):
     np.savez(tmp_path / "a.npz", mu=np.zeros(3), sigma=np.eye(3))
     np.savez(tmp_path / "moved.npz", mu=np.zeros(3), sigma=np.eye(3), arr_0=np.ones(2))
     np.savez(tmp_path / "other.npz", mu=np.ones(3), sigma=np.eye(3))
-    digest = config.reference_digest(tmp_path / "a.npz")
-    assert digest == config.reference_digest(tmp_path / "moved.npz")
-    assert digest != config.reference_digest(tmp_path / "other.npz")
-    assert config.reference_digest(None) is None
+    digest = reruns.reference_digest(tmp_path / "a.npz")
+    assert digest == reruns.reference_digest(tmp_path / "moved.npz")
+    assert digest != reruns.reference_digest(tmp_path / "other.npz")
+    assert reruns.reference_digest(None) is None
     (tmp_path / "bad.npz").write_bytes(b"not an archive")
     with pytest.raises(config.ConfigError, match="metrics.reference.*'mu' and 'sigma'"):
-        config.reference_digest(tmp_path / "bad.npz")
+        reruns.reference_digest(tmp_path / "bad.npz")
 
 
 # ---------------------------------------------------------------------------------------- the DAG

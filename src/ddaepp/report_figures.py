@@ -8,7 +8,7 @@ from matplotlib.figure import Figure
 
 from ddaepp import config as config_lib
 from ddaepp.io import atomic_path
-from ddaepp.report import PAPER_COLUMNS, PAPER_FEATURES, PAPER_N, _collect, _protocol, paper_values
+from ddaepp.report_frame import PAPER_COLUMNS, PAPER_FEATURES, PAPER_N, _collect, _protocol, paper_values
 
 
 def _curve(ax, frame: pd.DataFrame, metric: str, epochs: list[int], color: str, style: str, label: str) -> None:

@@ -2,6 +2,7 @@
 import json
 
 from ddaepp import config as ddaepp_config
+from ddaepp import reruns as ddaepp_reruns
 from ddaepp import layer_search as ddaepp_layer_search
 from ddaepp import devices as ddaepp_devices
 
@@ -34,33 +35,33 @@ def run_cfg(run):
 
 
 # What reruns: every script gets the whole config it needs, but Snakemake records (and compares)
-# only ddaepp.config.result_config of it, so an operational key (GPUs, workers, batch sizes of
+# only ddaepp.reruns.result_config of it, so an operational key (GPUs, workers, batch sizes of
 # encoding/sampling/features, memory budgets, data and weights locations) reruns nothing, and a
 # result key reruns the stages that read it (a new probe setting re-probes, it does not retrain).
 def run_params(stage):
     def params(wildcards):
         cfg = run_cfg(wildcards.run)
-        return ddaepp_config.StageConfig(cfg, ddaepp_config.result_config(cfg, stage))
+        return ddaepp_reruns.StageConfig(cfg, ddaepp_reruns.result_config(cfg, stage))
 
     return params
 
 
 def section_params(stage, section, **recorded_extra):
     """One shared config section for a data rule, recorded as far as `stage` computes from it."""
-    recorded = ddaepp_config.result_config(CONFIG, stage)[section]
-    return ddaepp_config.StageConfig(CONFIG[section], {**recorded, **recorded_extra})
+    recorded = ddaepp_reruns.result_config(CONFIG, stage)[section]
+    return ddaepp_reruns.StageConfig(CONFIG[section], {**recorded, **recorded_extra})
 
 
 def reference_params(wildcards):
     """The metrics section; a reference file is recorded by the statistics it holds, not its path."""
-    digest = ddaepp_config.reference_digest(CONFIG["metrics"]["reference"])
+    digest = ddaepp_reruns.reference_digest(CONFIG["metrics"]["reference"])
     return section_params("reference", "metrics", reference_digest=digest)
 
 
 def table_params(wildcards):
     ddaepp_config.check_table(CONFIG, wildcards.table)
-    shown = ddaepp_config.table_result_config(CONFIG, wildcards.table)
-    return ddaepp_config.StageConfig(CONFIG, shown)
+    shown = ddaepp_reruns.table_result_config(CONFIG, wildcards.table)
+    return ddaepp_reruns.StageConfig(CONFIG, shown)
 
 
 def check_target(wildcards):

@@ -45,7 +45,7 @@ rule probe_floor:
     resources:
         **job_resources("probe_floor", gpu=job_gpus("floor")),
     params:
-        probe=ddaepp_config.StageConfig(
+        probe=ddaepp_reruns.StageConfig(
             CONFIG["probe"], {k: CONFIG["probe"][k] for k in FLOOR_KEYS}
         ),
     script:
