@@ -86,3 +86,49 @@ def test_a_training_failure_a_retry_cannot_fix_is_not_retried(tmp_path):
     assert "FloatingPointError" in (tmp_path / "logs/train/uncond-baseline/s0/ep6.log").read_text()
     assert len(re.findall(r"^(?:local)?rule train:", out, re.M)) == 1, out[-3000:]  # one attempt
     assert "Trying to restart" not in out
+
+
+def test_wip_dir_is_one_folder_for_the_rule_and_by_hand():
+    """The train rule's script and `ddaepp train` without --wip both take ddaepp.io.wip_dir of the state."""
+    from ddaepp.train import job_paths
+
+    state = Path("results/runs/uncond-baseline/s0/ep10/state.pt")
+    assert io.wip_dir(state) == Path("results/runs/uncond-baseline/s0/_wip/ep10")
+    assert job_paths(state) == (io.wip_dir(state), state.with_name("train.json"))  # ddaepp train's defaults
+    short = Path("results/runs/uncond-selfcond/s0/layer_search/layer3/state.pt")
+    assert io.wip_dir(short) == Path("results/runs/uncond-selfcond/s0/layer_search/_wip/layer3")
+    assert io.wip_dir("results/runs/r/s0/ep10/probe.parquet", job="probe-") == Path("results/runs/r/s0/_wip/probe-ep10")
+    script = (Path(__file__).resolve().parents[1] / "workflow/scripts/train.py").read_text()
+    assert "wip_dir=io.wip_dir(snakemake.output.state)" in script
+
+
+def test_the_train_rule_resumes_a_stopped_by_hand_run(default_config, small_latents, tmp_path, monkeypatch):
+    """A `ddaepp train` run stopped mid-segment (no --wip) is finished by the train rule's script:
+    both keep the in-progress state in the same folder."""
+    import runpy
+    from types import SimpleNamespace
+
+    from ddaepp import cli
+
+    cfg = run_cfg(default_config, checkpoint_minutes=60)
+    (tmp_path / "run.json").write_text(json.dumps(cfg))
+    state = tmp_path / "results/runs/uncond-baseline/s0/ep2/state.pt"
+    stops = iter([None, None])  # no stop request before steps 1 and 2; one after step 3
+    monkeypatch.setattr(preemption, "requested", lambda: next(stops, signal.SIGTERM))
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["train", "--run-config", str(tmp_path / "run.json"), "--latents", str(small_latents),
+                  "--epoch", "2", "--out", str(state), "--device", "cpu"])
+    monkeypatch.undo()
+    assert stopped.value.code == preemption.PREEMPTED_EXIT and not state.exists()
+    assert io.load_checkpoint(tmp_path / "results/runs/uncond-baseline/s0/_wip/ep2/state.pt")["step"] == 3
+
+    latents = {f"{kind}_train": str(small_latents / f"{kind}-train.npy") for kind in ("latents", "labels")}
+    job = SimpleNamespace(  # what Snakemake hands workflow/scripts/train.py for this state
+        input=SimpleNamespace(**latents, stats=str(small_latents / "stats.json"), prev=[], layer_choice=[]),
+        output=SimpleNamespace(state=str(state), summary=str(tmp_path / "summary.json")),
+        params=SimpleNamespace(run_cfg=cfg), wildcards=SimpleNamespace(seed="0", epoch="2"),
+        log=[str(tmp_path / "train.log")], threads=1, config={"device": "cpu"}, resources=SimpleNamespace(gpu=0))
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "workflow/scripts/train.py"),
+                   init_globals={"snakemake": job})
+    assert json.loads((tmp_path / "summary.json").read_text())["steps_this_job"] == 2 * 4 - 3
+    assert state.exists() and not state.with_name("train.json").exists()  # the summary goes where the rule says

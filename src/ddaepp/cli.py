@@ -48,6 +48,12 @@ def _add_run(p: argparse.ArgumentParser) -> None:
                    help="run on this device (default: what the config asks for, see ddaepp.devices)")
 
 
+def _add_job_paths(p: argparse.ArgumentParser, wip_holds: str) -> None:
+    p.add_argument("--summary", help="train.json to write (losses, speed; default: beside --out)")
+    p.add_argument("--wip", help=f"folder for {wip_holds} (default: the workflow's, ddaepp.io.wip_dir: "
+                                 "results/runs/R/s0/ep10/state.pt -> results/runs/R/s0/_wip/ep10)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ddaepp", description=__doc__)
     sub = parser.add_subparsers(dest="stage", required=True)
@@ -62,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epoch", type=int, required=True)
     p.add_argument("--init", help="state.pt of the previous budget (none: from scratch)")
     p.add_argument("--out", required=True, help="state.pt to write")
-    p.add_argument("--wip", help="folder for in-progress checkpoints (default: beside --out)")
+    _add_job_paths(p, "in-progress checkpoints and the lock")
     p.add_argument("--max-steps", type=int, help="stop at this global step (the layer search's short runs)")
     p.add_argument("--layer-choice", help="layer_search/choice.json of a run with model.self_cond_layer: auto")
 
@@ -71,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latents", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layer", type=int, required=True, help="the candidate block")
-    p.add_argument("--out", required=True, help="state.pt to write (train.json with the loss curve goes beside it)")
-    p.add_argument("--wip", help="folder for the job's lock (default: beside --out)")
+    p.add_argument("--out", required=True, help="state.pt to write")
+    _add_job_paths(p, "the job's lock")
 
     p = sub.add_parser("choose-layer", help="choose the self-cond layer from the short runs' train.json files")
     _add_run(p)
@@ -120,17 +126,16 @@ def _dispatch(args) -> int:
 
         run_cfg = resolve(_run_cfg(args), args.layer_choice)
         device = _device(args, "train", run_cfg)
-        if args.run_config:  # one process of a launch (or a by-hand run of a resolved config)
-            train(run_cfg, args.latents, args.seed, args.epoch, args.out, args.init, args.wip, args.max_steps, device)
-        else:
-            launch(run_cfg, args.latents, args.seed, args.epoch, args.out, args.init, args.wip, args.max_steps, device)
+        run = train if args.run_config else launch  # one process of a launch (or a by-hand resolved config)
+        run(run_cfg, args.latents, args.seed, args.epoch, args.out, args.init, args.wip, args.max_steps, device,
+            args.summary)
         return 0
     if args.stage == "layer-search-run":
         from .layer_search import run_candidate
 
-        wip = args.wip or Path(args.out).parent / "_wip"
         run_cfg = _run_cfg(args)
-        run_candidate(run_cfg, args.layer, args.latents, args.seed, args.out, wip, device=_device(args, "train", run_cfg))
+        run_candidate(run_cfg, args.layer, args.latents, args.seed, args.out, args.wip,
+                      device=_device(args, "train", run_cfg), out_summary=args.summary)
         return 0
     if args.stage == "choose-layer":
         from .layer_search import choose_layer

@@ -128,6 +128,19 @@ def job_log(log_file: str | os.PathLike, threads: int | None = None) -> Iterator
             raise
 
 
+def wip_dir(out_path: str | os.PathLike, job: str = "") -> Path:
+    """The in-progress folder of the job that writes `out_path`: `_wip/<job><its folder's name>` beside
+    the output's folder, e.g. results/runs/R/s0/ep10/state.pt -> results/runs/R/s0/_wip/ep10.
+
+    The one definition of where a job keeps its lock, resume state and scratch files: the workflow's
+    scripts and the by-hand `ddaepp` stages both take it from here, so a job started either way
+    resumes (and locks) what the other left."""
+    folder = Path(out_path).parent
+    if not folder.name:  # an output in the working folder
+        folder = folder.absolute()
+    return folder.parent / "_wip" / f"{job}{folder.name}"
+
+
 @contextlib.contextmanager
 def exclusive(lock_path: str | os.PathLike, what: str) -> Iterator[None]:
     """Hold the file lock `lock_path` so that two jobs never write the same in-progress files.

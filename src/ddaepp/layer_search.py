@@ -58,11 +58,13 @@ def describe(choice: dict) -> str:
 
 # ---------------------------------------------------------------------------- short runs
 
-def run_candidate(run_cfg: dict, layer: int, latents_dir, seed: int, out_state, wip_dir, device: str = "cpu") -> None:
+def run_candidate(run_cfg: dict, layer: int, latents_dir, seed: int, out_state, wip_dir=None, device: str = "cpu",
+                  out_summary=None) -> None:
     """One short run: `layer_search.steps` steps from scratch with block `layer` self-conditioning.
 
-    train.json beside `out_state` receives the per-step losses. Short runs write no mid-run
-    checkpoint: a killed one restarts from step 0, so its curve is always whole.
+    `out_summary` (train.json) receives the per-step losses; it and `wip_dir` default as in
+    ddaepp.train.job_paths. Short runs write no mid-run checkpoint: a killed one restarts from
+    step 0, so its curve is always whole.
     """
     from .train import launch  # accelerate and the model: only in the jobs that train
 
@@ -77,7 +79,8 @@ def run_candidate(run_cfg: dict, layer: int, latents_dir, seed: int, out_state, 
     steps = run_cfg["layer_search"]["steps"]
     n_train = len(np.load(Path(latents_dir) / "labels-train.npy", mmap_mode="r"))
     epochs = math.ceil(steps / max(1, n_train // cfg["train"]["batch_size"]))  # a label: max_steps stops it
-    launch(cfg, latents_dir, seed, epochs, out_state, None, wip_dir, max_steps=steps, device=device)
+    launch(cfg, latents_dir, seed, epochs, out_state, None, wip_dir, max_steps=steps, device=device,
+           out_summary=out_summary)
 
 
 # ---------------------------------------------------------------------------- the choice

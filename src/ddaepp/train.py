@@ -153,17 +153,25 @@ def _resume_state(init_path, wip_path, expected) -> dict | None:
     return None
 
 
+def job_paths(out_state, wip_dir=None, out_summary=None) -> tuple[Path, Path]:
+    """(in-progress folder, summary file) of the job writing `out_state`: those given, else
+    io.wip_dir(out_state) (where the workflow's job keeps it too) and train.json beside the state."""
+    return (Path(wip_dir) if wip_dir else io.wip_dir(out_state),
+            Path(out_summary) if out_summary else Path(out_state).with_name("train.json"))
+
+
 def train(run_cfg: dict, latents_dir: str | Path, seed: int, epoch: int, out_state: str | Path,
           init_state: str | Path | None = None, wip_dir: str | Path | None = None,
-          max_steps: int | None = None, device: str = "cpu") -> dict:
+          max_steps: int | None = None, device: str = "cpu", out_summary: str | Path | None = None) -> dict:
     """Train one run from `init_state` (budget E_prev) or from scratch up to `epoch` epochs, in this
-    process, on `device` ('cpu' or 'cuda'; see `launch` for several processes).
+    process, on `device` ('cpu' or 'cuda'; see `launch` for several processes); the summary (losses,
+    speed) goes to `out_summary` (see job_paths for both defaults).
 
     `max_steps` (the layer search's short runs) stops at that global step instead, and the
     summary then also holds every step's loss (`step_losses`, from step `first_step`).
     """
-    wip_dir = Path(wip_dir) if wip_dir else Path(out_state).parent / "_wip"
-    args = (run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir, max_steps, device)
+    wip_dir, out_summary = job_paths(out_state, wip_dir, out_summary)
+    args = (run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir, max_steps, device, out_summary)
     with preemption.catch_stop_signals():  # SIGUSR1 / SIGTERM: save _wip after this step and exit
         if int(os.environ.get("RANK", 0)) != 0:  # under accelerate launch, the main process holds the lock
             return _train(*args)
@@ -181,7 +189,7 @@ def build_step(run_cfg: dict, model, heads, ema, opt, accelerator):
     return step_module, opt
 
 
-def _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir, max_steps, device) -> dict:
+def _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir, max_steps, device, out_summary) -> dict:
     train_cfg = run_cfg["train"]
     out_state = Path(out_state)
     wip_path = wip_dir / "state.pt"
@@ -273,7 +281,7 @@ def _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir, ma
     if max_steps is not None:
         summary.update(first_step=start_step, step_losses=step_losses)
     if accelerator.is_main_process:
-        io.write_json(out_state.with_name("train.json"), summary)
+        io.write_json(out_summary, summary)
         wip_path.unlink(missing_ok=True)
         Path(str(wip_path) + ".sha256").unlink(missing_ok=True)
     accelerator.end_training()
@@ -336,22 +344,23 @@ def _save(accelerator, path, model, ema, heads, opt, step, epoch_losses, fp):
 
 
 def launch(run_cfg: dict, latents_dir, seed: int, epoch: int, out_state, init_state=None, wip_dir=None,
-           max_steps=None, device: str = "cpu") -> None:
+           max_steps=None, device: str = "cpu", out_summary=None) -> None:
     """Train in this process, or under `accelerate launch` with `train.gpus` processes when it is
     above 1: one per GPU on `device='cuda'`, CPU processes (gloo) on `device='cpu'`."""
     processes = max(1, run_cfg["train"]["gpus"])
     if device == "cuda":
         devices.require(processes, "training")  # before starting anything
+    wip_dir, out_summary = job_paths(out_state, wip_dir, out_summary)
     if processes == 1:
-        train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir, max_steps, device)
+        train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir, max_steps, device, out_summary)
         return
-    wip_dir = Path(wip_dir) if wip_dir else Path(out_state).parent / "_wip"
     wip_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = wip_dir / "run_config.json"
     cfg_path.write_text(json.dumps(run_cfg))
     cmd = accelerate_command(processes, mixed_precision(run_cfg["train"], device), wip_dir) + [
         "-m", "ddaepp", "train", "--run-config", str(cfg_path), "--latents", str(latents_dir), "--seed", str(seed),
-        "--epoch", str(epoch), "--out", str(out_state), "--wip", str(wip_dir), "--device", device]
+        "--epoch", str(epoch), "--out", str(out_state), "--summary", str(out_summary), "--wip", str(wip_dir),
+        "--device", device]
     if init_state:
         cmd += ["--init", str(init_state)]
     if max_steps is not None:

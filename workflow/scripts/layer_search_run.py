@@ -5,13 +5,13 @@ from ddaepp.layer_search import run_candidate
 
 with io.job_log(snakemake.log[0], snakemake.threads):
     device = devices.for_job(snakemake)  # the GPUs this rule asked for, or stop here
-    state = Path(snakemake.output.state)
     run_candidate(
         snakemake.params.run_cfg,
         layer=int(snakemake.wildcards.layer),
         latents_dir=Path(snakemake.input.stats).parent,
         seed=int(snakemake.wildcards.seed),
-        out_state=state,
-        wip_dir=state.parent.parent.parent / f"_wip/layer_search/layer{snakemake.wildcards.layer}",
+        out_state=snakemake.output.state,
+        out_summary=snakemake.output.summary,
+        wip_dir=io.wip_dir(snakemake.output.state),  # where `ddaepp layer-search-run` keeps it too
         device=device,
     )

@@ -13,6 +13,6 @@ with io.job_log(snakemake.log[0], snakemake.threads):
         out_json=snakemake.output.summary,
         out_png=snakemake.output.heatmap,
         out_predictions=snakemake.output.predictions,
-        work_dir=Path(snakemake.output.table).parent.parent / f"_wip/probe-ep{snakemake.wildcards.epoch}",
+        work_dir=io.wip_dir(snakemake.output.table, job="probe-"),
         device=device,
     )

@@ -13,7 +13,8 @@ with io.job_log(snakemake.log[0], snakemake.threads):
         seed=int(snakemake.wildcards.seed),
         epoch=int(snakemake.wildcards.epoch),
         out_state=snakemake.output.state,
+        out_summary=snakemake.output.summary,
         init_state=snakemake.input.prev or None,
-        wip_dir=Path(snakemake.output.state).parent.parent / f"_wip/ep{snakemake.wildcards.epoch}",
+        wip_dir=io.wip_dir(snakemake.output.state),  # where `ddaepp train --out <this state>` keeps it too
         device=device,
     )
