@@ -20,6 +20,7 @@ def repo():
 def digits_latents(tmp_path_factory):
     """The default config's real latents stage (digits, pixel factor 2) run once for the session."""
     from ddaepp import config, data, latents
+    from standins import merge_into
 
     cfg = config.load(os.path.join(REPO, "config.yaml"))
     out = tmp_path_factory.mktemp("digits-latents")
@@ -28,7 +29,7 @@ def digits_latents(tmp_path_factory):
         index.to_parquet(out / f"index-{split}.parquet")
         latents.encode_shard(cfg["dataset"], cfg["tokenizer"], split, 0, 1, out / f"index-{split}.parquet",
                              out / f"shards/{split}-0.npz")
-        latents.merge_shards([out / f"shards/{split}-0.npz"], out, split)
+        merge_into(out, [out / f"shards/{split}-0.npz"], split)
     return out
 
 

@@ -98,3 +98,13 @@ def make_vavae_checkpoint(path, extra: dict | None = None) -> Path:
     state.update(extra or {})
     torch.save({"state_dict": state, "global_step": 0}, path)
     return Path(path)
+
+
+def merge_into(folder, shard_paths, split: str) -> Path:
+    """merge_shards into `folder` under the names the merge rules give (latents-{split}.npy, ...)."""
+    from ddaepp import latents
+
+    folder = Path(folder)
+    stats = folder / "stats.json" if split == "train" else None
+    latents.merge_shards(shard_paths, split, folder / f"latents-{split}.npy", folder / f"labels-{split}.npy", stats)
+    return folder

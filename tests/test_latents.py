@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from ddaepp import config, data, io, latents, tokenizers
-from standins import make_imagefolder, make_sd_vae
+from standins import make_imagefolder, make_sd_vae, merge_into
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
@@ -46,7 +46,7 @@ def test_encode_and_merge_digits(tmp_path, hflip):
     index, index_path = write_index(tmp_path, dataset_cfg, "train", n=40)
     paths = encode_all(tmp_path, dataset_cfg, PIXEL, "train", index_path)
     assert not (tmp_path / "shards" / "_wip").exists()
-    latents.merge_shards(paths[::-1], tmp_path, "train")  # order given does not matter
+    merge_into(tmp_path, paths[::-1], "train")  # order given does not matter
     z, labels = latents.load_latents(tmp_path, "train")
     views = 2 if hflip else 1
     assert isinstance(z, np.memmap) and z.dtype == np.float16 and z.shape == (40, views, 4, 8, 8)
@@ -81,7 +81,7 @@ def test_hflip_defaults_per_dataset(repo, tmp_path):
 def test_val_has_one_view_and_no_stats(tmp_path):
     _, index_path = write_index(tmp_path, DIGITS, "val", n=20)
     paths = encode_all(tmp_path, DIGITS, {**PIXEL, "shards": 1}, "val", index_path)
-    latents.merge_shards(paths, tmp_path, "val")
+    merge_into(tmp_path, paths, "val")
     z, labels = latents.load_latents(tmp_path, "val", mmap=False)
     assert z.shape == (20, 1, 4, 8, 8) and len(labels) == 20
     assert not (tmp_path / "stats.json").exists()
@@ -90,7 +90,7 @@ def test_val_has_one_view_and_no_stats(tmp_path):
 def test_stats_stream_in_blocks(monkeypatch, tmp_path):
     monkeypatch.setattr(latents, "STATS_ROWS", 7)  # many uneven blocks must combine exactly
     _, index_path = write_index(tmp_path, DIGITS, "train", n=40)
-    latents.merge_shards(encode_all(tmp_path, DIGITS, PIXEL, "train", index_path), tmp_path, "train")
+    merge_into(tmp_path, encode_all(tmp_path, DIGITS, PIXEL, "train", index_path), "train")
     z, _ = latents.load_latents(tmp_path, "train")
     flat = np.asarray(z, dtype=np.float64).transpose(2, 0, 1, 3, 4).reshape(4, -1)
     stats = json.loads((tmp_path / "stats.json").read_text())
@@ -147,7 +147,7 @@ def test_merge_refuses_when_the_disk_is_full(monkeypatch, tmp_path):
     paths = encode_all(tmp_path, DIGITS, {**PIXEL, "shards": 1}, "val", index_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda _: SimpleNamespace(total=1, used=1, free=0))
     with pytest.raises(OSError, match="not enough disk for latents-val.npy"):
-        latents.merge_shards(paths, tmp_path, "val")
+        merge_into(tmp_path, paths, "val")
     assert not (tmp_path / "latents-val.npy").exists()
 
 
@@ -159,7 +159,7 @@ def test_imagefolder_with_sd_vae_end_to_end(tmp_path):
                      "batch_size": 4, "shards": 2, "posterior": "mean"}
     index, index_path = write_index(tmp_path, dataset_cfg, "train")
     paths = encode_all(tmp_path, dataset_cfg, tokenizer_cfg, "train", index_path)
-    latents.merge_shards(paths, tmp_path / "out", "train")
+    merge_into(tmp_path / "out", paths, "train")
     z, labels = latents.load_latents(tmp_path / "out", "train")
     assert z.shape == (folder["n_train"] - 1, 2, 4, 4, 4) and np.isfinite(z).all()
     kept = index.source != folder["special"]["corrupt"]
@@ -184,8 +184,7 @@ def test_posterior_samples_do_not_depend_on_batch_size_or_shards(tmp_path):
     def stored(name, batch_size, shards, posterior="sample"):
         cfg = {"name": "sd-vae", "factor": 2, "path": vae, "batch_size": batch_size, "shards": shards,
                "posterior": posterior}
-        latents.merge_shards(encode_all(tmp_path, dataset_cfg, cfg, "train", index_path, out=name), tmp_path / name,
-                             "train")
+        merge_into(tmp_path / name, encode_all(tmp_path, dataset_cfg, cfg, "train", index_path, out=name), "train")
         return latents.load_latents(tmp_path / name, "train", mmap=False)[0].astype(np.float32)
 
     a, rerun = stored("a", 4, 2), stored("rerun", 4, 2)

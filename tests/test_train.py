@@ -211,3 +211,20 @@ def test_step_batches_read_only_the_views_in_use(other_view):
     assert torch.equal(torch.cat([h[2] for h in halves]), whole[2])
     if other_view:
         assert not torch.equal(halves[0][1], halves[0][0])
+
+
+def test_ddaepp_train_takes_the_latents_file_by_file(default_config, small_latents, tmp_path):
+    """What `accelerate launch` passes each process: the files the rule names, not their folder."""
+    from ddaepp import cli
+
+    cfg_path = tmp_path / "run.json"
+    cfg_path.write_text(json.dumps(run_cfg(default_config)))
+    common = ["train", "--run-config", str(cfg_path), "--epoch", "1", "--out", str(tmp_path / "a/state.pt"),
+              "--summary", str(tmp_path / "a.json"), "--max-steps", "1", "--device", "cpu"]
+    files = ["--latents-train", str(small_latents / "latents-train.npy"),
+             "--labels-train", str(small_latents / "labels-train.npy"), "--stats", str(small_latents / "stats.json")]
+    assert cli.main(common + files) == 0
+    assert json.loads((tmp_path / "a.json").read_text())["steps"] == 1
+    for wrong in (files[:2], files + ["--latents", str(small_latents)], []):
+        with pytest.raises(SystemExit):
+            cli.main(common + wrong)

@@ -26,6 +26,15 @@ def _run_cfg(args) -> dict:
     return config_mod.run_config(cfg, setting, variant)
 
 
+def _train_latents(args):
+    """The train split's files: those named one by one, or the ones in the --latents folder."""
+    from .latents import LatentFiles
+
+    if args.latents:
+        return LatentFiles.in_folder(args.latents)
+    return LatentFiles(Path(args.stats), {"train": (Path(args.latents_train), Path(args.labels_train))})
+
+
 def _device(args, stage: str, run_cfg: dict) -> str:
     """--device when given (what `accelerate launch` passes its processes), else the config's rule."""
     from . import devices
@@ -63,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("train", help="train one run from the previous budget's state to --epoch")
     _add_run(p)
-    p.add_argument("--latents", required=True, help="folder with latents-train.npy, labels-train.npy, stats.json")
+    p.add_argument("--latents", help="folder with latents-train.npy, labels-train.npy, stats.json")
+    for name in ("latents-train.npy", "labels-train.npy", "stats.json"):  # what `accelerate launch` passes each process
+        p.add_argument(f"--{name.split('.')[0]}", help=f"the {name} file, instead of --latents (all three)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epoch", type=int, required=True)
     p.add_argument("--init", help="state.pt of the previous budget (none: from scratch)")
@@ -100,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config")
 
     args = parser.parse_args(argv)
+    if args.stage == "train":
+        named = (args.latents_train, args.labels_train, args.stats)
+        if not ((args.latents and not any(named)) or (not args.latents and all(named))):
+            parser.error("train: give --latents FOLDER, or all of --latents-train, --labels-train and --stats")
     try:
         return _dispatch(args)
     except config_mod.ConfigError as err:
@@ -127,7 +142,7 @@ def _dispatch(args) -> int:
         run_cfg = resolve(_run_cfg(args), args.layer_choice)
         device = _device(args, "train", run_cfg)
         run = train if args.run_config else launch  # one process of a launch (or a by-hand resolved config)
-        run(run_cfg, args.latents, args.seed, args.epoch, args.out, args.init, args.wip, args.max_steps, device,
+        run(run_cfg, _train_latents(args), args.seed, args.epoch, args.out, args.init, args.wip, args.max_steps, device,
             args.summary)
         return 0
     if args.stage == "layer-search-run":

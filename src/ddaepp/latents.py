@@ -1,6 +1,6 @@
 """The latents stage: encode the index in shards, merge the shards into memory-mappable arrays.
 
-Layout under a latents folder (the rules choose it):
+Layout under a latents folder (the rules choose it and pass each file, see LatentFiles):
   shards/{split}-{k}.npz     one encoding job each: latents float16 (n, V, c, h, w), labels, rows, skipped
   shards/_wip/{split}-{k}/   a running job's finished chunks (one per tokenizer batch); a killed job
                              resumes from them, a finished one deletes them
@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,42 @@ from ddaepp import data, io, tokenizers
 
 log = logging.getLogger("ddaepp.latents")
 STATS_ROWS = 1024  # samples per float64 block when streaming the statistics
+SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class LatentFiles:
+    """The merged latents a job reads, file by file: stats.json and, per split it reads,
+    (latents-{split}.npy, labels-{split}.npy).
+
+    A workflow job takes each file from its rule's inputs (`from_rule`); by hand, `--latents FOLDER`
+    names the files the merge rules write into that folder (`in_folder`)."""
+
+    stats: Path
+    arrays: dict[str, tuple[Path, Path]] = field(default_factory=dict)
+
+    @classmethod
+    def in_folder(cls, folder) -> LatentFiles:
+        folder = Path(folder)
+        return cls(folder / "stats.json", {s: (folder / f"latents-{s}.npy", folder / f"labels-{s}.npy") for s in SPLITS})
+
+    @classmethod
+    def from_rule(cls, files) -> LatentFiles:
+        """From a rule's named inputs: `stats`, and `latents_<split>`, `labels_<split>` of each split it lists."""
+        named = {s: (getattr(files, f"latents_{s}", None), getattr(files, f"labels_{s}", None)) for s in SPLITS}
+        return cls(Path(files.stats), {s: (Path(x), Path(y)) for s, (x, y) in named.items() if x and y})
+
+    @classmethod
+    def of(cls, where) -> LatentFiles:
+        """`where` itself when it is a LatentFiles, else the files in the folder `where`."""
+        return where if isinstance(where, cls) else cls.in_folder(where)
+
+    def split(self, split: str) -> tuple[Path, Path]:
+        """(latents, labels) of `split`."""
+        if split not in self.arrays:
+            raise ValueError(f"no {split} latents among the files given ({', '.join(self.arrays) or 'none'}); "
+                             "the job's rule must list latents_<split> and labels_<split> as inputs")
+        return self.arrays[split]
 
 
 def encode_shard(dataset_cfg: dict, tokenizer_cfg: dict, split: str, shard: int, num_shards: int,
@@ -120,9 +157,12 @@ def _open_wip(wip: Path, meta: dict) -> None:
         io.write_json(meta_path, meta)
 
 
-def merge_shards(shard_paths, out_dir, split: str) -> None:
-    """Shard .npz files -> latents-{split}.npy, labels-{split}.npy (+ stats.json for train) in `out_dir`."""
-    out_dir = Path(out_dir)
+def merge_shards(shard_paths, split: str, out_latents, out_labels, out_stats=None) -> None:
+    """Shard .npz files -> `out_latents` (latents-{split}.npy), `out_labels` (labels-{split}.npy) and,
+    for the train split only, `out_stats` (stats.json: the per-channel statistics training normalizes by)."""
+    if (split == "train") != (out_stats is not None):
+        raise ValueError(f"stats.json holds the train split's statistics: pass out_stats for train only, not {split}")
+    out_latents, out_labels = Path(out_latents), Path(out_labels)
     shards = sorted((_shard_summary(p) for p in shard_paths), key=lambda s: s["rows"][0] if len(s["rows"]) else -1)
     if not shards:
         raise ValueError(f"merge_shards got no shard files for split {split}")
@@ -133,9 +173,9 @@ def merge_shards(shard_paths, out_dir, split: str) -> None:
         raise ValueError(f"the {split} shards disagree on the latent shape (views, c, h, w): {sorted(shapes)}; "
                          "re-encode them")
     shape, n = shapes.pop(), sum(s["shape"][0] for s in shards)
-    io.check_free_space(out_dir, n * math.prod(shape) * 2 + n * 8, f"latents-{split}.npy")
+    io.check_free_space(out_latents.parent, n * math.prod(shape) * 2 + n * 8, out_latents.name)
     stats = _RunningStats(shape[1])
-    with io.atomic_path(out_dir / f"latents-{split}.npy") as tmp:
+    with io.atomic_path(out_latents) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, *shape))
         at = 0
         for shard in tqdm(shards, desc=f"merge {split}", unit="shard"):
@@ -147,15 +187,15 @@ def merge_shards(shard_paths, out_dir, split: str) -> None:
             at += len(latents)
         out.flush()
         del out
-    with io.atomic_path(out_dir / f"labels-{split}.npy") as tmp, open(tmp, "wb") as f:
+    with io.atomic_path(out_labels) as tmp, open(tmp, "wb") as f:
         np.save(f, np.concatenate([s["labels"] for s in shards]).astype(np.int64))
     skipped = [str(p) for s in shards for p in s["skipped"]]
     log.info("merged %d %s latents %s; %d corrupt files skipped", n, split, shape, len(skipped))
-    if split == "train":
+    if out_stats is not None:
         mean, std = stats.result()
         if (std < 1e-6).any():
             log.warning("latent channels %s are constant over the train split", np.flatnonzero(std < 1e-6).tolist())
-        io.write_json(out_dir / "stats.json", {
+        io.write_json(out_stats, {
             "mean": mean.tolist(), "std": std.tolist(), "n": n, "views": shape[0], "latent_shape": list(shape[1:]),
             "skipped": len(skipped), "skipped_files": skipped[:100]})
 
@@ -194,26 +234,28 @@ class _RunningStats:
         return self.mean, np.sqrt(self.m2 / self.count)
 
 
-def load_latents(out_dir, split: str, mmap: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(latents (N, V, c, h, w) float16, memory-mapped unless mmap=False; labels (N,) int64)."""
-    out_dir = Path(out_dir)
-    path = out_dir / f"latents-{split}.npy"
+def load_latents(files, split: str, mmap: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(latents (N, V, c, h, w) float16, memory-mapped unless mmap=False; labels (N,) int64) of `split`
+    from `files` (a LatentFiles, or the folder holding them)."""
+    path, labels_path = LatentFiles.of(files).split(split)
     if not path.is_file():
         raise FileNotFoundError(f"no {path}; run the latents stage first (snakemake {path})")
     try:
         latents = np.load(path, mmap_mode="r" if mmap else None)
-        labels = np.load(out_dir / f"labels-{split}.npy")
+        labels = np.load(labels_path)
     except (ValueError, OSError, EOFError) as err:
         raise ValueError(f"{path} or its labels file is corrupt or truncated ({err}); delete both and rerun the "
                          f"latents stage (snakemake {path})") from None
     if len(labels) != len(latents):
-        raise ValueError(f"{out_dir}: {len(latents)} {split} latents but {len(labels)} labels; re-run the merge")
+        raise ValueError(f"{path}: {len(latents)} {split} latents but {len(labels)} labels in {labels_path}; "
+                         "re-run the merge")
     return latents, labels
 
 
-def load_stats(out_dir) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel (mean, std) of the train latents, each shaped (c, 1, 1) float32."""
-    path = Path(out_dir) / "stats.json"
+def load_stats(files) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (mean, std) of the train latents, each shaped (c, 1, 1) float32, from `files`
+    (a LatentFiles, or the folder holding them)."""
+    path = LatentFiles.of(files).stats
     if not path.is_file():
         raise FileNotFoundError(f"no {path}; it is written when the train latents are merged")
     stats = io.read_json(path)

@@ -58,7 +58,7 @@ def describe(choice: dict) -> str:
 
 # ---------------------------------------------------------------------------- short runs
 
-def run_candidate(run_cfg: dict, layer: int, latents_dir, seed: int, out_state, wip_dir=None, device: str = "cpu",
+def run_candidate(run_cfg: dict, layer: int, latent_files, seed: int, out_state, wip_dir=None, device: str = "cpu",
                   out_summary=None) -> None:
     """One short run: `layer_search.steps` steps from scratch with block `layer` self-conditioning.
 
@@ -66,6 +66,7 @@ def run_candidate(run_cfg: dict, layer: int, latents_dir, seed: int, out_state, 
     ddaepp.train.job_paths. Short runs write no mid-run checkpoint: a killed one restarts from
     step 0, so its curve is always whole.
     """
+    from .latents import LatentFiles
     from .train import launch  # accelerate and the model: only in the jobs that train
 
     if not is_auto(run_cfg):
@@ -77,9 +78,9 @@ def run_candidate(run_cfg: dict, layer: int, latents_dir, seed: int, out_state, 
     cfg = with_layer(run_cfg, layer)
     cfg["train"]["checkpoint_minutes"] = math.inf
     steps = run_cfg["layer_search"]["steps"]
-    n_train = len(np.load(Path(latents_dir) / "labels-train.npy", mmap_mode="r"))
+    n_train = len(np.load(LatentFiles.of(latent_files).split("train")[1], mmap_mode="r"))
     epochs = math.ceil(steps / max(1, n_train // cfg["train"]["batch_size"]))  # a label: max_steps stops it
-    launch(cfg, latents_dir, seed, epochs, out_state, None, wip_dir, max_steps=steps, device=device,
+    launch(cfg, latent_files, seed, epochs, out_state, None, wip_dir, max_steps=steps, device=device,
            out_summary=out_summary)
 
 

@@ -266,13 +266,13 @@ def _device(device: str | None) -> torch.device:
     return torch.device(device or "cpu")
 
 
-def probe_state(run_cfg: dict, state_path, latents_dir, out_parquet, out_json, out_png, out_predictions, work_dir,
+def probe_state(run_cfg: dict, state_path, latent_files, out_parquet, out_json, out_png, out_predictions, work_dir,
                 device: str | None = None) -> dict:
     """run_probe on a training state's EMA model and the latents stage's files (the workflow's entry)."""
     device = _device(device)
-    train_latents, train_labels = latent_store.load_latents(latents_dir, "train")
-    val_latents, val_labels = latent_store.load_latents(latents_dir, "val")
-    mean, std = latent_store.load_stats(latents_dir)
+    train_latents, train_labels = latent_store.load_latents(latent_files, "train")
+    val_latents, val_labels = latent_store.load_latents(latent_files, "val")
+    mean, std = latent_store.load_stats(latent_files)
     n_classes = dataset_num_classes(run_cfg["dataset"]) if run_cfg["conditional"] else 0
     model = models.load_ema(state_path, run_cfg, train_latents.shape[2:], n_classes)
     with io.exclusive(Path(work_dir).parent / f"{Path(work_dir).name}.lock", f"the probe features in {work_dir}"):
@@ -280,10 +280,10 @@ def probe_state(run_cfg: dict, state_path, latents_dir, out_parquet, out_json, o
                          run_cfg["probe"], out_parquet, out_json, out_png, out_predictions, work_dir, device=device)
 
 
-def floor_from_latents(probe_cfg: dict, latents_dir, out_json, device: str | None = None) -> dict:
+def floor_from_latents(probe_cfg: dict, latent_files, out_json, device: str | None = None) -> dict:
     """run_floor on the latents stage's files (the workflow's entry: one job per dataset and tokenizer)."""
-    train_latents, train_labels = latent_store.load_latents(latents_dir, "train")
-    val_latents, val_labels = latent_store.load_latents(latents_dir, "val")
-    mean, std = latent_store.load_stats(latents_dir)
+    train_latents, train_labels = latent_store.load_latents(latent_files, "train")
+    val_latents, val_labels = latent_store.load_latents(latent_files, "val")
+    mean, std = latent_store.load_stats(latent_files)
     return run_floor(train_latents, train_labels, val_latents, val_labels, mean.numpy(), std.numpy(), probe_cfg,
                      out_json, device=_device(device))

@@ -69,7 +69,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
 
 
-def sample_shard(run_cfg: dict, state_path, latents_dir, guidance: str, shard: int, out_npz, seed: int,
+def sample_shard(run_cfg: dict, state_path, latent_files, guidance: str, shard: int, out_npz, seed: int,
                  device: str = "cpu") -> None:
     """Write shard `shard` of run_cfg['sample']['shards'] as an npz of uint8 `images` and `labels`, on
     `device` (the workflow's scripts pass what ddaepp.devices decides; nothing is picked here)."""
@@ -81,7 +81,7 @@ def sample_shard(run_cfg: dict, state_path, latents_dir, guidance: str, shard: i
     latent_channels = tokenizers.latent_shape(run_cfg["tokenizer"], run_cfg["dataset"])[0]
     guided = guided_channels(cfg["cfg"]["channels"], latent_channels)
     device = torch.device(device)
-    mean, std = (s.to(device) for s in latent_store.load_stats(latents_dir))
+    mean, std = (s.to(device) for s in latent_store.load_stats(latent_files))
     tokenizer = tokenizers.build(run_cfg["tokenizer"], run_cfg["dataset"], device=str(device))
     latent_shape = tuple(tokenizer.latent_shape)
     n_classes = dataset_num_classes(run_cfg["dataset"])

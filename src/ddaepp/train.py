@@ -160,18 +160,19 @@ def job_paths(out_state, wip_dir=None, out_summary=None) -> tuple[Path, Path]:
             Path(out_summary) if out_summary else Path(out_state).with_name("train.json"))
 
 
-def train(run_cfg: dict, latents_dir: str | Path, seed: int, epoch: int, out_state: str | Path,
+def train(run_cfg: dict, latent_files, seed: int, epoch: int, out_state: str | Path,
           init_state: str | Path | None = None, wip_dir: str | Path | None = None,
           max_steps: int | None = None, device: str = "cpu", out_summary: str | Path | None = None) -> dict:
     """Train one run from `init_state` (budget E_prev) or from scratch up to `epoch` epochs, in this
-    process, on `device` ('cpu' or 'cuda'; see `launch` for several processes); the summary (losses,
-    speed) goes to `out_summary` (see job_paths for both defaults).
+    process, on `device` ('cpu' or 'cuda'; see `launch` for several processes), from the train split of
+    `latent_files` (a latents.LatentFiles, or the folder holding them); the summary (losses, speed)
+    goes to `out_summary` (see job_paths for both defaults).
 
     `max_steps` (the layer search's short runs) stops at that global step instead, and the
     summary then also holds every step's loss (`step_losses`, from step `first_step`).
     """
     wip_dir, out_summary = job_paths(out_state, wip_dir, out_summary)
-    args = (run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir, max_steps, device, out_summary)
+    args = (run_cfg, latent_files, seed, epoch, out_state, init_state, wip_dir, max_steps, device, out_summary)
     with preemption.catch_stop_signals():  # SIGUSR1 / SIGTERM: save _wip after this step and exit
         if int(os.environ.get("RANK", 0)) != 0:  # under accelerate launch, the main process holds the lock
             return _train(*args)
@@ -189,13 +190,13 @@ def build_step(run_cfg: dict, model, heads, ema, opt, accelerator):
     return step_module, opt
 
 
-def _train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir, max_steps, device, out_summary) -> dict:
+def _train(run_cfg, latent_files, seed, epoch, out_state, init_state, wip_dir, max_steps, device, out_summary) -> dict:
     train_cfg = run_cfg["train"]
     out_state = Path(out_state)
     wip_path = wip_dir / "state.pt"
     accelerator = _accelerator(train_cfg, device, wip_dir)
-    latents, labels = latent_store.load_latents(latents_dir, "train")
-    mean, std = (s.to(accelerator.device) for s in latent_store.load_stats(latents_dir))
+    latents, labels = latent_store.load_latents(latent_files, "train")
+    mean, std = (s.to(accelerator.device) for s in latent_store.load_stats(latent_files))
     latent_shape, n_classes = tuple(latents.shape[2:]), dataset_num_classes(run_cfg["dataset"])
     batch_size, world, rank = train_cfg["batch_size"], accelerator.num_processes, accelerator.process_index
     if batch_size % world:
@@ -343,7 +344,7 @@ def _save(accelerator, path, model, ema, heads, opt, step, epoch_losses, fp):
     accelerator.wait_for_everyone()
 
 
-def launch(run_cfg: dict, latents_dir, seed: int, epoch: int, out_state, init_state=None, wip_dir=None,
+def launch(run_cfg: dict, latent_files, seed: int, epoch: int, out_state, init_state=None, wip_dir=None,
            max_steps=None, device: str = "cpu", out_summary=None) -> None:
     """Train in this process, or under `accelerate launch` with `train.gpus` processes when it is
     above 1: one per GPU on `device='cuda'`, CPU processes (gloo) on `device='cpu'`."""
@@ -352,15 +353,17 @@ def launch(run_cfg: dict, latents_dir, seed: int, epoch: int, out_state, init_st
         devices.require(processes, "training")  # before starting anything
     wip_dir, out_summary = job_paths(out_state, wip_dir, out_summary)
     if processes == 1:
-        train(run_cfg, latents_dir, seed, epoch, out_state, init_state, wip_dir, max_steps, device, out_summary)
+        train(run_cfg, latent_files, seed, epoch, out_state, init_state, wip_dir, max_steps, device, out_summary)
         return
     wip_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = wip_dir / "run_config.json"
     cfg_path.write_text(json.dumps(run_cfg))
+    files = latent_store.LatentFiles.of(latent_files)
+    latents, labels = files.split("train")
     cmd = accelerate_command(processes, mixed_precision(run_cfg["train"], device), wip_dir) + [
-        "-m", "ddaepp", "train", "--run-config", str(cfg_path), "--latents", str(latents_dir), "--seed", str(seed),
-        "--epoch", str(epoch), "--out", str(out_state), "--summary", str(out_summary), "--wip", str(wip_dir),
-        "--device", device]
+        "-m", "ddaepp", "train", "--run-config", str(cfg_path), "--latents-train", str(latents),
+        "--labels-train", str(labels), "--stats", str(files.stats), "--seed", str(seed), "--epoch", str(epoch),
+        "--out", str(out_state), "--summary", str(out_summary), "--wip", str(wip_dir), "--device", device]
     if init_state:
         cmd += ["--init", str(init_state)]
     if max_steps is not None:

@@ -24,6 +24,7 @@ _tok_tag = (
     else _tokenizer["name"]
 )
 LATENTS_DIR = f"{DATASET_DIR}/{_tok_tag}"
+LATENT_STATS = f"{LATENTS_DIR}/stats.json"
 RUN_DIR = "results/runs/{run}/s{seed}/ep{epoch}"
 STATE = f"{RUN_DIR}/state.pt"
 LAYER_SEARCH_DIR = "results/runs/{run}/s{seed}/layer_search"
@@ -166,13 +167,11 @@ def shard_files(split):
 
 
 def latents_inputs(splits=("train", "val")):
-    """The merged latents of `splits`; rules name stats.json separately as `stats` (its folder is read)."""
-    files = []
+    """The merged latents of `splits` and stats.json, named as ddaepp.latents.LatentFiles.from_rule reads them."""
+    files = {"stats": LATENT_STATS}
     for split in splits:
-        files += [
-            f"{LATENTS_DIR}/latents-{split}.npy",
-            f"{LATENTS_DIR}/labels-{split}.npy",
-        ]
+        files[f"latents_{split}"] = f"{LATENTS_DIR}/latents-{split}.npy"
+        files[f"labels_{split}"] = f"{LATENTS_DIR}/labels-{split}.npy"
     return files
 
 

@@ -38,7 +38,7 @@ rule merge_train_latents:
     output:
         latents=f"{LATENTS_DIR}/latents-train.npy",
         labels=f"{LATENTS_DIR}/labels-train.npy",
-        stats=f"{LATENTS_DIR}/stats.json",
+        stats=LATENT_STATS,
     log:
         "logs/data/merge-train.log",
     threads: job_size("merge_train_latents")["cpus"]

@@ -4,8 +4,7 @@
 
 rule layer_search_run:
     input:
-        latents_inputs(["train"]),
-        stats=f"{LATENTS_DIR}/stats.json",
+        **latents_inputs(["train"]),
     output:
         summary=f"{LAYER_SEARCH_DIR}/layer{{layer}}/train.json",
         # Only the loss curve is kept: the short run's weights are not reused.

@@ -8,8 +8,7 @@ FLOOR_KEYS = ("final_epochs", "lr", "weight_decay", "batch_size", "seed", "noise
 
 rule probe:
     input:
-        latents_inputs(),
-        stats=f"{LATENTS_DIR}/stats.json",
+        **latents_inputs(),
         state=state_input,
     output:
         table=f"{RUN_DIR}/probe.parquet",
@@ -35,8 +34,7 @@ rule probe:
 
 rule probe_floor:
     input:
-        latents_inputs(),
-        stats=f"{LATENTS_DIR}/stats.json",
+        **latents_inputs(),
     output:
         FLOOR,
     log:

@@ -3,7 +3,7 @@
 
 rule sample_shard:
     input:
-        stats=f"{LATENTS_DIR}/stats.json",
+        stats=LATENT_STATS,
         state=state_input,
     output:
         f"{RUN_DIR}/samples-{{guide}}/shard{{shard}}.npz",

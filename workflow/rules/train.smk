@@ -3,8 +3,7 @@
 
 rule train:
     input:
-        latents_inputs(["train"]),
-        stats=f"{LATENTS_DIR}/stats.json",
+        **latents_inputs(["train"]),
         prev=previous_state,
         layer_choice=layer_choice,
     output:

@@ -1,6 +1,5 @@
-from pathlib import Path
-
 from ddaepp import devices, io
+from ddaepp.latents import LatentFiles
 from ddaepp.layer_search import run_candidate
 
 with io.job_log(snakemake.log[0], snakemake.threads):
@@ -8,7 +7,7 @@ with io.job_log(snakemake.log[0], snakemake.threads):
     run_candidate(
         snakemake.params.run_cfg,
         layer=int(snakemake.wildcards.layer),
-        latents_dir=Path(snakemake.input.stats).parent,
+        latent_files=LatentFiles.from_rule(snakemake.input),
         seed=int(snakemake.wildcards.seed),
         out_state=snakemake.output.state,
         out_summary=snakemake.output.summary,

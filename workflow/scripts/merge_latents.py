@@ -1,6 +1,5 @@
-from pathlib import Path
-
 from ddaepp import io, latents
 
 with io.job_log(snakemake.log[0], snakemake.threads):
-    latents.merge_shards(list(snakemake.input), Path(snakemake.output.latents).parent, snakemake.params.split)
+    out = snakemake.output
+    latents.merge_shards(list(snakemake.input), snakemake.params.split, out.latents, out.labels, out.get("stats"))

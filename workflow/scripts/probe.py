@@ -1,6 +1,5 @@
-from pathlib import Path
-
 from ddaepp import devices, io
+from ddaepp.latents import LatentFiles
 from ddaepp.probe import probe_state
 
 with io.job_log(snakemake.log[0], snakemake.threads):
@@ -8,7 +7,7 @@ with io.job_log(snakemake.log[0], snakemake.threads):
     probe_state(
         snakemake.params.run_cfg,
         state_path=snakemake.input.state,
-        latents_dir=Path(snakemake.input.stats).parent,
+        latent_files=LatentFiles.from_rule(snakemake.input),
         out_parquet=snakemake.output.table,
         out_json=snakemake.output.summary,
         out_png=snakemake.output.heatmap,

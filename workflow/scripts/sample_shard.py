@@ -1,6 +1,5 @@
-from pathlib import Path
-
 from ddaepp import devices, io
+from ddaepp.latents import LatentFiles
 from ddaepp.sample import sample_shard
 
 with io.job_log(snakemake.log[0], snakemake.threads):
@@ -8,7 +7,7 @@ with io.job_log(snakemake.log[0], snakemake.threads):
     sample_shard(
         snakemake.params.run_cfg,
         state_path=snakemake.input.state,
-        latents_dir=Path(snakemake.input.stats).parent,
+        latent_files=LatentFiles.from_rule(snakemake.input),
         guidance=snakemake.wildcards.guide,
         shard=int(snakemake.wildcards.shard),
         out_npz=snakemake.output[0],

@@ -1,6 +1,5 @@
-from pathlib import Path
-
 from ddaepp import devices, io
+from ddaepp.latents import LatentFiles
 from ddaepp.layer_search import resolve
 from ddaepp.train import launch
 
@@ -9,7 +8,7 @@ with io.job_log(snakemake.log[0], snakemake.threads):
     launch(
         # self_cond_layer: auto is resolved here, not in the params, so making the choice reruns nothing
         resolve(snakemake.params.run_cfg, snakemake.input.layer_choice or None),
-        latents_dir=Path(snakemake.input.stats).parent,
+        latent_files=LatentFiles.from_rule(snakemake.input),
         seed=int(snakemake.wildcards.seed),
         epoch=int(snakemake.wildcards.epoch),
         out_state=snakemake.output.state,
