@@ -75,7 +75,8 @@ def noise_like(images, seed=0):
 @pytest.fixture(scope="session")
 def classifier(tmp_path_factory):
     path = tmp_path_factory.mktemp("clf") / "digits-net.pt"
-    summary = feature_nets.train_classifier(DATASET, path, epochs=CLASSIFIER_EPOCHS, seed=0)
+    summary = feature_nets.train_classifier(DATASET, path, epochs=CLASSIFIER_EPOCHS, seed=0,
+                                            out_summary=path.with_name("digits-net.json"))
     return path, summary
 
 
@@ -88,13 +89,14 @@ def reference(classifier, tmp_path_factory):
 
 def run_compute(tmp_path, images, labels, classifier, reference, name="s"):
     samples = write_samples(tmp_path / f"{name}.npz", images, labels)
-    return metrics.compute([samples], DATASET, METRICS, reference, tmp_path / f"{name}.json", classifier_path=classifier[0])
+    return metrics.compute([samples], DATASET, METRICS, reference, tmp_path / f"{name}.json", classifier_path=classifier[0],
+                           classifier_summary=classifier[0].with_name("digits-net.json"))
 
 
 def test_digits_net_trains_and_saves(classifier):
     path, summary = classifier
     assert summary["val_acc"] > 0.9
-    assert json.loads(path.with_suffix(".json").read_text()) == summary
+    assert json.loads(path.with_name("digits-net.json").read_text()) == summary
     assert summary["epochs"] == CLASSIFIER_EPOCHS and summary["n_train"] == len(real("train")[0])
     checkpoint = torch.load(path, weights_only=True)
     net = feature_nets.DigitsNet(**checkpoint["arch"])

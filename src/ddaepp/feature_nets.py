@@ -133,8 +133,10 @@ def _accuracy(model: DigitsNet, images: torch.Tensor, labels: torch.Tensor) -> f
     return (predictions == labels).float().mean().item()
 
 
-def train_classifier(dataset_cfg: dict, out_path: str | os.PathLike, epochs: int, seed: int = 0) -> dict:
-    """Train digits-net on the train split; save it to `out_path` and {val_acc, ...} beside it as .json."""
+def train_classifier(dataset_cfg: dict, out_path: str | os.PathLike, epochs: int, seed: int = 0,
+                     out_summary: str | os.PathLike | None = None) -> dict:
+    """Train digits-net on the train split; save it to `out_path` and return {val_acc, ...}, also
+    written to `out_summary` (digits-net.json) when given."""
     out_path = Path(out_path)
     images, labels = _load_split(dataset_cfg, "train")
     val_images, val_labels = _load_split(dataset_cfg, "val")
@@ -153,7 +155,8 @@ def train_classifier(dataset_cfg: dict, out_path: str | os.PathLike, epochs: int
                "n_train": len(images), "n_val": len(val_images), "seed": seed}
     with atomic_path(out_path) as tmp:
         torch.save({"state_dict": model.state_dict(), "arch": model.arch}, tmp)
-    write_json(out_path.with_suffix(".json"), summary)
+    if out_summary is not None:
+        write_json(out_summary, summary)
     log.info("digits-net: val accuracy %.4f after %d epochs on %d images", summary["val_acc"], epochs, len(images))
     return summary
 

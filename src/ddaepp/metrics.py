@@ -171,8 +171,11 @@ def load_samples(sample_npzs: list, image_size: int | None = None) -> tuple[np.n
 
 def compute(sample_npzs: list, dataset_cfg: dict, metrics_cfg: dict, reference_npz: str | os.PathLike,
             out_json: str | os.PathLike, classifier_path=None, extra: dict | None = None,
-            device: str = "cpu") -> dict:
-    """FID against `reference_npz` and IS of the samples in `sample_npzs`; written to `out_json`."""
+            device: str = "cpu", classifier_summary=None) -> dict:
+    """FID against `reference_npz` and IS of the samples in `sample_npzs`; written to `out_json`.
+
+    With digits-net features, `classifier_path` is the classifier and `classifier_summary` (its
+    digits-net.json, optional) gives the val accuracy recorded beside the samples' label agreement."""
     features = metrics_cfg["features"]
     if not sample_npzs:
         raise ValueError("no sample files given")
@@ -190,7 +193,8 @@ def compute(sample_npzs: list, dataset_cfg: dict, metrics_cfg: dict, reference_n
                                  metrics_cfg["is_split_size"], metrics_cfg["bootstrap"], device, progress)
     result.update(n=len(images), features=features, reference=str(reference_npz))
     if FEATURE_NETS[features].trained_here:
-        result["classifier_val_acc"] = read_json(Path(classifier_path).with_suffix(".json"))["val_acc"]
+        if classifier_summary is not None:
+            result["classifier_val_acc"] = read_json(classifier_summary)["val_acc"]
         result["label_agreement"] = label_agreement(sample_features[is_layer], labels)
     result.update(extra or {})
     write_json(out_json, result)

@@ -184,13 +184,14 @@ def sample_shards(wildcards):
     ]
 
 
-def feature_network():
-    """The digits-net classifier when it is the feature network; nothing for Inception."""
-    return (
-        [f"{DATASET_DIR}/digits-net.pt"]
-        if CONFIG["metrics"]["features"] == "digits-net"
-        else []
-    )
+CLASSIFIER = {"model": f"{DATASET_DIR}/digits-net.pt", "summary": f"{DATASET_DIR}/digits-net.json"}
+
+
+def feature_network(*parts):
+    """The digits-net classifier's files `parts` (of CLASSIFIER) when it is the feature network; nothing for Inception."""
+    if CONFIG["metrics"]["features"] != "digits-net":
+        return []
+    return [CLASSIFIER[part] for part in parts]
 
 
 def table_inputs(wildcards):

@@ -20,8 +20,7 @@ rule sample_shard:
 
 rule train_classifier:
     output:
-        model=f"{DATASET_DIR}/digits-net.pt",
-        summary=f"{DATASET_DIR}/digits-net.json",
+        **CLASSIFIER,
     log:
         "logs/metrics/digits-net.log",
     threads: job_size("train_classifier")["cpus"]
@@ -36,7 +35,7 @@ rule train_classifier:
 
 rule reference_stats:
     input:
-        classifier=feature_network(),
+        classifier=feature_network("model"),
     output:
         f"{DATASET_DIR}/fid-ref-{CONFIG['metrics']['features']}.npz",
     log:
@@ -74,7 +73,8 @@ rule metrics:
     input:
         samples=sample_shards,
         reference=rules.reference_stats.output[0],
-        classifier=feature_network(),
+        # digits-net.json too: the classifier's val accuracy goes into the metrics file
+        classifier=feature_network("model", "summary"),
     output:
         summary=f"{RUN_DIR}/metrics-{{guide}}.json",
         grid=report(
