@@ -250,7 +250,8 @@ def _train(run_cfg, latent_files, seed, epoch, out_state, init_state, wip_dir, m
         # would report) and how many processes were asked to stop (preemption, SLURM's warning).
         stop_flag = float(preemption.requested() is not None)
         summed = accelerator.reduce(torch.stack([loss.detach().float(), loss.new_tensor(stop_flag).float()]), "sum")
-        value, stops = summed[0].item() / world, summed[1].item()
+        loss_sum, stops = summed.tolist()  # one device-to-host copy, not one per element
+        value = loss_sum / world
         if not np.isfinite(value):
             raise FloatingPointError(f"loss is {value} at step {step}; the last good state is kept "
                                      f"({wip_path if wip_path.exists() else init_state or 'none yet'})")
