@@ -19,6 +19,7 @@ import torch
 from ddaepp import config, io
 from ddaepp.models import model_from_run_config
 from ddaepp.train import launch, train
+from test_train import SMALL_BATCH
 
 pytestmark = pytest.mark.slow  # each case starts 2 processes through accelerate launch (~1 min)
 
@@ -39,7 +40,7 @@ def relative_distance(a_path, b_path, run_cfg):
 @pytest.mark.parametrize("variant", ["baseline", "selfcond+csd", "dispersive"])
 def test_two_processes_equal_one(default_config, small_latents, tmp_path, variant, monkeypatch, capsys):
     run = config.run_config(dict(default_config, device="cpu"), "cond", variant)  # label dropout too
-    run["train"]["log_every"] = 4
+    run["train"].update(log_every=4, batch_size=SMALL_BATCH)
     # a user's accelerate default config that would break or change the launch if it were read
     hf_home = tmp_path / "hf"
     (hf_home / "accelerate").mkdir(parents=True)
