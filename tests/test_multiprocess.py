@@ -19,7 +19,7 @@ import torch
 from ddaepp import config, io
 from ddaepp.models import model_from_run_config
 from ddaepp.train import launch, train
-from test_train import SMALL_BATCH
+from test_train import run_cfg
 
 pytestmark = pytest.mark.slow  # each case starts 2 processes through accelerate launch (~1 min)
 
@@ -27,9 +27,9 @@ EPOCHS = 6  # 24 steps at 4 steps an epoch
 BOUNDS = {"baseline": 1e-4, "selfcond+csd": 0.1, "dispersive": 0.01}  # measured: 5e-6, 0.034, 7e-4
 
 
-def relative_distance(a_path, b_path, run_cfg):
+def relative_distance(a_path, b_path, run):
     torch.manual_seed(0)
-    init = model_from_run_config(run_cfg, (4, 8, 8), 10).state_dict()
+    init = model_from_run_config(run, (4, 8, 8), 10).state_dict()
     a, b = io.load_checkpoint(a_path)["ema"], io.load_checkpoint(b_path)["ema"]
     keys = [k for k in a if a[k].is_floating_point()]
     num = sum(((a[k] - b[k]).double() ** 2).sum() for k in keys) ** 0.5
@@ -39,8 +39,7 @@ def relative_distance(a_path, b_path, run_cfg):
 
 @pytest.mark.parametrize("variant", ["baseline", "selfcond+csd", "dispersive"])
 def test_two_processes_equal_one(default_config, small_latents, tmp_path, variant, monkeypatch, capsys):
-    run = config.run_config(dict(default_config, device="cpu"), "cond", variant)  # label dropout too
-    run["train"].update(log_every=4, batch_size=SMALL_BATCH)
+    run = run_cfg(dict(default_config, device="cpu"), variant, "cond", log_every=4)  # label dropout too
     # a user's accelerate default config that would break or change the launch if it were read
     hf_home = tmp_path / "hf"
     (hf_home / "accelerate").mkdir(parents=True)
