@@ -245,3 +245,22 @@ def test_stop_after_returns_the_same_features_for_less():
     _, feats = model(x, t, y, return_features=True)
     early = model(x, t, y, stop_after=1)
     assert early.shape == (3, 2, 128) and torch.allclose(early, feats[:, :2], atol=1e-6)
+
+
+def test_fp32_final_layer_under_bf16_autocast():
+    """sample.precision bf16: the blocks in bf16, the final layer (the velocity's last rounding) in fp32."""
+    model = perturbed(LightningDiT(**TINY)).eval()
+    x, t, y = inputs()
+    seen = []
+    model.final_layer.linear.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out.dtype)))
+    model.blocks[-1].mlp.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x, t, y)
+        model.fp32_final_layer = True
+        v = model(x, t, y)
+    assert seen[0] == seen[2] == torch.bfloat16 and seen[1][1] == torch.bfloat16  # autocast alone: a bf16 output
+    assert seen[3] == (torch.float32, torch.float32)
+    assert v.dtype == torch.float32
+    with torch.no_grad():
+        exact = model(x, t, y)
+    assert (v - exact).abs().max() < 0.1 * exact.abs().max()  # bf16 blocks: close, not equal

@@ -76,13 +76,14 @@ class GuidanceRecorder:
         return torch.cat([torch.cat([mixed, mixed]), out[:, n:]], dim=1)
 
 
-def test_guided_sampling_calls_forward_with_cfg_on_the_doubled_batch():
+def test_guided_sampling_calls_forward_with_cfg_on_the_doubled_batch_inside_the_interval_only():
     model, noise, y = GuidanceRecorder(), torch.zeros(2, 4, 2, 2), torch.tensor([1, 2])
     out = euler_sample(model, noise, y, steps=5, shift=1.0, cfg_scale=3.0, interval_start=0.3, guided_channels=3,
                        null_label=10)
     assert out.shape == noise.shape
-    cfg_calls = [c for c in model.calls if c[0] == "cfg"]
-    assert cfg_calls == [("cfg", 4, 3.0, True, 0.3, 3)] * 4  # every step, both halves, as upstream
+    # before the interval the conditional batch alone; inside it both halves, upstream's arguments
+    # (forward_with_cfg's own forward pass on the doubled batch is recorded after its call)
+    assert model.calls == [("forward", 2)] * 2 + [("cfg", 4, 3.0, True, 0.3, 3), ("forward", 4)] * 2
     # t = 0, 0.25 are outside the interval (velocity 1), t = 0.5, 0.75 inside (3 on the guided channels)
     assert torch.allclose(out[:, :3], torch.full_like(out[:, :3], 0.5 * 1 + 0.5 * 3))
     assert torch.allclose(out[:, 3:], torch.ones_like(out[:, 3:]))
@@ -104,3 +105,32 @@ def test_all_channel_guidance():
 def test_guidance_without_labels_is_a_clear_error():
     with pytest.raises(ValueError, match="labels"):
         euler_sample(GuidanceRecorder(), torch.zeros(2, 4, 2, 2), None, steps=3, cfg_scale=2.0)
+
+
+def doubled_batch_sample(model, noise, y, steps, shift, cfg_scale, interval_start, guided_channels, null_label):
+    """Upstream's loop: the [cond; null] batch through forward_with_cfg at every step."""
+    x, labels = torch.cat([noise, noise]), torch.cat([y, torch.full_like(y, null_label)])
+    ts = shifted_timesteps(steps, shift)
+    for t_cur, t_next in zip(ts[:-1], ts[1:]):
+        v = model.forward_with_cfg(x, t_cur.expand(len(x)), labels, cfg_scale, cfg_interval=True,
+                                   cfg_interval_start=interval_start, guided_channels=guided_channels)
+        x = x + (t_next - t_cur) * v.float()
+    return x[: len(noise)]
+
+
+@pytest.mark.parametrize("guided_channels", [None, 3])
+def test_interval_skip_equals_the_doubled_batch(guided_channels):
+    from ddaepp.models import LightningDiT
+
+    torch.manual_seed(0)
+    model = LightningDiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
+                         num_classes=10, use_swiglu=True, use_rope=True, use_rmsnorm=True).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    noise, y = torch.randn(6, 4, 8, 8), torch.randint(0, 10, (6,))
+    args = dict(steps=12, shift=0.3, cfg_scale=4.0, interval_start=0.11, guided_channels=guided_channels,
+                null_label=10)
+    assert 0 < int((shifted_timesteps(12, 0.3)[:-1] < 0.11).sum()) < 11  # steps on both sides of the start
+    skipped, doubled = euler_sample(model, noise, y, **args), doubled_batch_sample(model, noise, y, **args)
+    torch.testing.assert_close(skipped, doubled, rtol=0, atol=1e-6)

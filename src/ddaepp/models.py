@@ -115,11 +115,14 @@ class TimestepEmbedder(nn.Module):
         super().__init__()
         self.freq_dim = freq_dim
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        # a buffer on the model's device (not saved: the keys stay upstream's), so a forward on the GPU
+        # copies nothing from the host; the same float32 values upstream computes per call
+        half = freq_dim // 2
+        self.register_buffer("freqs", torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half),
+                             persistent=False)
 
     def forward(self, t):
-        half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
-        args = t[:, None].float() * freqs[None]
+        args = t[:, None].float() * self.freqs[None]
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 
 
@@ -242,6 +245,9 @@ class LightningDiT(nn.Module):
         self.final_layer = FinalLayer(hidden_size, patch_size * patch_size * in_channels, use_rmsnorm)
         if self_cond:
             self.self_cond = SelfCondition(hidden_size)
+        # sample.precision bf16 runs the final layer in float32 (the velocity's last rounding); training
+        # leaves it to autocast, as upstream
+        self.fp32_final_layer = False
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -295,7 +301,11 @@ class LightningDiT(nn.Module):
                 return torch.stack(feats, dim=1)
             if i == self.self_cond_layer:
                 c = c + self.self_cond(feats[-1], t_emb)
-        v = self.unpatchify(self.final_layer(x, c))
+        if self.fp32_final_layer:
+            with torch.autocast(x.device.type, enabled=False):
+                v = self.unpatchify(self.final_layer(x.float(), c.float()))
+        else:
+            v = self.unpatchify(self.final_layer(x, c))
         return (v, torch.stack(feats, dim=1)) if return_features else v
 
     def forward_with_cfg(self, x, t, y, cfg_scale, cfg_interval=None, cfg_interval_start=None, *,
@@ -306,8 +316,9 @@ class LightningDiT(nn.Module):
         uncond + cfg_scale * (cond - uncond) in both halves; the other channels stay as the model
         gives them (cond in the first half, uncond in the second). With cfg_interval True, no channel
         is guided where t[0] < cfg_interval_start (upstream decides by the batch's first t; our
-        sampler gives every row the same t). Like upstream, both halves always run, outside the
-        interval too: one conditional pass there would be the same maths but not the same floats."""
+        sampler gives every row the same t). Like upstream, both halves always run here, outside the
+        interval too; ddaepp.transport.euler_sample calls this only inside the interval and the
+        conditional batch alone before it (the same maths, equal to within float32 rounding)."""
         half = x[: len(x) // 2]
         out = self.forward(torch.cat([half, half]), t, y).float()  # mix in fp32 under autocast too
         n = out.shape[1] if guided_channels is None else guided_channels

@@ -37,7 +37,8 @@ OPERATIONAL_KEYS = {
     # trained weights beyond reduction order, so changing it retrains and a state made in one is not
     # resumed in the other. `auto` means "what the device does best" (fp32 on CPU, bf16 on GPUs):
     # whoever writes auto lets train.gpus decide; pin bf16 or fp32 to make the numbers device-free.
-    "sample": ("batch_size",),  # sample i's noise and label depend on (seed, i) only
+    "sample": ("batch_size",  # sample i's noise and label depend on (seed, i) only
+               "compile"),  # the same graph, fused: float rounding only (as train.compile)
     # Features are noised per (seed, image, t) whatever the batch; the probes are trained on the same
     # minibatches whether the features sit in RAM or stream from disk. (probe.batch_size is the
     # probes' SGD batch: it changes results.)

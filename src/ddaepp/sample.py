@@ -65,6 +65,25 @@ def tf32_matmuls(enabled: bool):
         torch.backends.cuda.matmul.allow_tf32 = before
 
 
+class CompiledSampler:
+    """The model's two sampling calls (the conditional batch, and forward_with_cfg's doubled one),
+    each compiled once for fixed shapes: sample_shard pads the last batch to the same size."""
+
+    def __init__(self, model):
+        self._forward = torch.compile(model, dynamic=False)
+        self.forward_with_cfg = torch.compile(model.forward_with_cfg, dynamic=False)
+
+    def __call__(self, x, t, y=None):
+        return self._forward(x, t, y)
+
+
+def padded(noise: torch.Tensor, y: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """noise and labels repeated from their first row up to `size` rows (samples are row-independent)."""
+    extra = size - len(noise)
+    return (torch.cat([noise, noise[:1].expand(extra, *noise.shape[1:])]),
+            torch.cat([y, y[:1].expand(extra)]))
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
 
@@ -86,6 +105,8 @@ def sample_shard(run_cfg: dict, state_path, latent_files, guidance: str, shard: 
     latent_shape = tuple(tokenizer.latent_shape)
     n_classes = dataset_num_classes(run_cfg["dataset"])
     model = load_ema(state_path, run_cfg, latent_shape, n_classes if run_cfg["conditional"] else 0).to(device)
+    model.fp32_final_layer = cfg["precision"] == "bf16"
+    sampler = CompiledSampler(model) if cfg["compile"] else model
     rows = io.shard_rows(cfg["n"], shard, cfg["shards"])
     start, stop = rows.start, rows.stop
     size = run_cfg["dataset"]["image_size"]
@@ -97,12 +118,15 @@ def sample_shard(run_cfg: dict, state_path, latent_files, guidance: str, shard: 
         for a in tqdm(range(start, stop, cfg["batch_size"]), desc=f"sample {guidance} shard {shard}"):
             idx = range(a, min(a + cfg["batch_size"], stop))
             noise, y = noise_and_labels(idx, latent_shape, n_classes, seed)
+            if cfg["compile"] and len(idx) < cfg["batch_size"]:
+                noise, y = padded(noise, y, cfg["batch_size"])
             noise, y = noise.to(device), y.to(device)
             with autocast:
-                z = euler_sample(model, noise, y if run_cfg["conditional"] else None, cfg["steps"], cfg["shift"],
+                z = euler_sample(sampler, noise, y if run_cfg["conditional"] else None, cfg["steps"], cfg["shift"],
                                  cfg_scale=cfg["cfg"]["scale"] if guidance == "cfg" else 1.0,
                                  interval_start=cfg["cfg"]["interval_start"], guided_channels=guided,
-                                 null_label=n_classes)
+                                 null_label=n_classes)[:len(idx)]
+            y = y[:len(idx)]
             with torch.no_grad():
                 images.append(to_uint8(tokenizer.decode(z.float() * std + mean)))
             labels.append(y.cpu().numpy() if run_cfg["conditional"] else np.full(len(idx), -1))

@@ -45,27 +45,29 @@ def euler_sample(model, noise: torch.Tensor, y: torch.Tensor | None = None, step
                  null_label: int | None = None) -> torch.Tensor:
     """Integrate dx/dt = v from noise (t = 0) to data (t = 1); returns normalised latents.
 
-    As LightningDiT's sampler: with cfg_scale > 1 the batch is doubled to [noise; noise] with
-    labels [y; null_label], every step calls model.forward_with_cfg(x, t, y, cfg_scale,
-    cfg_interval=True, cfg_interval_start=interval_start), and the first half is returned.
-    `guided_channels`: the leading channels guided (LightningDiT: 3), None for all.
+    As LightningDiT's sampler, with cfg_scale > 1 a guided step calls
+    model.forward_with_cfg([x; x], t, [y; null_label], cfg_scale, cfg_interval=True,
+    cfg_interval_start=interval_start) and keeps the first half. Upstream runs that doubled batch at
+    every step; before the interval (t < interval_start) only its conditional half is ever read, so
+    there this runs the conditional batch alone (the same maths; equal to within float32 rounding,
+    tests/test_transport.py). Which steps are guided is decided from the host's copy of the grid:
+    the loop reads nothing back from the device. `guided_channels`: the leading channels guided
+    (LightningDiT: 3), None for all.
     """
-    if cfg_scale > 1.0:
-        if y is None or null_label is None:
-            raise ValueError("classifier-free guidance needs labels y and the null label of a conditional model")
-        x = torch.cat([noise, noise])
-        labels = torch.cat([y, torch.full_like(y, null_label)])
-
-        def velocity(x, t):
-            return model.forward_with_cfg(x, t, labels, cfg_scale, cfg_interval=True, cfg_interval_start=interval_start,
-                                          guided_channels=guided_channels)
-    else:
-        x = noise
-
-        def velocity(x, t):
-            return model(x, t, y)
-
-    ts = shifted_timesteps(steps, shift).to(noise.device)
-    for t_cur, t_next in zip(ts[:-1], ts[1:]):
-        x = x + (t_next - t_cur) * velocity(x, t_cur.expand(x.shape[0])).float()
-    return x[: len(noise)]
+    guided = cfg_scale > 1.0
+    if guided and (y is None or null_label is None):
+        raise ValueError("classifier-free guidance needs labels y and the null label of a conditional model")
+    grid = shifted_timesteps(steps, shift)
+    # upstream's test, torch.where(t[0] < start, cond, mixed), made on the same float32 values
+    in_interval = (~(grid[:-1] < interval_start)).tolist() if guided else [False] * (steps - 1)
+    labels = torch.cat([y, torch.full_like(y, null_label)]) if guided else None
+    ts = grid.to(noise.device)
+    x, n = noise, len(noise)
+    for i, cfg_step in enumerate(in_interval):
+        if cfg_step:
+            v = model.forward_with_cfg(torch.cat([x, x]), ts[i].expand(2 * n), labels, cfg_scale, cfg_interval=True,
+                                       cfg_interval_start=interval_start, guided_channels=guided_channels)[:n]
+        else:
+            v = model(x, ts[i].expand(n), y)
+        x = x + (ts[i + 1] - ts[i]) * v.float()
+    return x
