@@ -110,10 +110,10 @@ def test_the_train_rule_resumes_a_stopped_by_hand_run(default_config, small_late
 
     from ddaepp import cli
 
-    cfg = run_cfg(default_config, checkpoint_minutes=60)
+    cfg = run_cfg(default_config, checkpoint_minutes=60, log_every=1)  # the stop flag read after every step
     (tmp_path / "run.json").write_text(json.dumps(cfg))
     state = tmp_path / "results/runs/uncond-baseline/s0/ep2/state.pt"
-    stops = iter([None, None])  # no stop request before steps 1 and 2; one after step 3
+    stops = iter([None, None])  # no stop request after steps 1 and 2; one after step 3
     monkeypatch.setattr(preemption, "requested", lambda: next(stops, signal.SIGTERM))
     with pytest.raises(SystemExit) as stopped:
         cli.main(["train", "--run-config", str(tmp_path / "run.json"), "--latents", str(small_latents),

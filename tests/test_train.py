@@ -231,3 +231,87 @@ def test_ddaepp_train_takes_the_latents_file_by_file(default_config, small_laten
     for wrong in (files[:2], files + ["--latents", str(small_latents)], []):
         with pytest.raises(SystemExit):
             cli.main(common + wrong)
+
+
+def test_the_training_loop_reads_back_only_at_its_read_back_points(default_config, small_latents, tmp_path,
+                                                                   monkeypatch):
+    """Losses, the finiteness check and the stop flag wait for the device at the read-back points
+    (here only the last step: log_every 0, 32 steps an epoch at batch 8), never per step. With the
+    optimizer CUDA gets (fused): the foreach one reads its step counts, which live on the host there."""
+    from host_syncs import count_host_reads
+
+    from ddaepp import train as train_mod
+
+    build = train_mod.build_optimizer
+    monkeypatch.setattr(train_mod, "build_optimizer", lambda params, cfg, device_type: build(params, cfg, "cuda"))
+    counts = {}
+    for steps in (3, 9):
+        cfg = run_cfg(default_config, "selfcond", "cond", log_every=0, checkpoint_minutes=60)
+        cfg["train"]["batch_size"] = 8
+        with count_host_reads() as counts[steps]:
+            train(cfg, small_latents, seed=0, epoch=1, max_steps=steps, out_state=tmp_path / f"{steps}/state.pt")
+    assert counts[3] == counts[9], counts
+
+
+def test_read_back_points():
+    from ddaepp.train import read_back_due
+
+    due = [s for s in range(1, 21) if read_back_due(s, log_every=3, steps_per_epoch=8, target_step=20)]
+    assert due == [3, 6, 8, 9, 12, 15, 16, 18, 20]
+    assert [s for s in range(1, 21) if read_back_due(s, 0, 8, 20)] == [8, 16, 20]
+
+
+def test_a_non_finite_loss_stops_before_the_next_save(default_config, small_latents, tmp_path):
+    """Losses are read back every log_every steps; the check comes before any checkpoint there."""
+    import re
+
+    from ddaepp.train import job_paths
+
+    cfg = run_cfg(default_config, lr=1e6, log_every=4, checkpoint_minutes=1e-6)  # a checkpoint at each read-back
+    with pytest.raises(FloatingPointError, match=r"at step \d+") as error:
+        train(cfg, small_latents, seed=0, epoch=50, out_state=tmp_path / "state.pt")
+    bad_step = int(re.search(r"at step (\d+)", str(error.value)).group(1))
+    assert bad_step % 4 != 3, "the loss went bad at a read-back step: nothing shows the check comes first"
+    assert not (tmp_path / "state.pt").exists()
+    wip = job_paths(tmp_path / "state.pt")[0] / "state.pt"
+    if wip.exists():  # a read-back before the bad step saved; the one after it must not have
+        saved = io.load_checkpoint(wip)
+        assert saved["step"] <= bad_step
+        for key in ("model", "ema"):
+            assert all(torch.isfinite(v).all() for v in saved[key].values()), f"non-finite {key} saved"
+
+
+@pytest.mark.parametrize("saved_fused, resumed_fused", [(False, True), (True, False)])
+def test_optimizer_state_resumes_across_foreach_and_fused(saved_fused, resumed_fused):
+    """A GPU run's fused AdamW state resumes in the foreach optimizer and back (torch has both on the CPU);
+    the resumed optimizer keeps its own implementation and continues the same moments."""
+    from ddaepp.train import build_optimizer, load_optimizer_state
+
+    hp = {"lr": 1e-2, "betas": [0.9, 0.99], "weight_decay": 0.01}
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8)
+    grads = [[torch.randn_like(p) for p in model.parameters()] for _ in range(4)]
+
+    def steps(opt, grad_list):
+        for g in grad_list:
+            for p, gp in zip(model.parameters(), g):
+                p.grad = gp.clone()
+            opt.step()
+
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    straight = torch.optim.AdamW(model.parameters(), lr=hp["lr"], betas=tuple(hp["betas"]),
+                                 weight_decay=hp["weight_decay"], fused=saved_fused or None)
+    steps(straight, grads)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+
+    model.load_state_dict(start)
+    first = build_optimizer(model.parameters(), hp, "cuda" if saved_fused else "cpu")
+    assert bool(first.param_groups[0]["fused"]) == saved_fused
+    steps(first, grads[:2])
+    resumed = build_optimizer(model.parameters(), hp, "cuda" if resumed_fused else "cpu")
+    load_optimizer_state(resumed, first.state_dict())
+    assert bool(resumed.param_groups[0]["fused"]) == resumed_fused  # not the saved one's
+    assert [int(s["step"]) for s in resumed.state.values()] == [2, 2]
+    steps(resumed, grads[2:])
+    for k, v in model.state_dict().items():  # fused and foreach round differently, within float32
+        torch.testing.assert_close(v, expected[k], rtol=1e-5, atol=1e-6)

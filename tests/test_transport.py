@@ -134,3 +134,20 @@ def test_interval_skip_equals_the_doubled_batch(guided_channels):
     assert 0 < int((shifted_timesteps(12, 0.3)[:-1] < 0.11).sum()) < 11  # steps on both sides of the start
     skipped, doubled = euler_sample(model, noise, y, **args), doubled_batch_sample(model, noise, y, **args)
     torch.testing.assert_close(skipped, doubled, rtol=0, atol=1e-6)
+
+
+def test_the_sampling_loop_reads_nothing_back_per_step():
+    from host_syncs import count_host_reads
+
+    from ddaepp.models import LightningDiT
+
+    model = LightningDiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
+                         num_classes=10, use_swiglu=True, use_rope=True, use_rmsnorm=True).eval()
+    noise, y = torch.randn(3, 4, 8, 8), torch.randint(0, 10, (3,))
+    counts = {}
+    for steps in (5, 13):
+        with count_host_reads() as counts[steps]:
+            for scale in (1.0, 3.0):
+                euler_sample(model, noise, y, steps=steps, shift=0.3, cfg_scale=scale, interval_start=0.11,
+                             guided_channels=None, null_label=10)
+    assert counts[5] == counts[13], counts  # only the grid's host copy before the loop, never per step

@@ -87,11 +87,11 @@ class StepBatches(torch.utils.data.Dataset):
         batch = np.sort(self._order[1][j * self.batch_size:(j + 1) * self.batch_size])
         views = np.random.default_rng([self.seed, step, 1]).integers(0, self.latents.shape[1], self.batch_size)
         idx, view = batch[self.rows], views[self.rows]
-        x = torch.from_numpy(np.asarray(self.latents[idx, view], dtype=np.float32))  # reads these views only
+        x = torch.from_numpy(np.asarray(self.latents[idx, view]))  # reads these views only, in their dtype
         y = torch.from_numpy(np.asarray(self.labels[idx]).astype(np.int64))
         if not self.other_view:
             return x, None, y
-        other = np.asarray(self.latents[idx, (view + 1) % self.latents.shape[1]], dtype=np.float32)
+        other = np.asarray(self.latents[idx, (view + 1) % self.latents.shape[1]])
         return x, torch.from_numpy(other), y
 
 
@@ -106,6 +106,27 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         ema_params = list(ema.parameters())
         torch._foreach_lerp_(ema_params, [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)],
                              1 - decay)
+
+
+# How the AdamW update runs, not what it computes: a state keeps the flags it was saved with, and
+# torch's load_state_dict would put them back over the resuming optimizer's own.
+IMPLEMENTATION_FLAGS = ("foreach", "fused", "capturable")
+
+
+def build_optimizer(params, train_cfg: dict, device_type: str) -> torch.optim.AdamW:
+    """AdamW as upstream; on CUDA its fused kernel (one launch per step for every tensor, the same
+    update rounded differently), elsewhere torch's default (foreach), so CPU runs stay bit for bit."""
+    return torch.optim.AdamW(params, lr=train_cfg["lr"], betas=tuple(train_cfg["betas"]),
+                             weight_decay=train_cfg["weight_decay"], fused=True if device_type == "cuda" else None)
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, saved: dict) -> None:
+    """Load a state saved by either implementation (a GPU run's fused one, a CPU run's foreach one):
+    the moments and step counts are the same tensors; the implementation stays this optimizer's
+    (torch then moves the step counts where that implementation keeps them)."""
+    groups = [{**group, **{k: current[k] for k in IMPLEMENTATION_FLAGS if k in current}}
+              for group, current in zip(saved["param_groups"], opt.param_groups)]
+    opt.load_state_dict({**saved, "param_groups": groups})
 
 
 def mixed_precision(train_cfg: dict, device: str) -> str:
@@ -211,14 +232,13 @@ def _train(run_cfg, latent_files, seed, epoch, out_state, init_state, wip_dir, m
     model = model_from_run_config(run_cfg, latent_shape, n_classes)
     heads = objectives.build_heads(run_cfg, model)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(list(model.parameters()) + list(heads.parameters()), lr=train_cfg["lr"],
-                            betas=tuple(train_cfg["betas"]), weight_decay=train_cfg["weight_decay"])
+    opt = build_optimizer(list(model.parameters()) + list(heads.parameters()), train_cfg, accelerator.device.type)
     state = _resume_state(init_state, wip_path, expected) or {"step": 0, "epoch_losses": []}
     if "model" in state:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         heads.load_state_dict(state["heads"])
-        opt.load_state_dict(state["opt"])
+        load_optimizer_state(opt, state["opt"])
     ema.to(accelerator.device).eval()
     step_module, opt = build_step(run_cfg, model, heads, ema, opt, accelerator)
     params = [p for group in opt.param_groups for p in group["params"]]
@@ -233,11 +253,13 @@ def _train(run_cfg, latent_files, seed, epoch, out_state, init_state, wip_dir, m
     gen = torch.Generator(accelerator.device)  # one generator, reseeded per step: see objectives.draw_step
     rows = slice(rank * (batch_size // world), (rank + 1) * (batch_size // world))
     progress = Progress(accelerator, train_cfg, epoch, start_step, target_step, batch_size)
-    running, step_losses, last_ckpt, step = [], [], time.time(), start_step
+    running, step_losses, last_ckpt, step, pending = [], [], time.time(), start_step, []
     for x, x_other, y in batches:
-        x1 = (x.to(accelerator.device, non_blocking=True) - mean) / std
-        x1_other = (x_other.to(accelerator.device) - mean) / std if x_other is not None else None
-        y = y.to(accelerator.device) if run_cfg["conditional"] else None
+        # latents come as the memmap's float16 (pinned on CUDA): half the bytes to copy, cast on the device
+        x1 = (x.to(accelerator.device, non_blocking=True).float() - mean) / std
+        x1_other = (x_other.to(accelerator.device, non_blocking=True).float() - mean) / std \
+            if x_other is not None else None
+        y = y.to(accelerator.device, non_blocking=True) if run_cfg["conditional"] else None
         draws = objectives.draw_step(gen.manual_seed(step_seed(seed, step)), run_cfg, batch_size, rows, latent_shape)
         with accelerator.autocast():
             loss = step_module(x1, x1_other, y, draws)
@@ -246,29 +268,31 @@ def _train(run_cfg, latent_files, seed, epoch, out_state, init_state, wip_dir, m
         if train_cfg["grad_clip"] > 0:
             accelerator.clip_grad_norm_(params, train_cfg["grad_clip"])
         opt.step()
-        # The step's one collective and device sync: the global batch's mean loss (what one process
-        # would report) and how many processes were asked to stop (preemption, SLURM's warning).
-        stop_flag = float(preemption.requested() is not None)
-        summed = accelerator.reduce(torch.stack([loss.detach().float(), loss.new_tensor(stop_flag).float()]), "sum")
-        loss_sum, stops = summed.tolist()  # one device-to-host copy, not one per element
-        value = loss_sum / world
-        if not np.isfinite(value):
-            raise FloatingPointError(f"loss is {value} at step {step}; the last good state is kept "
-                                     f"({wip_path if wip_path.exists() else init_state or 'none yet'})")
         update_ema(ema, model, ema_decay(train_cfg, step))
         step += 1
-        running.append(value)
-        if max_steps is not None:  # the layer search's curves
-            step_losses.append(value)
-        progress.step(step, value)
-        if step % steps_per_epoch == 0:
-            epoch_losses.append(float(np.mean(running)))
-            running = []
-        if time.time() - last_ckpt > 60 * train_cfg["checkpoint_minutes"] and step < target_step:
+        pending.append(loss.detach().float())  # stays on the device until the next read-back
+        progress.advance()
+        if not read_back_due(step, train_cfg["log_every"], steps_per_epoch, target_step):
+            continue
+        values, stop, save_due = read_back(accelerator, pending, time.time() - last_ckpt > 60 * train_cfg["checkpoint_minutes"])
+        pending = []
+        for k, value in enumerate(values):  # the host's per-step bookkeeping, in step order
+            done = step - len(values) + k + 1  # steps done after this value's step
+            if not np.isfinite(value):
+                raise FloatingPointError(f"loss is {value} at step {done - 1}; the last good state is kept "
+                                         f"({wip_path if wip_path.exists() else init_state or 'none yet'})")
+            running.append(value)
+            if max_steps is not None:  # the layer search's curves
+                step_losses.append(value)
+            if done % steps_per_epoch == 0:
+                epoch_losses.append(float(np.mean(running)))
+                running = []
+        progress.losses(step, values)
+        if save_due and step < target_step:
             _save(accelerator, wip_path, model, ema, heads, opt, step, epoch_losses, expected)
             progress.checkpoint(step, wip_path)
             last_ckpt = time.time()
-        if step < target_step and stops > 0:  # any process preempted or warned by SLURM: all stop here
+        if step < target_step and stop:  # any process preempted or warned by SLURM: all stop here
             _save(accelerator, wip_path, model, ema, heads, opt, step, epoch_losses, expected)
             progress.close()
             preemption.exit_to_resume(wip_path, step, accelerator.is_main_process)
@@ -290,6 +314,26 @@ def _train(run_cfg, latent_files, seed, epoch, out_state, init_state, wip_dir, m
     return summary
 
 
+def read_back_due(step: int, log_every: int, steps_per_epoch: int, target_step: int) -> bool:
+    """Whether the loop reads its losses and flags back after `step` steps: every `log_every` steps,
+    at each epoch's end and at the last step. Only here does the host wait for the device, and only
+    here are the loss checked, a stop request acted on and a checkpoint written, so a stop signal
+    takes effect within min(log_every, steps_per_epoch) steps, on every process after the same step."""
+    return (log_every > 0 and step % log_every == 0) or step % steps_per_epoch == 0 or step == target_step
+
+
+def read_back(accelerator, pending: list, checkpoint_due: bool) -> tuple[list[float], bool, bool]:
+    """The global batch's mean loss of each pending step (what one process would report), whether any
+    process was asked to stop (preemption, SLURM's warning) and whether any process's checkpoint
+    timer has run out: one collective and one device-to-host copy for the whole window, so that
+    every process reaches the same decision after the same step."""
+    flags = [float(preemption.requested() is not None), float(checkpoint_due)]
+    local = torch.cat([torch.stack(pending), torch.tensor(flags, device=pending[0].device)])
+    *sums, stops, checkpoints = accelerator.reduce(local, "sum").tolist()
+    world = accelerator.num_processes
+    return [loss_sum / world for loss_sum in sums], stops > 0, checkpoints > 0
+
+
 class Progress:
     """The training bar (loss, img/s), a log line every train.log_every steps and at each
     checkpoint, and accelerate's TensorBoard tracker when tensorboard is installed."""
@@ -304,15 +348,19 @@ class Progress:
         if accelerator.log_with:
             accelerator.init_trackers(f"ep{epoch}")
 
-    def step(self, step: int, loss: float) -> None:
-        self.window.append(loss)
-        now = time.time()
+    def advance(self) -> None:
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{self.batch_size / max(now - self.t_last, 1e-9):.1f}",
-                             refresh=False)
+
+    def losses(self, step: int, values: list[float]) -> None:
+        """The losses of the steps up to `step`, read back together (see read_back)."""
+        self.window.extend(values)
+        now = time.time()
+        rate = len(values) * self.batch_size / max(now - self.t_last, 1e-9)
+        self.bar.set_postfix(loss=f"{values[-1]:.4f}", img_s=f"{rate:.1f}", refresh=False)
         self.t_last = now
         if self.accelerator.log_with:
-            self.accelerator.log({"loss": loss}, step=step)
+            for k, loss in enumerate(values):
+                self.accelerator.log({"loss": loss}, step=step - len(values) + k + 1)
         if self.every and step % self.every == 0:
             self._line(step)
 
