@@ -24,8 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,7 +36,7 @@ from train_step import time_steps, upstream_model  # noqa: E402
 from ddaepp import config as config_mod, objectives, tokenizers, vavae  # noqa: E402
 from ddaepp.models import build_model, count_flops  # noqa: E402
 from ddaepp.processes import accelerate_command  # noqa: E402
-from ddaepp.sample import tf32_matmuls  # noqa: E402
+from ddaepp.sample import CompiledSampler, tf32_matmuls  # noqa: E402
 from ddaepp.transport import euler_sample, shifted_timesteps  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,26 +100,186 @@ def measure_encode(sizes, device) -> float:
     return len(x) / sec, len(x) / decode
 
 
-def measure_sampling(sizes, paper, device, decode_rate) -> dict:
-    """img/s of sample.steps Euler steps at the paper's batch, plus the VAE decode, in the paper config's
-    sample.precision (tf32: float32 with TF32 matmuls, as LightningDiT's inference.py)."""
+def measure_sampling(sizes, paper, device, decode_rate, precision=None, compile_=False) -> dict:
+    """img/s of sample.steps Euler steps at the paper's batch, plus the VAE decode, in `precision` (the
+    paper config's sample.precision, tf32, by default: float32 with TF32 matmuls, as LightningDiT's
+    inference.py), eager or compiled as sample.compile does it (ddaepp.sample.CompiledSampler)."""
     run = paper_run(paper, sizes["size"], True)
     model = build_model(sizes["size"], sizes["latent"], sizes["classes"],
                         **{k: v for k, v in run["model"].items() if k != "size"}).to(device).eval()
+    cfg = paper["sample"]
+    precision = precision or cfg["precision"]
+    model.fp32_final_layer = precision == "bf16"
+    sampler = CompiledSampler(model) if compile_ else model
     batch = sizes["sample_batch"]
     noise = torch.randn(batch, *sizes["latent"], device=device)
     y = torch.randint(0, sizes["classes"], (batch,), device=device)
-    cfg = paper["sample"]
-    # one Euler step timed per mode; a run is `steps - 1` of them
-    with tf32_matmuls(cfg["precision"] == "tf32"):
-        plain = timed(lambda: euler_sample(model, noise, y, steps=2), 2, device == "cuda")
-        guided = timed(lambda: euler_sample(model, noise, y, steps=2, cfg_scale=cfg["cfg"]["scale"],
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
+    # one Euler step timed per kind: the conditional batch, and the [cond; null] batch (interval_start 0)
+    with tf32_matmuls(precision == "tf32"), autocast:
+        plain = timed(lambda: euler_sample(sampler, noise, y, steps=2), 2, device == "cuda")
+        guided = timed(lambda: euler_sample(sampler, noise, y, steps=2, cfg_scale=cfg["cfg"]["scale"],
                                             interval_start=0.0, null_label=sizes["classes"]), 2, device == "cuda")
     t = shifted_timesteps(cfg["steps"], cfg["shift"])[:-1]
-    inside = int((t >= cfg["cfg"]["interval_start"]).sum())  # CFG doubles the batch only inside its interval
+    # the sampler runs the doubled batch only inside the guidance interval, the conditional batch before it
+    inside = int((t >= cfg["cfg"]["interval_start"]).sum())
     nocfg_s = (cfg["steps"] - 1) * plain / batch + 1 / decode_rate
     cfg_s = (inside * guided + (len(t) - inside) * plain) / batch + 1 / decode_rate
-    return {"nocfg": 1 / nocfg_s, "cfg": 1 / cfg_s}
+    return {"nocfg": 1 / nocfg_s, "cfg": 1 / cfg_s, "step_s": plain, "guided_step_s": guided}
+
+
+SAMPLING_MODES = (("fp32", False), ("tf32", False), ("bf16", False), ("tf32", True), ("bf16", True))
+
+
+def measure_sampling_modes(sizes, paper, device, decode_rate) -> dict:
+    """measure_sampling in each sample.precision, eager, and compiled in tf32 (the paper's) and bf16. On
+    the CPU (--tiny) one compiled mode exercises the path: compiling is slow there, and fp32 = tf32."""
+    modes = SAMPLING_MODES if device == "cuda" else (("tf32", False), ("bf16", False), ("tf32", True))
+    return {mode: measure_sampling(sizes, paper, device, decode_rate, *mode) for mode in modes}
+
+
+def write_latent_files(folder: Path, sizes: dict, steps: int) -> Path:
+    """Random float16 latents (two views) and labels in the latents stage's file layout, memory-mapped by
+    training as the real ones are: enough rows for `steps` steps without an epoch end."""
+    rows = sizes["train_batch"] * (steps + 1)
+    latents = np.lib.format.open_memmap(folder / "latents-train.npy", mode="w+", dtype=np.float16,
+                                        shape=(rows, 2, *sizes["latent"]))
+    gen = np.random.default_rng(0)
+    for a in range(0, rows, 1024):
+        latents[a:a + 1024] = gen.standard_normal(latents[a:a + 1024].shape, dtype=np.float32)
+    latents.flush()
+    np.save(folder / "labels-train.npy", gen.integers(0, sizes["classes"], rows))
+    channels = sizes["latent"][0]
+    (folder / "stats.json").write_text(json.dumps({"mean": [0.0] * channels, "std": [1.0] * channels}))
+    for k in range(sizes["classes"]):  # the class count training reads from the dataset's folders
+        (folder / f"data/train/class{k:04d}").mkdir(parents=True)
+    return folder
+
+
+def measure_real_training(sizes, device, compile_: bool) -> float:
+    """real_training_worker in a fresh process, as a training job runs: the loader's worker processes
+    are not forked from this one, which has compiled and holds compile workers and threads by now."""
+    with tempfile.TemporaryDirectory() as tmp:
+        job = json.dumps({"sizes": sizes, "device": device, "compile": compile_})
+        subprocess.run([sys.executable, __file__, "--real-loop-worker", job, "--result", f"{tmp}/result.json"],
+                       check=True)
+        return json.loads(Path(f"{tmp}/result.json").read_text())["images_per_s"]
+
+
+def real_training_worker(job: dict, result: str, steps=40, log_every=10) -> None:
+    """img/s of ddaepp.train's own loop on one device (memmap reads, pinned non-blocking copies, EMA,
+    the read-backs every log_every steps, progress and the checkpoint timer): the loop's own log
+    lines, the first one (warm-up, compile) left out."""
+    import logging
+
+    from ddaepp.train import train
+
+    sizes, device, compile_ = job["sizes"], job["device"], job["compile"]
+    paper = config_mod.load(REPO / "config/imagenet-dit-b.yaml", check_paths=False)
+    run = paper_run(paper, sizes["size"], True)
+    run["train"].update(batch_size=sizes["train_batch"], gpus=1, log_every=log_every, compile=compile_)
+    if device != "cuda":  # as the synthetic step on the CPU: float32, and no 8 loader processes on a small machine
+        run["train"].update(num_workers=0, precision="fp32")
+    rates = []
+
+    class Rates(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().endswith("img/s"):
+                rates.append(float(record.getMessage().rsplit(", ", 1)[1].split()[0]))
+
+    handler, logger = Rates(), logging.getLogger("ddaepp.train")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            files = write_latent_files(Path(tmp), sizes, steps)
+            run["dataset"]["root"] = str(files / "data")
+            train(run, files, seed=0, epoch=1, max_steps=steps, out_state=Path(tmp) / "out/state.pt", device=device)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    steady = rates[1:] or rates
+    Path(result).write_text(json.dumps({"images_per_s": float(np.median(steady))}))
+
+
+def measure_sdpa_backends(sizes, device) -> dict:
+    """Forward + backward ms of one block's attention at the model's shape (bf16 on CUDA) per SDPA
+    backend, and torch's own choice; None where a backend cannot run this shape or device."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    width, _, heads = config_mod.MODEL_SIZES[sizes["size"].split("/")[0]]
+    tokens = (sizes["latent"][1] // int(sizes["size"].split("/")[1])) ** 2
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v = (torch.randn(sizes["train_batch"], heads, tokens, width // heads, device=device, dtype=dtype,
+                           requires_grad=True) for _ in range(3))
+
+    def step():
+        F.scaled_dot_product_attention(q, k, v).sum().backward()
+
+    out = {"torch's choice": timed(step, 10, device == "cuda") * 1e3}
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cuDNN", SDPBackend.CUDNN_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION), ("math", SDPBackend.MATH)):
+        try:
+            with sdpa_kernel([backend]):
+                out[name] = timed(step, 10, device == "cuda") * 1e3
+        except RuntimeError:
+            out[name] = None
+    return out
+
+
+KERNEL_KINDS = (  # first match wins; names of CUDA kernels and, on the CPU, of aten operators
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_generated")),
+    ("optimizer", ("adam", "foreach", "multi_tensor", "lerp")),
+    ("GEMM", ("gemm", "matmul", "cutlass", "xmma", "nvjet", "cublas", "aten::mm", "addmm", "aten::bmm", "linear",
+              "mmbackward", "convolution")),
+)
+
+
+def profile_training_step(sizes, paper, accelerator, steps=3) -> dict:
+    """Milliseconds of one eager training step by kind: GEMM, attention, optimizer (AdamW and the EMA
+    lerp), other kernels, and idle (wall time with no kernel running) from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run = paper_run(paper, sizes["size"], True)
+    latent, batch, dev = sizes["latent"], sizes["train_batch"], accelerator.device
+    x1, y = torch.randn(batch, *latent, device=dev), torch.randint(0, sizes["classes"], (batch,), device=dev)
+    torch.manual_seed(0)
+    model = build_model(sizes["size"], latent, sizes["classes"], **{k: v for k, v in run["model"].items() if k != "size"})
+    cuda = dev.type == "cuda"
+    time_steps(run, model, nn.ModuleDict(), x1, y, accelerator, 1, warmup=1)
+    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        wall = time_steps(run, model, nn.ModuleDict(), x1, y, accelerator, steps, warmup=0)
+    totals = dict.fromkeys(("GEMM", "attention", "optimizer", "other kernels"), 0.0)
+    intervals = []
+    for event in prof.events():
+        if cuda and event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        if not cuda and event.cpu_parent is not None:
+            continue  # top-level operators and backward functions only: their time holds their children's
+        name = event.name.lower()
+        kind = next((k for k, keys in KERNEL_KINDS if any(key in name for key in keys)), "other kernels")
+        totals[kind] += event.time_range.elapsed_us() / 1e3 / steps  # ms per step
+        intervals.append((event.time_range.start, event.time_range.end))
+    busy, end = 0.0, float("-inf")  # union of the kernels' intervals, in us
+    for start, stop in sorted(intervals):
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    totals["idle"] = max(0.0, wall * 1e3 - busy / 1e3 / steps)
+    return {"wall": wall * 1e3, **totals}
+
+
+def device_context(cuda: bool) -> str:
+    """Card, driver and torch: printed beside every section's figures."""
+    if not cuda:
+        return f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}"
+    try:
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=30).stdout.split("\n")[0].strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        driver = "unknown"
+    return f"{torch.cuda.get_device_name()}, driver {driver}, torch {torch.__version__}, CUDA {torch.version.cuda}"
 
 
 def measure_probe_features(sizes, paper, device) -> float:
@@ -176,47 +338,88 @@ def grid_cost(paper: dict, train_rate: float, encode_rate: float, sample_rates: 
     return hours
 
 
+def report_real_training(sizes, paper, device, training, context) -> None:
+    # the paper config's train.compile on a GPU; eager on the CPU (--tiny), where compiling takes minutes
+    compile_ = bool(paper["train"]["compile"]) and device == "cuda"
+    mode = "compiled" if compile_ else "eager"
+    real = measure_real_training(sizes, device, compile_)
+    synthetic = training[f"ours {mode}"][0]
+    print(f"\nreal training loop ({mode}, batch {sizes['train_batch']}, data from memmap files, EMA, logging, "
+          f"checkpoint timer) [{context}]: {real:.1f} img/s, {real / synthetic:.3f} of the synthetic {mode} "
+          f"step's {synthetic:.1f}")
+
+
+def report_sdpa_and_profile(sizes, paper, device, accelerator, context) -> None:
+    backends = measure_sdpa_backends(sizes, device)
+    print(f"\nattention forward+backward at the {sizes['size']} shape, batch {sizes['train_batch']} [{context}]:")
+    for name, ms in backends.items():
+        print(f"  {name:<16}" + (f"{ms:>9.2f} ms" if ms is not None else "      n/a (not available here)"))
+    split = profile_training_step(sizes, paper, accelerator)
+    print(f"\none eager training step, torch.profiler [{context}]: {split.pop('wall'):.1f} ms wall")
+    for kind, ms in split.items():
+        print(f"  {kind:<16}{ms:>9.2f} ms")
+
+
+def report_sampling(paper, modes, context) -> None:
+    print(f"\nsampling ({paper['sample']['steps']} steps + decode, CFG doubling the batch inside its interval) "
+          f"[{context}]:")
+    for (precision, compiled), rates in modes.items():
+        print(f"  {precision} {'compiled' if compiled else 'eager':<9}{rates['nocfg']:>9.2f} img/s without CFG, "
+              f"{rates['cfg']:>9.2f} img/s with CFG")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny sizes on the CPU (a smoke test of this script)")
     parser.add_argument("--lightningdit-repo", help="a checkout of hustvl/LightningDiT: time its model too")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
     parser.add_argument("--ddp-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--real-loop-worker", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.ddp_worker:
         return ddp_worker(json.loads(args.ddp_worker), args.result)
+    if args.real_loop_worker:
+        return real_training_worker(json.loads(args.real_loop_worker), args.result)
+    started = time.perf_counter()
     cuda = torch.cuda.is_available() and not args.tiny
     if not cuda and not args.tiny:
         sys.exit("gpu_check needs a CUDA device (see ddaepp.devices.describe()); --tiny runs it on the CPU")
     sizes, device = (TINY, "cpu") if args.tiny else (FULL, "cuda")
     accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no", dynamo_backend="no")
     paper = config_mod.load(REPO / "config/imagenet-dit-b.yaml", check_paths=False)
-    name = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads), tiny sizes"
-    print(f"{name}, torch {torch.__version__}; {sizes['size']} on {sizes['latent']}, {accelerator.mixed_precision}")
+    context = device_context(cuda)
+    print(f"{context}; {sizes['size']} on {sizes['latent']}, {accelerator.mixed_precision}"
+          f"{'; tiny sizes, figures meaningless' if args.tiny else ''}")
 
     training = measure_training(args, sizes, paper, accelerator)
     print(f"\n{'training (per GPU)':<22}{'img/s':>10}{'MFU':>8}{'vs ours eager':>15}")
     for label, (rate, flops) in training.items():
         mfu = f"{100 * 3 * flops * rate / (args.peak_tflops * 1e12):.1f}%" if cuda else "-"
         print(f"{label:<22}{rate:>10.1f}{mfu:>8}{rate / training['ours eager'][0]:>15.3f}")
+    report_sdpa_and_profile(sizes, paper, device, accelerator, context)
+    report_real_training(sizes, paper, device, training, context)
     encode, decode = measure_encode(sizes, device)
-    sampling = measure_sampling(sizes, paper, device, decode)
+    modes = measure_sampling_modes(sizes, paper, device, decode)
+    # the grid samples in the paper's precision, compiled (sample.compile) when that is the faster
+    grid_mode = max(((paper["sample"]["precision"], c) for c in (False, True)), key=lambda m: modes[m]["nocfg"])
+    sampling = modes[grid_mode]
     probe = measure_probe_features(sizes, paper, device)
     print(f"\nVA-VAE f16d32 at {sizes['image']} px: encode {encode:.1f} img/s, decode {decode:.1f} img/s")
-    print(f"sampling ({paper['sample']['steps']} steps + decode): {sampling['nocfg']:.2f} img/s without CFG, "
-          f"{sampling['cfg']:.2f} img/s with CFG")
+    report_sampling(paper, modes, context)
     print(f"probe features (one t, all blocks, bf16 on GPU): {probe:.1f} img/s")
     two = measure_two_processes(sizes) if cuda else None
     print("2 processes: " + (f"{two:.1f} img/s, {two / training['ours eager'][0] / 2:.3f} of linear scaling"
                              if two else "skipped (fewer than 2 visible GPUs)"))
     best_train = max(training["ours eager"][0], training["ours compiled"][0])
     hours = grid_cost(paper, best_train, encode, sampling, probe)
-    print(f"\nconfig/imagenet-dit-b.yaml grid at these rates (GPU-hours"
+    print(f"\nconfig/imagenet-dit-b.yaml grid at these rates (sampling {grid_mode[0]} "
+          f"{'compiled' if grid_mode[1] else 'eager'}; GPU-hours"
           f"{'; tiny sizes, meaningless' if args.tiny else ''}):")
     for stage, value in hours.items():
         print(f"  {stage:<8}{value:>12.1f}")
     print(f"  {'total':<8}{sum(hours.values()):>12.1f}")
+    print(f"\ngpu_check took {time.perf_counter() - started:.0f} s [{context}]")
 
 
 if __name__ == "__main__":

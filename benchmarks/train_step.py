@@ -25,7 +25,7 @@ from timm.layers import Attention, Mlp
 from ddaepp import config as config_mod, objectives
 from ddaepp.models import build_model, count_flops
 from ddaepp.models import Rope2D
-from ddaepp.train import update_ema
+from ddaepp.train import build_optimizer, update_ema
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,7 +105,7 @@ def time_steps(run_cfg, model, heads, x1, y, accelerator, steps, warmup=3, compi
     """Seconds per training step (loss, backward, AdamW, EMA) with the training loop's loss module."""
     ema = copy.deepcopy(model).requires_grad_(False).to(accelerator.device)
     params = list(model.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95))
+    opt = build_optimizer(params, {"lr": 1e-4, "betas": (0.9, 0.95), "weight_decay": 0.01}, x1.device.type)  # as train
     step_module = objectives.TrainingLoss(run_cfg, model, heads, ema, accelerator.gather, accelerator.process_index)
     step_module, opt = accelerator.prepare(step_module, opt)
     if compile:

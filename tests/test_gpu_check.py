@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 
 def test_gpu_check_tiny_runs_every_measurement(repo):
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
@@ -11,5 +13,8 @@ def test_gpu_check_tiny_runs_every_measurement(repo):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     for line in ("ours eager", "ours compiled", "VA-VAE f16d32", "without CFG", "with CFG", "probe features",
-                 "2 processes: skipped", "config/imagenet-dit-b.yaml grid", "train", "sample", "probe", "total"):
+                 "2 processes: skipped", "config/imagenet-dit-b.yaml grid", "train", "sample", "probe", "total",
+                 "real training loop (eager", "of the synthetic eager step", "attention forward+backward",
+                 "torch's choice", "flash", "cuDNN", "efficient", "torch.profiler", "GEMM", "optimizer", "idle",
+                 "tf32 eager", "bf16 eager", "tf32 compiled", "gpu_check took", "torch " + torch.__version__):
         assert line in out.stdout, (line, out.stdout)

@@ -13,9 +13,11 @@ SLURM signals every process of the job step, Snakemake's own included: `shield_w
 makes that process ignore SIGUSR1 (whose default action would kill it, and with it the training
 it waits for); Snakemake already handles SIGTERM by waiting for its running job.
 
-A handler only sets a flag; the training loop looks at it after each step (all processes agree
-through the all-reduce that already averages the step's loss), writes its in-progress checkpoint
-at once and exits with PREEMPTED_EXIT, so at most the current step is lost.
+A handler only sets a flag; the training loop looks at it at its read-backs, every
+`train.log_every` steps and at each epoch's end (all processes agree through the one all-reduce
+that also brings the losses back, so all stop after the same step), writes its in-progress
+checkpoint at once and exits with PREEMPTED_EXIT: a stop takes effect within
+min(log_every, steps per epoch) steps, and nothing done before it is lost.
 """
 
 from __future__ import annotations
