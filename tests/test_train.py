@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ddaepp import config, io
-from ddaepp.train import train
+from ddaepp.train import launch, train
 
 
 SMALL_BATCH = 64  # small_latents' 256 digits: 4 steps an epoch, whatever batch the default trains with
@@ -231,3 +231,19 @@ def test_ddaepp_train_takes_the_latents_file_by_file(default_config, small_laten
     for wrong in (files[:2], files + ["--latents", str(small_latents)], []):
         with pytest.raises(SystemExit):
             cli.main(common + wrong)
+
+
+@pytest.mark.parametrize("slurm_env, message", [
+    ({}, "only inside a Slurm job of 2 nodes"),  # no Slurm: nothing could start the other node's processes
+    ({"SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "1"}, "holds 1 node"),  # a Slurm job of the wrong size
+])
+def test_nodes_above_one_are_refused_outside_a_slurm_job_of_that_size(default_config, small_latents, tmp_path,
+                                                                        monkeypatch, slurm_env, message):
+    for name in ("SLURM_JOB_ID", "SLURM_JOB_NUM_NODES", "SLURM_NNODES"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in slurm_env.items():
+        monkeypatch.setenv(name, value)
+    run = run_cfg(default_config, gpus=1, nodes=2)
+    with pytest.raises(RuntimeError, match=message):
+        launch(run, small_latents, 0, 1, tmp_path / "run/state.pt", device="cpu")
+    assert not (tmp_path / "run").exists()  # refused before any work

@@ -26,6 +26,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Iterator
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,24 @@ def exit_to_resume(saved_to, step: int, main_process: bool = True) -> None:
         log.warning("scontrol requeue %s: %s", job_id,
                     "done" if result.returncode == 0 else f"failed ({result.stderr.strip()})")
     sys.exit(PREEMPTED_EXIT)
+
+
+STOPPED_MARK = "stopped"  # in the in-progress folder: the launched processes stopped to be resumed
+
+
+def mark_stopped(wip_dir, step: int) -> None:
+    """Tell the launching process (see take_stopped_mark) that training saved and stopped at `step`."""
+    (Path(wip_dir) / STOPPED_MARK).write_text(f"{step}\n")
+
+
+def take_stopped_mark(wip_dir) -> bool:
+    """Whether processes started under `accelerate launch` stopped to be resumed (their launcher
+    exits 1 whatever their status, so the mark carries it); removes the mark."""
+    mark = Path(wip_dir) / STOPPED_MARK
+    if not mark.exists():
+        return False
+    mark.unlink()
+    return True
 
 
 def shield_workflow_process() -> None:

@@ -16,6 +16,8 @@ import copy
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from tqdm import tqdm
 from . import devices, io, latents as latent_store, objectives, preemption
 from .data import num_classes as dataset_num_classes
 from .models import model_from_run_config
-from .processes import accelerate_command, run_streaming
+from .processes import accelerate_command, require_slurm_nodes, run_streaming, slurm_nodes
 from .reruns import result_config
 
 log = logging.getLogger("ddaepp.train")
@@ -271,6 +273,9 @@ def _train(run_cfg, latent_files, seed, epoch, out_state, init_state, wip_dir, m
         if step < target_step and stops > 0:  # any process preempted or warned by SLURM: all stop here
             _save(accelerator, wip_path, model, ema, heads, opt, step, epoch_losses, expected)
             progress.close()
+            if accelerator.is_main_process and world > 1:  # for launch(), behind accelerate launch
+                preemption.mark_stopped(wip_dir, step)
+            accelerator.end_training()  # leaves the process group: without it a rank aborts at exit
             preemption.exit_to_resume(wip_path, step, accelerator.is_main_process)
     wall = progress.close()
     _save(accelerator, out_state, model, ema, heads, opt, step, epoch_losses, expected)
@@ -348,12 +353,15 @@ def _save(accelerator, path, model, ema, heads, opt, step, epoch_losses, fp):
 def launch(run_cfg: dict, latent_files, seed: int, epoch: int, out_state, init_state=None, wip_dir=None,
            max_steps=None, device: str = "cpu", out_summary=None) -> None:
     """Train in this process, or under `accelerate launch` with `train.gpus` processes when it is
-    above 1: one per GPU on `device='cuda'`, CPU processes (gloo) on `device='cpu'`."""
-    processes = max(1, run_cfg["train"]["gpus"])
+    above 1: one per GPU on `device='cuda'`, CPU processes (gloo) on `device='cpu'`; with
+    `train.nodes` above 1, inside a Slurm job only, that many processes on each of its nodes."""
+    processes, nodes = max(1, run_cfg["train"]["gpus"]), run_cfg["train"]["nodes"]
+    if nodes > 1:
+        require_slurm_nodes(nodes)  # before starting anything
     if device == "cuda":
         devices.require(processes, "training")  # before starting anything
     wip_dir, out_summary = job_paths(out_state, wip_dir, out_summary)
-    if processes == 1:
+    if processes == 1 and nodes == 1:
         train(run_cfg, latent_files, seed, epoch, out_state, init_state, wip_dir, max_steps, device, out_summary)
         return
     wip_dir.mkdir(parents=True, exist_ok=True)
@@ -361,7 +369,10 @@ def launch(run_cfg: dict, latent_files, seed: int, epoch: int, out_state, init_s
     cfg_path.write_text(json.dumps(run_cfg))
     files = latent_store.LatentFiles.of(latent_files)
     latents, labels = files.split("train")
-    cmd = accelerate_command(processes, mixed_precision(run_cfg["train"], device), wip_dir) + [
+    precision = mixed_precision(run_cfg["train"], device)
+    launcher = (slurm_nodes(nodes, processes, precision, wip_dir) if nodes > 1
+                else accelerate_command(processes, precision, wip_dir))
+    cmd = launcher + [
         "-m", "ddaepp", "train", "--run-config", str(cfg_path), "--latents-train", str(latents),
         "--labels-train", str(labels), "--stats", str(files.stats), "--seed", str(seed), "--epoch", str(epoch),
         "--out", str(out_state), "--summary", str(out_summary), "--wip", str(wip_dir), "--device", device]
@@ -370,4 +381,10 @@ def launch(run_cfg: dict, latent_files, seed: int, epoch: int, out_state, init_s
     if max_steps is not None:
         cmd += ["--max-steps", str(max_steps)]
     log.info("launching: %s", " ".join(cmd))
-    run_streaming(cmd)
+    preemption.take_stopped_mark(wip_dir)  # a mark left by an earlier job is not this one's
+    try:
+        run_streaming(cmd)
+    except subprocess.CalledProcessError:
+        if preemption.take_stopped_mark(wip_dir):  # stopped by a signal and saved: to be resumed
+            sys.exit(preemption.PREEMPTED_EXIT)
+        raise

@@ -236,3 +236,28 @@ def job_resources(rule, gpu=0):
         "gpu": gpu,
         "nodes": 1,
     }
+
+
+def train_resources():
+    """The train rule's `resources`. On train.nodes > 1: that many nodes with train.gpus GPUs each
+    (`--gres=gpu:G` is per node; the `gpu` resource would be `--gpus`, a total Slurm may place
+    unevenly), one task per node, and the `mpi` resource. Why `mpi`: without it Snakemake's jobstep
+    runs the job's command as `srun -n1 ...`, a one-task step on the first node holding that
+    node's CPUs and GPUs; an `srun` across the nodes from inside it inherits the one-task layout
+    (runs on one node) or, given --ntasks, waits for what the outer step holds (measured on the test
+    Slurm 22.05: pending until killed; only --overlap, which shares the held CPUs and GPUs, runs).
+    With `mpi` the command runs as is in the batch step, and training starts its own `srun` of one
+    launcher per node (ddaepp.processes.slurm_nodes), the job's only step: Slurm's signals
+    (`--signal=USR1@...`, `scancel --signal`) go to the steps, so they reach every rank."""
+    nodes = ddaepp_config.train_nodes(CONFIG)
+    if nodes == 1:
+        return job_resources("train", gpu=job_gpus("train"))
+    gpus = job_gpus("train")
+    return {
+        **job_resources("train"),
+        "nodes": nodes,
+        "gres": lambda w: f"gpu:{gpus(w)}",
+        "mpi": "srun",
+        "tasks": nodes,
+        "tasks_per_gpu": 0,  # else the plugin turns `tasks` into --ntasks-per-gpu as well
+    }
