@@ -68,10 +68,18 @@ def require_slurm_nodes(nodes: int) -> None:
             f"train.nodes is {nodes}: training across nodes runs only inside a Slurm job of {nodes} nodes "
             "(one launcher per node is started with srun; outside Slurm nothing can start the other nodes' "
             "processes). Run with `--profile slurm`, or set train.nodes: 1")
-    allocated = int(os.environ.get("SLURM_JOB_NUM_NODES", os.environ.get("SLURM_NNODES", "1")))
+    allocated = int(slurm_job()["NumNodes"].split("-")[0])
     if allocated != nodes:
         raise RuntimeError(f"train.nodes is {nodes} but Slurm job {os.environ['SLURM_JOB_ID']} holds {allocated} "
                            f"node(s): submit it through the train rule, which asks for train.nodes nodes")
+
+
+def slurm_job() -> dict[str, str]:
+    """This Slurm job's record (`scontrol show job`), read from Slurm: Snakemake's jobstep removes
+    every SLURM_* variable but the job id from a job's environment (SLURM_JOB_NODELIST included)."""
+    out = subprocess.run(["scontrol", "show", "job", "--oneliner", os.environ["SLURM_JOB_ID"]], check=True,
+                         capture_output=True, text=True).stdout
+    return dict(item.split("=", 1) for item in out.split() if "=" in item)
 
 
 def rendezvous_port(job_id: str) -> int:
@@ -80,10 +88,10 @@ def rendezvous_port(job_id: str) -> int:
     return 20000 + int(job_id) % 20000
 
 
-def main_node_address() -> str:
+def main_node_address(node_list: str) -> str:
     """The address of the allocation's first node: `scontrol show hostnames` names it, `scontrol
     show node` gives its NodeAddr (the name itself on most clusters; node names need not resolve)."""
-    first = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]], check=True,
+    first = subprocess.run(["scontrol", "show", "hostnames", node_list], check=True,
                            capture_output=True, text=True).stdout.split()[0]
     node = subprocess.run(["scontrol", "show", "node", first], capture_output=True, text=True).stdout
     match = re.search(r"NodeAddr=(\S+)", node)
@@ -96,13 +104,15 @@ def slurm_nodes(nodes: int, processes_per_node: int, precision: str, work_dir: P
     Snakemake's jobstep does not wrap it in `srun -n1`, whose single-task step could not start a
     step across the other nodes)."""
     require_slurm_nodes(nodes)
+    job_id, job = os.environ["SLURM_JOB_ID"], slurm_job()
     launch = accelerate_command(nodes * processes_per_node, precision, work_dir, machines=nodes,
-                                main_address=main_node_address(), port=rendezvous_port(os.environ["SLURM_JOB_ID"]),
+                                main_address=main_node_address(job["NodeList"]), port=rendezvous_port(job_id),
                                 machine_rank=MACHINE_RANK)
-    # srun does not pass the batch step's CPUs per task on (Slurm 22.05 reads SRUN_CPUS_PER_TASK only)
-    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
-    return ["srun", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
-            *([f"--cpus-per-task={cpus}"] if cpus else []), sys.executable, "-m", "ddaepp.processes", *launch]
+    # every step setting explicit: the job's environment holds none of the allocation's (see slurm_job)
+    # --label: each line of the log says which node (task) printed it
+    return ["srun", f"--jobid={job_id}", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1", "--label",
+            f"--cpus-per-task={job.get('CPUs/Task', '1')}", "--kill-on-bad-exit=1",
+            sys.executable, "-m", "ddaepp.processes", *launch]
 
 
 def node_launcher(cmd: list[str]) -> None:

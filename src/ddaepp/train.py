@@ -12,6 +12,7 @@ with one process per GPU, or per CPU process under the `device: cpu` rehearsal s
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -192,6 +193,33 @@ def build_step(run_cfg: dict, model, heads, ema, opt, accelerator):
     return step_module, opt
 
 
+def _rows(tree, part: slice):
+    """Rows `part` of every tensor in `tree` (a tensor, None, or a dict of them: the step's draws)."""
+    if isinstance(tree, dict):
+        return {key: _rows(value, part) for key, value in tree.items()}
+    return None if tree is None else tree[part]
+
+
+def forward_backward(step_module, accelerator, micro_batch: int, x1, x1_other, y, draws) -> torch.Tensor:
+    """The step's loss and its gradients (summed into .grad), `micro_batch` rows at a time.
+
+    The loss is a mean over this process's rows, so the mean over n rows is the sum of each part's
+    mean weighted by its share: the gradient equals the whole-batch one up to float reduction order.
+    DDP's all-reduce waits for the last part (no_sync before it). Returns the detached loss."""
+    n = x1.shape[0]
+    parts = [slice(start, start + micro_batch) for start in range(0, n, micro_batch)]
+    total = torch.zeros((), device=x1.device)
+    for k, part in enumerate(parts):
+        sync = accelerator.no_sync(step_module) if k < len(parts) - 1 else contextlib.nullcontext()
+        with sync:
+            with accelerator.autocast():
+                loss = step_module(x1[part], _rows(x1_other, part), _rows(y, part), _rows(draws, part))
+            share = loss if len(parts) == 1 else loss * (micro_batch / n)
+            accelerator.backward(share)
+        total += share.detach()
+    return total
+
+
 def _train(run_cfg, latent_files, seed, epoch, out_state, init_state, wip_dir, max_steps, device, out_summary) -> dict:
     train_cfg = run_cfg["train"]
     out_state = Path(out_state)
@@ -207,10 +235,15 @@ def _train(run_cfg, latent_files, seed, epoch, out_state, init_state, wip_dir, m
     if steps_per_epoch == 0:
         raise ValueError(f"train.batch_size {batch_size} exceeds the {len(labels)} training images")
     target_step = epoch * steps_per_epoch if max_steps is None else max_steps
+    micro_batch = train_cfg["micro_batch"] or batch_size // world
+    if (batch_size // world) % micro_batch:
+        raise ValueError(f"train.micro_batch {micro_batch} does not divide the {batch_size // world} rows of each of "
+                         f"{world} processes (train.batch_size {batch_size}); pick a divisor of it, or null")
 
     expected = fingerprint(run_cfg, seed)
     torch.manual_seed(seed)  # a fresh start's initial weights (the same on every process)
     model = model_from_run_config(run_cfg, latent_shape, n_classes)
+    model.activation_checkpointing = train_cfg["activation_checkpointing"]
     heads = objectives.build_heads(run_cfg, model)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(list(model.parameters()) + list(heads.parameters()), lr=train_cfg["lr"],
@@ -241,10 +274,8 @@ def _train(run_cfg, latent_files, seed, epoch, out_state, init_state, wip_dir, m
         x1_other = (x_other.to(accelerator.device) - mean) / std if x_other is not None else None
         y = y.to(accelerator.device) if run_cfg["conditional"] else None
         draws = objectives.draw_step(gen.manual_seed(step_seed(seed, step)), run_cfg, batch_size, rows, latent_shape)
-        with accelerator.autocast():
-            loss = step_module(x1, x1_other, y, draws)
         opt.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
+        loss = forward_backward(step_module, accelerator, micro_batch, x1, x1_other, y, draws)
         if train_cfg["grad_clip"] > 0:
             accelerator.clip_grad_norm_(params, train_cfg["grad_clip"])
         opt.step()
