@@ -238,8 +238,8 @@ def job_resources(rule, gpu=0):
     }
 
 
-def train_resources():
-    """The train rule's `resources`. On train.nodes > 1: that many nodes with train.gpus GPUs each
+def train_resources(rule):
+    """The `resources` of a rule that trains (train, layer_search_run). On train.nodes > 1: that many nodes with train.gpus GPUs each
     (`--gres=gpu:G` is per node; the `gpu` resource would be `--gpus`, a total Slurm may place
     unevenly), one task per node, and the `mpi` resource. Why `mpi`: without it Snakemake's jobstep
     runs the job's command as `srun -n1 ...`, a one-task step on the first node holding that
@@ -251,10 +251,10 @@ def train_resources():
     (`--signal=USR1@...`, `scancel --signal`) go to the steps, so they reach every rank."""
     nodes = ddaepp_config.train_nodes(CONFIG)
     if nodes == 1:
-        return job_resources("train", gpu=job_gpus("train"))
+        return job_resources(rule, gpu=job_gpus("train"))
     gpus = job_gpus("train")
     return {
-        **job_resources("train"),
+        **job_resources(rule),
         "nodes": nodes,
         "gres": lambda w: f"gpu:{gpus(w)}",
         "mpi": "srun",
