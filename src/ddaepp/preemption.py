@@ -62,7 +62,8 @@ def requested() -> int | None:
 def exit_to_resume(saved_to, step: int, main_process: bool = True) -> None:
     """After the in-progress state is saved: requeue a SLURM job warned of its time limit, then exit."""
     signum = requested() or signal.SIGTERM
-    name = signal.Signals(signum).name
+    # a process that got no signal stops because another one did (the step's all-reduce says so)
+    name = signal.Signals(signum).name if requested() else "a stop signal to another process"
     job_id = os.environ.get("SLURM_JOB_ID")
     log.warning("%s received: stopped after step %d, state saved to %s; exiting with %d to be resumed",
                 name, step, saved_to, PREEMPTED_EXIT)
