@@ -63,7 +63,8 @@ def timed(fn, repeats: int, cuda: bool) -> float:
 def paper_run(paper: dict, size: str, conditional: bool) -> dict:
     run = config_mod.run_config(paper, "cond" if conditional else "uncond", "baseline")
     run["model"]["size"] = size
-    run["model"]["self_cond_layer"] = min(run["model"]["self_cond_layer"], 2)
+    layer = run["model"]["self_cond_layer"]  # auto in the L/1 config: the baseline timed here has none
+    run["model"]["self_cond_layer"] = 2 if layer == "auto" else min(layer, 2)
     return run
 
 

@@ -207,6 +207,8 @@ class UsrOneInterrupter(Interrupter):
         try:
             job = wait_until("the train job's submission", self.train_job, timeout=600)
             self.interrupt(job, 0, ["scancel", "--signal=USR1"])
+            # the stopped attempt's log, before the requeued attempt starts its own (~11 s later)
+            self.log_at_stop = (self.workdir / TRAIN_LOG).read_text(errors="replace")
             self.job = job
         except BaseException as err:  # reported by the test
             self.error = err
@@ -247,14 +249,15 @@ def test_two_node_training_runs_on_two_nodes_and_resumes(two_node_run):
     assert int(row["tres"]["gres/gpu"]) == 2, row  # train.gpus on each node
     steps = subprocess.run(["sacct", "-n", "-P", "-j", job, "-o", "JobID,NNodes,State"], capture_output=True,
                            text=True, check=True).stdout
-    assert any(line.split("|")[1] == "2" and ".0|" in line + "|" for line in steps.splitlines()), steps  # srun step
+    assert f"{job}.0|2|COMPLETED" in steps.splitlines(), steps  # one srun step across both nodes
     summary = json.loads((two_node_run["slurm"] / STATE).with_name("train.json").read_text())
     (usr1_at,) = interrupter.stopped_at
     assert summary["processes"] == 2 and summary["steps_this_job"] == summary["steps"] - usr1_at > 0, summary
     assert job_restarts(job)[1] == 1
-    text = (two_node_run["slurm"] / TRAIN_LOG).read_text(errors="replace")
-    stopped = {line.split(":")[0].strip() for line in text.splitlines() if "SIGUSR1 received: stopped after" in line}
-    assert stopped == {"0", "1"}, text[-3000:]  # both nodes' ranks stopped, and their output (srun --label) reached the log
+    text = interrupter.log_at_stop
+    stopped = {line.split(":")[0].strip(): line.split("stopped after step ")[1].split(",")[0]
+               for line in text.splitlines() if "SIGUSR1 received: stopped after step" in line}
+    assert stopped == {"0": str(usr1_at), "1": str(usr1_at)}, text[-3000:]  # both nodes, the same step
     assert not (two_node_run["slurm"] / WIP_STATE).exists()
 
 
