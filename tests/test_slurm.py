@@ -196,6 +196,17 @@ def test_interrupted_training_resumes_to_the_uninterrupted_state(runs):
     assert not (runs["slurm"] / WIP_STATE).exists()
 
 
+def test_a_node_count_the_partition_cannot_give_is_refused(slurm, tmp_path):
+    out = subprocess.run(["sinfo", "-h", "-p", slurm["partition"], "-o", "%D"], capture_output=True, text=True).stdout
+    total = sum(map(int, out.split()))
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "--profile", "slurm", "--default-resources",
+                           f"slurm_account={slurm['account']}", f"slurm_partition={slurm['partition']}", "-n",
+                           "--config", f"train={{nodes: {total + 1}, gpus: 1}}", "--configfile", CONFIG],
+                          cwd=workspace(tmp_path / "w"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0, proc.stdout[-2000:]  # refused when planning, before any job
+    assert f"gives a job at most {total} node(s)" in proc.stdout + proc.stderr, proc.stderr[-2000:]
+
+
 # --- Two nodes (the two-node test Slurm: DDAEPP_SLURM_NODES=2 tests/cluster/slurm-up, as CI starts it) ---
 TWO_NODES = "train={nodes: 2, gpus: 1}"  # 2 nodes x 1 process: a gloo group across two slurmd
 

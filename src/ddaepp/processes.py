@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -80,6 +81,27 @@ def slurm_job() -> dict[str, str]:
     out = subprocess.run(["scontrol", "show", "job", "--oneliner", os.environ["SLURM_JOB_ID"]], check=True,
                          capture_output=True, text=True).stdout
     return dict(item.split("=", 1) for item in out.split() if "=" in item)
+
+
+def check_partition_nodes(nodes: int, partition: str | None) -> None:
+    """Refuse a node count the Slurm partition cannot give, when planning: Slurm itself accepts such
+    a job and keeps it pending for ever (PartitionNodeLimit). Nothing to check without `sinfo` or
+    an existing partition of that name (planning on another machine, a dry run elsewhere)."""
+    if nodes <= 1 or not partition or shutil.which("sinfo") is None:
+        return
+    out = subprocess.run(["sinfo", "-h", "-p", partition, "-o", "%D %s"], capture_output=True, text=True).stdout
+    rows = [line.split() for line in out.splitlines() if line.strip()]
+    if not rows:
+        return
+    total = sum(int(row[0]) for row in rows)
+    sizes = [row[1].split("-")[-1] for row in rows]  # job sizes in nodes, e.g. 1-infinite, 1-4
+    largest = [int(size) for size in sizes if size.isdigit()]  # the partition's MaxNodes per job, if set
+    can_give = min([total, *largest])
+    if nodes > can_give:
+        raise ValueError(f"train.nodes is {nodes} but Slurm partition '{partition}' gives a job at most {can_give} "
+                         f"node(s) (sinfo -p {partition}: {total} nodes"
+                         f"{', MaxNodes ' + str(min(largest)) if largest else ''}); Slurm would keep the job pending "
+                         f"for ever. Set train.nodes to at most {can_give}, or use another partition")
 
 
 def rendezvous_port(job_id: str) -> int:

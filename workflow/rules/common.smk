@@ -5,6 +5,7 @@ from ddaepp import config as ddaepp_config
 from ddaepp import reruns as ddaepp_reruns
 from ddaepp import layer_search as ddaepp_layer_search
 from ddaepp import devices as ddaepp_devices
+from ddaepp import processes as ddaepp_processes
 
 try:
     CONFIG = ddaepp_config.validate(
@@ -238,6 +239,13 @@ def job_resources(rule, gpu=0):
     }
 
 
+def _default_resource(name):
+    """A --default-resources value (the profile's or the command line's), or None."""
+    resources = workflow.resource_settings.default_resources
+    value = resources.get(name).raw if resources is not None else None  # as written, e.g. debug or "debug"
+    return str(value).strip("'\"") if value else None
+
+
 def train_resources(rule):
     """The `resources` of a rule that trains (train, layer_search_run). On train.nodes > 1: that many nodes with train.gpus GPUs each
     (`--gres=gpu:G` is per node; the `gpu` resource would be `--gpus`, a total Slurm may place
@@ -252,6 +260,10 @@ def train_resources(rule):
     nodes = ddaepp_config.train_nodes(CONFIG)
     if nodes == 1:
         return job_resources(rule, gpu=job_gpus("train"))
+    try:  # before any job: Slurm would queue a job larger than the partition for ever
+        ddaepp_processes.check_partition_nodes(nodes, _default_resource("slurm_partition"))
+    except ValueError as err:
+        raise WorkflowError(str(err)) from None
     gpus = job_gpus("train")
     return {
         **job_resources(rule),
