@@ -3,6 +3,7 @@
     python benchmarks/gpu_check.py                                    # one GPU, under 5 minutes
     python benchmarks/gpu_check.py --lightningdit-repo ~/src/LightningDiT   # + hustvl's own model
     python benchmarks/gpu_check.py --tiny                             # CPU, tiny sizes (tests run this)
+    python benchmarks/gpu_check.py --size L/1                         # L/1 and config/imagenet-dit-l.yaml's grid
 
 Prints, every number measured in this run: B/1 training img/s (256 tokens, VA-VAE f16d32 latents
 32x16x16, bf16) and model FLOP utilisation, eager and compiled, ours and (given a checkout)
@@ -43,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 IMAGENET_TRAIN, IMAGENET_VAL = 1_281_167, 50_000
 FULL = dict(size="B/1", latent=(32, 16, 16), image=256, train_batch=128, sample_batch=256, vae_batch=32,
             probe_batch=512, steps=10, classes=1000)
+GRIDS = {"B/1": "config/imagenet-dit-b.yaml", "L/1": "config/imagenet-dit-l.yaml"}  # --size: model and grid
 TINY = dict(size="T/1", latent=(4, 8, 8), image=32, train_batch=8, sample_batch=4, vae_batch=2, probe_batch=8,
             steps=2, classes=10)
 
@@ -63,7 +65,8 @@ def timed(fn, repeats: int, cuda: bool) -> float:
 def paper_run(paper: dict, size: str, conditional: bool) -> dict:
     run = config_mod.run_config(paper, "cond" if conditional else "uncond", "baseline")
     run["model"]["size"] = size
-    run["model"]["self_cond_layer"] = min(run["model"]["self_cond_layer"], 2)
+    layer = run["model"]["self_cond_layer"]  # auto in the L/1 config: the baseline timed here has none
+    run["model"]["self_cond_layer"] = 2 if layer == "auto" else min(layer, 2)
     return run
 
 
@@ -372,6 +375,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny sizes on the CPU (a smoke test of this script)")
     parser.add_argument("--lightningdit-repo", help="a checkout of hustvl/LightningDiT: time its model too")
+    parser.add_argument("--size", choices=sorted(GRIDS), default="B/1",
+                        help="the model timed and the config whose grid is costed (B/1: DiT-B, L/1: DiT-L)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
     parser.add_argument("--ddp-worker", help=argparse.SUPPRESS)
     parser.add_argument("--real-loop-worker", help=argparse.SUPPRESS)
@@ -385,9 +390,9 @@ def main() -> None:
     cuda = torch.cuda.is_available() and not args.tiny
     if not cuda and not args.tiny:
         sys.exit("gpu_check needs a CUDA device (see ddaepp.devices.describe()); --tiny runs it on the CPU")
-    sizes, device = (TINY, "cpu") if args.tiny else (FULL, "cuda")
+    sizes, device = (TINY, "cpu") if args.tiny else (dict(FULL, size=args.size), "cuda")
     accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no", dynamo_backend="no")
-    paper = config_mod.load(REPO / "config/imagenet-dit-b.yaml", check_paths=False)
+    paper = config_mod.load(REPO / GRIDS[args.size], check_paths=False)
     context = device_context(cuda)
     print(f"{context}; {sizes['size']} on {sizes['latent']}, {accelerator.mixed_precision}"
           f"{'; tiny sizes, figures meaningless' if args.tiny else ''}")
@@ -413,7 +418,7 @@ def main() -> None:
                              if two else "skipped (fewer than 2 visible GPUs)"))
     best_train = max(training["ours eager"][0], training["ours compiled"][0])
     hours = grid_cost(paper, best_train, encode, sampling, probe)
-    print(f"\nconfig/imagenet-dit-b.yaml grid at these rates (sampling {grid_mode[0]} "
+    print(f"\n{GRIDS[args.size]} grid at these rates (sampling {grid_mode[0]} "
           f"{'compiled' if grid_mode[1] else 'eager'}; GPU-hours"
           f"{'; tiny sizes, meaningless' if args.tiny else ''}):")
     for stage, value in hours.items():

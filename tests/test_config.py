@@ -56,6 +56,9 @@ def test_paper_config_is_valid(repo):
         ({"tokenizer": {"factor": 3}}, "tokenizer.factor"),
         ({"seeds": [0, 0]}, "seeds"),
         ({"default_tables": ["nope"]}, "default_tables"),
+        ({"train": {"nodes": 2}}, "train.nodes"),  # nodes of no GPU process (train.gpus 0)
+        ({"variants": {"x": {"train": {"nodes": 2, "gpus": 1}}}}, "train.nodes"),  # one node count per config
+        ({"train": {"micro_batch": 8}}, "train.micro_batch"),  # with dispersive/CSD variants: over the batch
     ],
 )
 def test_bad_config_names_the_key(default, patch, key):

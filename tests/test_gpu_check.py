@@ -4,16 +4,21 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 
-def test_gpu_check_tiny_runs_every_measurement(repo):
+@pytest.mark.parametrize("size, grid", [
+    (None, "config/imagenet-dit-b.yaml"),
+    pytest.param("L/1", "config/imagenet-dit-l.yaml", marks=pytest.mark.slow),  # the DiT-L grid
+])
+def test_gpu_check_tiny_runs_every_measurement(repo, size, grid):
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    out = subprocess.run([sys.executable, os.path.join(repo, "benchmarks/gpu_check.py"), "--tiny"], env=env,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, os.path.join(repo, "benchmarks/gpu_check.py"), "--tiny",
+                          *(["--size", size] if size else [])], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     for line in ("ours eager", "ours compiled", "VA-VAE f16d32", "without CFG", "with CFG", "probe features",
-                 "2 processes: skipped", "config/imagenet-dit-b.yaml grid", "train", "sample", "probe", "total",
+                 "2 processes: skipped", f"{grid} grid", "train", "sample", "probe", "total",
                  "real training loop (eager", "of the synthetic eager step", "attention forward+backward",
                  "torch's choice", "flash", "cuDNN", "efficient", "torch.profiler", "GEMM", "optimizer", "idle",
                  "tf32 eager", "bf16 eager", "tf32 compiled", "gpu_check took", "torch " + torch.__version__):

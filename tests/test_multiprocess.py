@@ -12,11 +12,17 @@ only 0.24).
 
 import json
 import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from ddaepp import config, io
+from ddaepp import config, io, preemption
 from ddaepp.models import model_from_run_config
 from ddaepp.train import launch, train
 from test_train import run_cfg
@@ -77,3 +83,54 @@ def test_every_ranks_failure_reaches_the_log(default_config, small_latents, tmp_
         logging.getLogger().handlers[:] = handlers
     text = log_file.read_text()
     assert "[rank0]" in text and "[rank1]" in text and "not divisible by 2 processes" in text
+
+
+def _rank_pids(marker: str, rank: str) -> list[int]:
+    """Training processes whose command line holds `marker` and whose RANK is `rank` (Linux /proc)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if marker in (proc / "cmdline").read_bytes().decode(errors="replace") and \
+                    f"RANK={rank}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                pids.append(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def test_a_signal_to_one_rank_stops_all_after_the_same_step(default_config, small_latents, tmp_path):
+    """SIGUSR1 to rank 1 only (as a signal to one node would be): every rank stops after the same
+    step, the state is saved once, the launch exits 75, and the resumed run ends at the
+    uninterrupted weights (within 1 vs 2 processes' float tolerance)."""
+    epochs = 10  # 40 steps: long enough to be mid-run when the signal comes
+    run = run_cfg(dict(default_config, device="cpu"), "baseline", "uncond", checkpoint_minutes=60)
+    train(run, small_latents, 0, epochs, tmp_path / "one/state.pt")
+    two = dict(run, train=dict(run["train"], gpus=2))
+    (tmp_path / "run.json").write_text(json.dumps(two))
+    out, wip = tmp_path / "two/state.pt", tmp_path / "two/_wip"
+    script = ("import json, sys; from ddaepp.train import launch; "
+              f"launch(json.load(open({str(tmp_path / 'run.json')!r})), {str(small_latents)!r}, 0, {epochs}, "
+              f"{str(out)!r}, wip_dir={str(wip)!r}, device='cpu')")
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_JOB_ID"}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=dict(env, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    seen, signalled = "", []
+    while chunk := proc.stdout.read1(4096).decode(errors="replace"):
+        seen += chunk
+        if not signalled and re.search(rf"\| *[1-9]\d*/{epochs * 4} ", seen):
+            signalled = _rank_pids(str(wip), "1")
+            for pid in signalled:
+                os.kill(pid, signal.SIGUSR1)
+    rc = proc.wait(timeout=300)
+    assert len(signalled) == 1, seen[-3000:]  # rank 1's process, and only it
+    assert rc == preemption.PREEMPTED_EXIT, seen[-3000:]
+    stopped = re.findall(r"stopped after step (\d+)", seen)
+    assert len(stopped) == 2 and len(set(stopped)) == 1, seen[-3000:]  # both ranks, the same step
+    assert "terminate called" not in seen  # every rank left the process group before exiting
+    assert io.load_checkpoint(wip / "state.pt")["step"] == int(stopped[0]) and not out.exists()
+
+    launch(two, small_latents, 0, epochs, out, wip_dir=wip, device="cpu")  # the requeued job
+    summary = json.loads(out.with_name("train.json").read_text())
+    assert summary["steps_this_job"] == epochs * 4 - int(stopped[0])
+    relative, _ = relative_distance(tmp_path / "one/state.pt", out, run)
+    assert relative < BOUNDS["baseline"], relative

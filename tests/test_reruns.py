@@ -124,13 +124,14 @@ def finished_run(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("edit", [
     ["train={gpus: 1}"],  # a GPU count
+    ["train={nodes: 2, gpus: 1, micro_batch: 4, activation_checkpointing: true}"],  # nodes, memory knobs
     ["train={num_workers: 3, checkpoint_minutes: 1, compile: true}"],  # workers, checkpoints, compile
     ["sample={batch_size: 16}", "tokenizer={batch_size: 5}", "probe={feature_batch_size: 8}"],  # batch sizes
     ["probe={max_memory_gb: 0.001}"],  # a memory budget (the probe features then stream from disk)
     ["dataset={root: /scratch/elsewhere}", "tokenizer={path: /scratch/weights}",  # data and weights locations
      "metrics={inception_weights: inception.pth, reference: ref/moved.npz}"],  # the same reference, moved
     ["variants={other: {train: {lr: 0.5}}}"],  # a variant the table does not show
-], ids=["gpus", "workers", "batch-sizes", "memory", "locations", "unshown-variant"])
+], ids=["gpus", "nodes-memory", "workers", "batch-sizes", "memory", "locations", "unshown-variant"])
 def test_operational_edit_reruns_nothing(finished_run, edit):
     assert planned(snakemake(finished_run, "-n", TABLE, "--config", *edit)) == {}, edit
 

@@ -194,3 +194,105 @@ def test_interrupted_training_resumes_to_the_uninterrupted_state(runs):
     assert summary["steps_this_job"] == summary["steps"] - requeue_at  # the last attempt began where it stopped
     states_equal(runs["local"] / STATE, runs["slurm"] / STATE)
     assert not (runs["slurm"] / WIP_STATE).exists()
+
+
+def test_a_node_count_the_partition_cannot_give_is_refused(slurm, tmp_path):
+    out = subprocess.run(["sinfo", "-h", "-p", slurm["partition"], "-o", "%D"], capture_output=True, text=True).stdout
+    total = sum(map(int, out.split()))
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "--profile", "slurm", "--default-resources",
+                           f"slurm_account={slurm['account']}", f"slurm_partition={slurm['partition']}", "-n",
+                           "--config", f"train={{nodes: {total + 1}, gpus: 1}}", "--configfile", CONFIG],
+                          cwd=workspace(tmp_path / "w"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0, proc.stdout[-2000:]  # refused when planning, before any job
+    assert f"gives a job at most {total} node(s)" in proc.stdout + proc.stderr, proc.stderr[-2000:]
+
+
+# --- Two nodes (the two-node test Slurm: DDAEPP_SLURM_NODES=2 tests/cluster/slurm-up, as CI starts it) ---
+TWO_NODES = "train={nodes: 2, gpus: 1}"  # 2 nodes x 1 process: a gloo group across two slurmd
+
+
+class UsrOneInterrupter(Interrupter):
+    """Interrupts the training job once: SIGUSR1 (`scancel --signal=USR1`), whichever node gets it."""
+
+    def run(self):
+        try:
+            job = wait_until("the train job's submission", self.train_job, timeout=600)
+            self.interrupt(job, 0, ["scancel", "--signal=USR1"])
+            # the stopped attempt's log, before the requeued attempt starts its own (~11 s later)
+            self.log_at_stop = (self.workdir / TRAIN_LOG).read_text(errors="replace")
+            self.job = job
+        except BaseException as err:  # reported by the test
+            self.error = err
+
+
+@pytest.fixture(scope="module")
+def two_node_run(slurm, runs, tmp_path_factory):
+    """The profile run with training on two nodes, interrupted once; compared with `runs`' local run."""
+    nodes = subprocess.run(["sinfo", "-h", "-p", slurm["partition"], "-o", "%D"], capture_output=True,
+                           text=True).stdout.split()
+    if sum(map(int, nodes)) < 2:
+        reason = "the test Slurm has one node; DDAEPP_SLURM_NODES=2 tests/cluster/slurm-up declares two"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but {reason} (.ci/run does)")
+        pytest.skip(reason)
+    on_slurm = workspace(tmp_path_factory.mktemp("slurm-2nodes") / "run")
+    log = on_slurm / "snakemake.log"
+    with open(log, "w") as out:
+        t0 = time.time()
+        proc = snakemake(on_slurm, "--profile", "slurm", "--default-resources", f"slurm_account={slurm['account']}",
+                         f"slurm_partition={slurm['partition']}", "--config", TWO_NODES,
+                         stdout=out, stderr=subprocess.STDOUT)
+        interrupter = UsrOneInterrupter(on_slurm, log)
+        interrupter.start()
+        rc = proc.wait(timeout=1200)
+    interrupter.join(timeout=60)
+    print(f"two-node profile run: {time.time() - t0:.0f} s")
+    assert rc == 0, log.read_text()[-5000:]
+    return {"slurm": on_slurm, "local": runs["local"], "log": log.read_text(), "interrupter": interrupter}
+
+
+def test_two_node_training_runs_on_two_nodes_and_resumes(two_node_run):
+    interrupter = two_node_run["interrupter"]
+    assert interrupter.error is None, f"interrupting training failed: {interrupter.error!r}"
+    job = interrupter.job
+    row = sacct([job])[job]
+    assert row["state"] == "COMPLETED" and int(row["tres"]["node"]) == 2, row
+    assert int(row["tres"]["gres/gpu"]) == 2, row  # train.gpus on each node
+    steps = subprocess.run(["sacct", "-n", "-P", "-j", job, "-o", "JobID,NNodes,State"], capture_output=True,
+                           text=True, check=True).stdout
+    assert f"{job}.0|2|COMPLETED" in steps.splitlines(), steps  # one srun step across both nodes
+    summary = json.loads((two_node_run["slurm"] / STATE).with_name("train.json").read_text())
+    (usr1_at,) = interrupter.stopped_at
+    assert summary["processes"] == 2 and summary["steps_this_job"] == summary["steps"] - usr1_at > 0, summary
+    assert job_restarts(job)[1] == 1
+    text = interrupter.log_at_stop
+    stopped = {line.split(":")[0].strip(): line.split("stopped after step ")[1].split(",")[0]
+               for line in text.splitlines() if "SIGUSR1 received: stopped after step" in line}
+    assert stopped == {"0": str(usr1_at), "1": str(usr1_at)}, text[-3000:]  # both nodes, the same step
+    assert not (two_node_run["slurm"] / WIP_STATE).exists()
+
+
+def test_two_node_training_equals_one_process(two_node_run):
+    from test_multiprocess import BOUNDS, relative_distance
+
+    run = yaml.safe_load((REPO / CONFIG).read_text())
+    from ddaepp import config as config_mod
+    cfg = config_mod.validate(config_mod.merge(yaml.safe_load((REPO / "config.yaml").read_text()), run))
+    run_cfg = config_mod.run_config(cfg, "uncond", "baseline")
+    relative, max_abs = relative_distance(two_node_run["local"] / STATE, two_node_run["slurm"] / STATE, run_cfg)
+    assert relative < BOUNDS["baseline"], (relative, max_abs)
+
+
+def test_two_node_tables_equal_the_local_run(two_node_run):
+    import pandas as pd
+    from test_e2e import TWO_PROCESS_REL_TOL  # what 2 processes may move a table (see there)
+
+    one = pd.read_parquet(two_node_run["local"] / "results/tables/uncond.parquet")
+    two = pd.read_parquet(two_node_run["slurm"] / "results/tables/uncond.parquet")
+    keys = ["variant", "seed", "epoch"]
+    assert one[keys].equals(two[keys])
+    metrics = [m for m in ("fid", "fid_cfg", "is_cfg") if m in one]
+    relative = ((two[metrics] - one[metrics]).abs() / one[metrics].abs()).max()
+    assert (relative <= TWO_PROCESS_REL_TOL).all(), relative.to_dict()
+    lp_acc = (two["lp_acc"] - one["lp_acc"]).abs().max()
+    assert lp_acc <= (100 / one["probe_n_val"]).min() + 1e-9, lp_acc  # one validation image, in percent

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ddaepp import config, io
-from ddaepp.train import train
+from ddaepp.train import launch, train
 
 
 SMALL_BATCH = 64  # small_latents' 256 digits: 4 steps an epoch, whatever batch the default trains with
@@ -315,3 +315,45 @@ def test_optimizer_state_resumes_across_foreach_and_fused(saved_fused, resumed_f
     steps(resumed, grads[2:])
     for k, v in model.state_dict().items():  # fused and foreach round differently, within float32
         torch.testing.assert_close(v, expected[k], rtol=1e-5, atol=1e-6)
+
+@pytest.mark.parametrize("slurm_env, message", [
+    ({}, "only inside a Slurm job of 2 nodes"),  # no Slurm: nothing could start the other node's processes
+    ({"SLURM_JOB_ID": "7"}, "holds 1 node"),  # a Slurm job of the wrong size
+])
+def test_nodes_above_one_are_refused_outside_a_slurm_job_of_that_size(default_config, small_latents, tmp_path,
+                                                                        monkeypatch, slurm_env, message):
+    from ddaepp import processes
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    for name, value in slurm_env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(processes, "slurm_job", lambda: {"NumNodes": "1", "NodeList": "n1"})  # what scontrol says
+    run = run_cfg(default_config, gpus=1, nodes=2)
+    with pytest.raises(RuntimeError, match=message):
+        launch(run, small_latents, 0, 1, tmp_path / "run/state.pt", device="cpu")
+    assert not (tmp_path / "run").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("knobs", [
+    {"micro_batch": 16},  # 4 parts of each step's 64 rows, gradients summed
+    {"activation_checkpointing": True},
+    pytest.param({"micro_batch": 32, "activation_checkpointing": True, "compile": True},
+                 marks=pytest.mark.slow),  # compiling the checkpointed, micro-batched step: minutes on 2 CPUs
+], ids=["micro-batch", "activation-checkpointing", "both-compiled"])
+def test_memory_knobs_equal_the_plain_step(default_config, small_latents, tmp_path, knobs, capsys):
+    from test_multiprocess import relative_distance
+
+    plain_cfg = run_cfg(default_config, "baseline", "cond")  # label dropout too
+    plain = train(plain_cfg, small_latents, 0, 2, tmp_path / "plain/state.pt")
+    torch._dynamo.reset()
+    knob = train(run_cfg(default_config, "baseline", "cond", **knobs), small_latents, 0, 2, tmp_path / "knob/state.pt")
+    relative, max_abs = relative_distance(tmp_path / "plain/state.pt", tmp_path / "knob/state.pt", plain_cfg)
+    with capsys.disabled():
+        print(f"\n{knobs}: EMA relative distance {relative:.3g}, max abs diff {max_abs:.3g}")
+    assert relative < 1e-4, (relative, max_abs)  # float reduction order only (test_multiprocess: baseline bound)
+    assert knob["epoch_losses"] == pytest.approx(plain["epoch_losses"], rel=1e-5)
+
+
+def test_micro_batch_must_divide_each_process_share(default_config, small_latents, tmp_path):
+    with pytest.raises(ValueError, match="micro_batch 24 does not divide the 64 rows"):
+        train(run_cfg(default_config, micro_batch=24), small_latents, 0, 1, tmp_path / "state.pt")

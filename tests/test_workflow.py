@@ -43,6 +43,23 @@ def paper_args(root):
             f"metrics={{inception_weights: {root / 'inception.pth'}, reference: {root / 'ref.npz'}}}"]
 
 
+def test_dit_l_grid_plans_two_node_training(paper_standins):
+    """config/imagenet-dit-l.yaml through the SLURM profile: the L/1 grid, every training job (and
+    layer-search run) on 2 nodes x 8 GPUs, asking SLURM for GPUs per node."""
+    args = paper_args(paper_standins)
+    args[1] = "config/imagenet-dit-l.yaml"
+    out = snakemake("--profile", "slurm", "--default-resources", "slurm_account=acc", "slurm_partition=part", "-n",
+                    "results/tables/uncond.md", "results/tables/cond.md", *args).stdout
+    jobs = planned(out)
+    assert jobs["train"] == 2 * (6 + 5)  # uncond 20..200, cond 20..100; two variants each
+    assert "results/runs/uncond-selfcond/s0/ep200/state.pt" in out and "ep400" not in out
+    blocks = re.findall(r"^rule (train|layer_search_run):\n(.*?)\n\n", out, re.M | re.S)
+    assert len(blocks) == jobs["train"] + jobs["layer_search_run"]
+    for _rule, block in blocks:
+        assert re.search(r"nodes=2, gres=gpu:8, mpi=srun, tasks=2", block), block
+    assert "rule sample_shard:" in out and "nodes=2" not in out.split("rule sample_shard:")[1].split("\n\n")[0]
+
+
 def test_paper_grid_dry_run(paper_standins):
     out = snakemake("-n", "results/tables/uncond.md", "results/tables/cond.md", *paper_args(paper_standins)).stdout
     jobs = planned(out)

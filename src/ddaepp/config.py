@@ -129,6 +129,7 @@ def _check_semantics(config: dict) -> None:
         if data["image_size"] % down:
             raise ConfigError(f"config key 'dataset.image_size': {tok['name']} needs a multiple of {down}, got {data['image_size']}")
     feature_dim = FEATURE_DIMS[config["metrics"]["features"]]
+    train_nodes(config)
     for setting in config["settings"]:
         for variant in config["variants"]:
             run = run_config(config, setting, variant)
@@ -141,8 +142,33 @@ def _check_semantics(config: dict) -> None:
                 raise ConfigError(f"config key 'sample.n' ({where}): FID needs more samples than the {feature_dim} feature "
                                   f"dimensions of '{config['metrics']['features']}' for a full-rank covariance; "
                                   f"got {run['sample']['n']}")
+            if run["train"]["nodes"] > 1 and run["train"]["gpus"] == 0:
+                raise ConfigError(f"config key 'train.nodes' ({where}): {run['train']['nodes']} nodes need train.gpus "
+                                  "processes on each; train.gpus is 0 (one CPU process). Set train.gpus >= 1")
+            _check_micro_batch(run, where)
             if run["train"]["gpus"] == 0 and run["train"]["precision"] == "bf16":
                 raise ConfigError(f"config key 'train.precision' ({where}): bf16 needs GPUs (train.gpus > 0); use auto")
+
+
+def train_nodes(config: dict) -> int:
+    """train.nodes, one value for every run: the train rule's Slurm resources (one node, or a step
+    across several) are the rule's, not a run's."""
+    nodes = {run_config(config, s, v)["train"]["nodes"] for s in config["settings"] for v in config["variants"]}
+    if len(nodes) > 1:
+        raise ConfigError(f"config key 'train.nodes': every run trains on the same number of nodes, got "
+                          f"{sorted(nodes)} across variants/settings; set it once, in the top-level train section")
+    return nodes.pop() if nodes else 1
+
+
+def _check_micro_batch(run: dict, where: str) -> None:
+    """train.micro_batch splits a loss that is a mean over rows; objectives over the batch are not."""
+    from .objectives import enabled  # here, not at the top: importing ddaepp.config does not import torch
+
+    batch_wide = [objective.name for objective in enabled(run)]
+    if run["train"]["micro_batch"] and batch_wide:
+        raise ConfigError(f"config key 'train.micro_batch' ({where}): the objectives {', '.join(batch_wide)} take "
+                          "statistics over the whole batch, which micro-batches would change; leave micro_batch "
+                          "null for this run")
 
 
 def _check_objectives(run: dict, depth: int, where: str) -> None:

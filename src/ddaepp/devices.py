@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 
@@ -94,7 +95,7 @@ def require(gpus: int, what: str) -> str:
     raise DeviceError(
         f"{what} asks for {gpus} GPU(s) on one node but sees {describe()}. Fix: run the job where its GPUs are "
         "visible (under Slurm the rule's gpu resource requests them; train.gpus counts GPUs of one node, "
-        "jobs never span nodes), install a torch build whose CUDA version this driver supports, or set "
+        "train.nodes the nodes), install a torch build whose CUDA version this driver supports, or set "
         "`device: cpu` in the config to rehearse the same code on the CPU")
 
 
@@ -102,6 +103,9 @@ def for_job(snakemake, stage: str | None = None) -> str:
     """The device of a workflow job: exactly the GPUs its rule asked the scheduler for, or the CPU
     under the rehearsal switch (`device: cpu`, which still asks for them)."""
     gpus = int(getattr(snakemake.resources, "gpu", 0) or 0)
+    gres = re.fullmatch(r"gpu:(\d+)", str(getattr(snakemake.resources, "gres", "") or ""))
+    if gres:  # a multi-node job asks for its GPUs per node (common.smk, train_resources)
+        gpus = int(gres.group(1))
     what = f"rule {getattr(snakemake, 'rule', stage or '?')}"
     if snakemake.config.get("device") == "cpu":
         log.info("%s: on the CPU (device: cpu, a rehearsal; the scheduler was asked for %d GPU(s))", what, gpus)

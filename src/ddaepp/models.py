@@ -18,6 +18,7 @@ import os
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from timm.layers import Mlp, PatchEmbed
 
@@ -230,6 +231,9 @@ class LightningDiT(nn.Module):
         self.in_channels, self.patch_size, self.hidden_size, self.depth = in_channels, patch_size, hidden_size, depth
         self.num_classes = num_classes
         self.self_cond_layer = self_cond_layer if self_cond else None
+        # upstream's use_checkpoint: recompute each block's activations in the backward instead of
+        # keeping them (memory for compute; the same numbers). Set by train.activation_checkpointing.
+        self.activation_checkpointing = False
         grid = input_size // patch_size
         self.num_patches = grid * grid
 
@@ -294,7 +298,10 @@ class LightningDiT(nn.Module):
             c = c + self.y_embedder(y, label_drop)
         feats = []
         for i, block in enumerate(self.blocks):
-            x = block(x, c, self.feat_rope)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, c, self.feat_rope, use_reentrant=False)
+            else:
+                x = block(x, c, self.feat_rope)
             if return_features or i == self.self_cond_layer or stop_after is not None:
                 feats.append(x.mean(dim=1))
             if i == stop_after:

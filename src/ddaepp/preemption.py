@@ -28,6 +28,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Iterator
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ def requested() -> int | None:
 def exit_to_resume(saved_to, step: int, main_process: bool = True) -> None:
     """After the in-progress state is saved: requeue a SLURM job warned of its time limit, then exit."""
     signum = requested() or signal.SIGTERM
-    name = signal.Signals(signum).name
+    # a process that got no signal stops because another one did (the step's all-reduce says so)
+    name = signal.Signals(signum).name if requested() else "a stop signal to another process"
     job_id = os.environ.get("SLURM_JOB_ID")
     log.warning("%s received: stopped after step %d, state saved to %s; exiting with %d to be resumed",
                 name, step, saved_to, PREEMPTED_EXIT)
@@ -73,6 +75,24 @@ def exit_to_resume(saved_to, step: int, main_process: bool = True) -> None:
         log.warning("scontrol requeue %s: %s", job_id,
                     "done" if result.returncode == 0 else f"failed ({result.stderr.strip()})")
     sys.exit(PREEMPTED_EXIT)
+
+
+STOPPED_MARK = "stopped"  # in the in-progress folder: the launched processes stopped to be resumed
+
+
+def mark_stopped(wip_dir, step: int) -> None:
+    """Tell the launching process (see take_stopped_mark) that training saved and stopped at `step`."""
+    (Path(wip_dir) / STOPPED_MARK).write_text(f"{step}\n")
+
+
+def take_stopped_mark(wip_dir) -> bool:
+    """Whether processes started under `accelerate launch` stopped to be resumed (their launcher
+    exits 1 whatever their status, so the mark carries it); removes the mark."""
+    mark = Path(wip_dir) / STOPPED_MARK
+    if not mark.exists():
+        return False
+    mark.unlink()
+    return True
 
 
 def shield_workflow_process() -> None:

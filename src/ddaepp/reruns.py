@@ -29,6 +29,9 @@ OPERATIONAL_KEYS = {
                   # _wip chunk layout, which the encoding job keys on by itself)
                   "batch_size"),
     "train": ("gpus",  # N processes equal one at the same global batch, up to float reduction order
+              "nodes",  # the same processes, on more machines
+              "micro_batch",  # gradient accumulation: the same global batch's gradient, summed in parts
+              "activation_checkpointing",  # the same forward, recomputed in the backward
               "num_workers",  # loader processes; every batch is a function of (seed, step)
               "checkpoint_minutes",  # a resumed segment equals an uninterrupted one
               "compile",  # the same graph, fused: reduction order only

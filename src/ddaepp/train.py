@@ -12,10 +12,13 @@ with one process per GPU, or per CPU process under the `device: cpu` rehearsal s
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -28,7 +31,7 @@ from tqdm import tqdm
 from . import devices, io, latents as latent_store, objectives, preemption
 from .data import num_classes as dataset_num_classes
 from .models import model_from_run_config
-from .processes import accelerate_command, run_streaming
+from .processes import accelerate_command, require_slurm_nodes, run_streaming, slurm_nodes
 from .reruns import result_config
 
 log = logging.getLogger("ddaepp.train")
@@ -211,6 +214,33 @@ def build_step(run_cfg: dict, model, heads, ema, opt, accelerator):
     return step_module, opt
 
 
+def _rows(tree, part: slice):
+    """Rows `part` of every tensor in `tree` (a tensor, None, or a dict of them: the step's draws)."""
+    if isinstance(tree, dict):
+        return {key: _rows(value, part) for key, value in tree.items()}
+    return None if tree is None else tree[part]
+
+
+def forward_backward(step_module, accelerator, micro_batch: int, x1, x1_other, y, draws) -> torch.Tensor:
+    """The step's loss and its gradients (summed into .grad), `micro_batch` rows at a time.
+
+    The loss is a mean over this process's rows, so the mean over n rows is the sum of each part's
+    mean weighted by its share: the gradient equals the whole-batch one up to float reduction order.
+    DDP's all-reduce waits for the last part (no_sync before it). Returns the detached loss."""
+    n = x1.shape[0]
+    parts = [slice(start, start + micro_batch) for start in range(0, n, micro_batch)]
+    total = torch.zeros((), device=x1.device)
+    for k, part in enumerate(parts):
+        sync = accelerator.no_sync(step_module) if k < len(parts) - 1 else contextlib.nullcontext()
+        with sync:
+            with accelerator.autocast():
+                loss = step_module(x1[part], _rows(x1_other, part), _rows(y, part), _rows(draws, part))
+            share = loss if len(parts) == 1 else loss * (micro_batch / n)
+            accelerator.backward(share)
+        total += share.detach()
+    return total
+
+
 def _train(run_cfg, latent_files, seed, epoch, out_state, init_state, wip_dir, max_steps, device, out_summary) -> dict:
     train_cfg = run_cfg["train"]
     out_state = Path(out_state)
@@ -226,10 +256,15 @@ def _train(run_cfg, latent_files, seed, epoch, out_state, init_state, wip_dir, m
     if steps_per_epoch == 0:
         raise ValueError(f"train.batch_size {batch_size} exceeds the {len(labels)} training images")
     target_step = epoch * steps_per_epoch if max_steps is None else max_steps
+    micro_batch = train_cfg["micro_batch"] or batch_size // world
+    if (batch_size // world) % micro_batch:
+        raise ValueError(f"train.micro_batch {micro_batch} does not divide the {batch_size // world} rows of each of "
+                         f"{world} processes (train.batch_size {batch_size}); pick a divisor of it, or null")
 
     expected = fingerprint(run_cfg, seed)
     torch.manual_seed(seed)  # a fresh start's initial weights (the same on every process)
     model = model_from_run_config(run_cfg, latent_shape, n_classes)
+    model.activation_checkpointing = train_cfg["activation_checkpointing"]
     heads = objectives.build_heads(run_cfg, model)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = build_optimizer(list(model.parameters()) + list(heads.parameters()), train_cfg, accelerator.device.type)
@@ -261,10 +296,8 @@ def _train(run_cfg, latent_files, seed, epoch, out_state, init_state, wip_dir, m
             if x_other is not None else None
         y = y.to(accelerator.device, non_blocking=True) if run_cfg["conditional"] else None
         draws = objectives.draw_step(gen.manual_seed(step_seed(seed, step)), run_cfg, batch_size, rows, latent_shape)
-        with accelerator.autocast():
-            loss = step_module(x1, x1_other, y, draws)
         opt.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
+        loss = forward_backward(step_module, accelerator, micro_batch, x1, x1_other, y, draws)
         if train_cfg["grad_clip"] > 0:
             accelerator.clip_grad_norm_(params, train_cfg["grad_clip"])
         opt.step()
@@ -295,6 +328,9 @@ def _train(run_cfg, latent_files, seed, epoch, out_state, init_state, wip_dir, m
         if step < target_step and stop:  # any process preempted or warned by SLURM: all stop here
             _save(accelerator, wip_path, model, ema, heads, opt, step, epoch_losses, expected)
             progress.close()
+            if accelerator.is_main_process and world > 1:  # for launch(), behind accelerate launch
+                preemption.mark_stopped(wip_dir, step)
+            accelerator.end_training()  # leaves the process group: without it a rank aborts at exit
             preemption.exit_to_resume(wip_path, step, accelerator.is_main_process)
     wall = progress.close()
     _save(accelerator, out_state, model, ema, heads, opt, step, epoch_losses, expected)
@@ -396,12 +432,15 @@ def _save(accelerator, path, model, ema, heads, opt, step, epoch_losses, fp):
 def launch(run_cfg: dict, latent_files, seed: int, epoch: int, out_state, init_state=None, wip_dir=None,
            max_steps=None, device: str = "cpu", out_summary=None) -> None:
     """Train in this process, or under `accelerate launch` with `train.gpus` processes when it is
-    above 1: one per GPU on `device='cuda'`, CPU processes (gloo) on `device='cpu'`."""
-    processes = max(1, run_cfg["train"]["gpus"])
+    above 1: one per GPU on `device='cuda'`, CPU processes (gloo) on `device='cpu'`; with
+    `train.nodes` above 1, inside a Slurm job only, that many processes on each of its nodes."""
+    processes, nodes = max(1, run_cfg["train"]["gpus"]), run_cfg["train"]["nodes"]
+    if nodes > 1:
+        require_slurm_nodes(nodes)  # before starting anything
     if device == "cuda":
         devices.require(processes, "training")  # before starting anything
     wip_dir, out_summary = job_paths(out_state, wip_dir, out_summary)
-    if processes == 1:
+    if processes == 1 and nodes == 1:
         train(run_cfg, latent_files, seed, epoch, out_state, init_state, wip_dir, max_steps, device, out_summary)
         return
     wip_dir.mkdir(parents=True, exist_ok=True)
@@ -409,7 +448,10 @@ def launch(run_cfg: dict, latent_files, seed: int, epoch: int, out_state, init_s
     cfg_path.write_text(json.dumps(run_cfg))
     files = latent_store.LatentFiles.of(latent_files)
     latents, labels = files.split("train")
-    cmd = accelerate_command(processes, mixed_precision(run_cfg["train"], device), wip_dir) + [
+    precision = mixed_precision(run_cfg["train"], device)
+    launcher = (slurm_nodes(nodes, processes, precision, wip_dir) if nodes > 1
+                else accelerate_command(processes, precision, wip_dir))
+    cmd = launcher + [
         "-m", "ddaepp", "train", "--run-config", str(cfg_path), "--latents-train", str(latents),
         "--labels-train", str(labels), "--stats", str(files.stats), "--seed", str(seed), "--epoch", str(epoch),
         "--out", str(out_state), "--summary", str(out_summary), "--wip", str(wip_dir), "--device", device]
@@ -418,4 +460,10 @@ def launch(run_cfg: dict, latent_files, seed: int, epoch: int, out_state, init_s
     if max_steps is not None:
         cmd += ["--max-steps", str(max_steps)]
     log.info("launching: %s", " ".join(cmd))
-    run_streaming(cmd)
+    preemption.take_stopped_mark(wip_dir)  # a mark left by an earlier job is not this one's
+    try:
+        run_streaming(cmd)
+    except subprocess.CalledProcessError:
+        if preemption.take_stopped_mark(wip_dir):  # stopped by a signal and saved: to be resumed
+            sys.exit(preemption.PREEMPTED_EXIT)
+        raise

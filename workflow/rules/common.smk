@@ -5,6 +5,7 @@ from ddaepp import config as ddaepp_config
 from ddaepp import reruns as ddaepp_reruns
 from ddaepp import layer_search as ddaepp_layer_search
 from ddaepp import devices as ddaepp_devices
+from ddaepp import processes as ddaepp_processes
 
 try:
     CONFIG = ddaepp_config.validate(
@@ -235,4 +236,40 @@ def job_resources(rule, gpu=0):
         "mem_mb": size["mem_mb"],
         "gpu": gpu,
         "nodes": 1,
+    }
+
+
+def _default_resource(name):
+    """A --default-resources value (the profile's or the command line's), or None."""
+    resources = workflow.resource_settings.default_resources
+    value = resources.get(name).raw if resources is not None else None  # as written, e.g. debug or "debug"
+    return str(value).strip("'\"") if value else None
+
+
+def train_resources(rule):
+    """The `resources` of a rule that trains (train, layer_search_run). On train.nodes > 1: that many nodes with train.gpus GPUs each
+    (`--gres=gpu:G` is per node; the `gpu` resource would be `--gpus`, a total Slurm may place
+    unevenly), one task per node, and the `mpi` resource. Why `mpi`: without it Snakemake's jobstep
+    runs the job's command as `srun -n1 ...`, a one-task step on the first node holding that
+    node's CPUs and GPUs; an `srun` across the nodes from inside it inherits the one-task layout
+    (runs on one node) or, given --ntasks, waits for what the outer step holds (measured on the test
+    Slurm 22.05: pending until killed; only --overlap, which shares the held CPUs and GPUs, runs).
+    With `mpi` the command runs as is in the batch step, and training starts its own `srun` of one
+    launcher per node (ddaepp.processes.slurm_nodes), the job's only step: Slurm's signals
+    (`--signal=USR1@...`, `scancel --signal`) go to the steps, so they reach every rank."""
+    nodes = ddaepp_config.train_nodes(CONFIG)
+    if nodes == 1:
+        return job_resources(rule, gpu=job_gpus("train"))
+    try:  # before any job: Slurm would queue a job larger than the partition for ever
+        ddaepp_processes.check_partition_nodes(nodes, _default_resource("slurm_partition"))
+    except ValueError as err:
+        raise WorkflowError(str(err)) from None
+    gpus = job_gpus("train")
+    return {
+        **job_resources(rule),
+        "nodes": nodes,
+        "gres": lambda w: f"gpu:{gpus(w)}",
+        "mpi": "srun",
+        "tasks": nodes,
+        "tasks_per_gpu": 0,  # else the plugin turns `tasks` into --ntasks-per-gpu as well
     }

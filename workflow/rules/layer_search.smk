@@ -15,7 +15,7 @@ rule layer_search_run:
         layer=r"\d+",
     threads: job_size("layer_search_run")["cpus"]
     resources:
-        **job_resources("layer_search_run", gpu=job_gpus("train")),
+        **train_resources("layer_search_run"),
     params:
         run_cfg=run_params("layer_search"),
     script:

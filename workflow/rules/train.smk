@@ -17,7 +17,7 @@ rule train:
     retries: 0
     threads: job_size("train")["cpus"]
     resources:
-        **job_resources("train", gpu=job_gpus("train")),
+        **train_resources("train"),
         # SLURM's warning before the time limit: training saves _wip and requeues the job.
         slurm_extra=f"--signal=USR1@{warning_seconds(job_size('train')['runtime'])}",
     params:
