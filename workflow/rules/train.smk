@@ -19,7 +19,7 @@ rule train:
     resources:
         **job_resources("train", gpu=job_gpus("train")),
         # SLURM's warning before the time limit: training saves _wip and requeues the job.
-        slurm_extra=f"--signal=USR1@{warning_seconds(job_size('train')['runtime'])}",
+        slurm_extra=lambda w: f"--signal=USR1@{warning_seconds(job_size('train', w)['runtime'])}",
     params:
         run_cfg=run_params("train"),
     script:
