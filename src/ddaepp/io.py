@@ -109,15 +109,34 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", require_checksu
                          f"data, which could run code ({str(err).splitlines()[0]})") from None
 
 
+def attempt_header() -> str:
+    """One line that heads each attempt of a job in its log: where and as what it runs. A SLURM job
+    requeued after its time-limit warning or a preemption keeps its id and counts up
+    SLURM_RESTART_COUNT, so the attempts of one job read in order in one file."""
+    import datetime
+    import socket
+
+    env = os.environ
+    where = (f"SLURM job {env['SLURM_JOB_ID']} restart {env.get('SLURM_RESTART_COUNT', '0')}"
+             if "SLURM_JOB_ID" in env else "not under SLURM")
+    gpus = env.get("SLURM_JOB_GPUS") or env.get("CUDA_VISIBLE_DEVICES") or "none visible"
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return f"===== attempt: {where}, host {socket.gethostname()}, GPUs {gpus}, pid {os.getpid()}, {started} ====="
+
+
 @contextlib.contextmanager
 def job_log(log_file: str | os.PathLike, threads: int | None = None) -> Iterator[logging.Logger]:
-    """Run a workflow job with its stdout, stderr (progress bars) and logging going to `log_file`."""
+    """Run a workflow job with its stdout, stderr (progress bars) and logging going to `log_file`.
+
+    The log is appended to, each attempt under its `attempt_header`: a requeued job keeps what
+    its earlier attempts wrote."""
     Path(log_file).parent.mkdir(parents=True, exist_ok=True)
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    with open(log_file, "w") as stream, contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
+    with open(log_file, "a") as stream, contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
+        print(attempt_header(), file=stream, flush=True)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                             handlers=[logging.StreamHandler(stream)], force=True)
         logger = logging.getLogger("ddaepp")
