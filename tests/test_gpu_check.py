@@ -1,15 +1,24 @@
 """benchmarks/gpu_check.py runs end to end (--tiny: tiny sizes on the CPU), so it cannot rot before a GPU is at hand."""
 
 import os
+import re
 import subprocess
 import sys
 
+from ddaepp import config, cost
 
-def test_gpu_check_tiny_runs_every_measurement(repo):
+
+def test_gpu_check_tiny_runs_every_measurement(repo, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    out = subprocess.run([sys.executable, os.path.join(repo, "benchmarks/gpu_check.py"), "--tiny"], env=env,
-                         capture_output=True, text=True, timeout=600)
+    rates = tmp_path / "rates.yaml"
+    out = subprocess.run([sys.executable, os.path.join(repo, "benchmarks/gpu_check.py"), "--tiny",
+                          "--write-rates", str(rates)], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     for line in ("ours eager", "ours compiled", "VA-VAE f16d32", "without CFG", "with CFG", "probe features",
                  "2 processes: skipped", "config/imagenet-dit-b.yaml grid", "train", "sample", "probe", "total"):
         assert line in out.stdout, (line, out.stdout)
+    # the rates it wrote are a rates file ddaepp.cost reads, and its grid estimate is ddaepp.cost's
+    cfg = config.merge(config.load(os.path.join(repo, "config/imagenet-dit-b.yaml"), check_paths=False),
+                       {"jobs": {"rates": str(rates)}})
+    total = sum(cost.stage_hours(cfg).values())
+    assert re.search(rf"total\s+{total:.1f}\n", out.stdout), (total, out.stdout)
