@@ -39,7 +39,7 @@ def test_paper_jobs_fit_the_cluster_and_the_work(paper):
     expected = sum(j.gpu_hours or 0 for j in cluster)
     assert sum(j.limit_gpu_hours for j in cluster) <= 3 * expected
     encode = [j for j in planned if j.rule == "encode_shard"]
-    assert sum(j.count for j in encode) == 3  # train in 2 shards of about 35 min, val in one
+    assert sum(j.count for j in encode) == 4  # train in 3 shards of about 28 min, val in one
     assert all(j.expected_s >= 5 * 60 for j in encode)
     assert sum(j.count for j in planned if j.rule == "sample_shard") == 180
 
@@ -75,3 +75,12 @@ def test_the_default_config_keeps_its_fixed_sizes(repo, tmp_path, monkeypatch):
     cfg = config.load(f"{repo}/config.yaml", check_paths=False)
     for j in cost.jobs(cfg):
         assert (j.runtime, j.mem_mb, j.cpus) == tuple(cfg["jobs"]["default"][k] for k in ("runtime", "mem_mb", "cpus"))
+
+
+def test_encode_shards_follow_the_declared_images_not_the_rates(paper):
+    shards = [cost.encode_shards(paper, split) for split in ("train", "val")]
+    assert shards == [3, 1]  # ceil(1,281,167 x 2 views / 1,000,000), ceil(50,000 / 1,000,000)
+    other = config.merge(paper, {"jobs": {"rates": None}})
+    assert [cost.encode_shards(other, split) for split in ("train", "val")] == shards  # an operational key
+    with pytest.raises(config.ConfigError, match="dataset.images.train"):
+        cost.encode_shards(config.merge(paper, {"dataset": {"images": None}}), "train")

@@ -54,7 +54,7 @@ def test_paper_grid_dry_run(paper_standins):
     assert jobs["probe_floor"] == 1  # one raw-latent floor per dataset, shared by both tables
     assert jobs["metrics"] == 2 * uncond + 2 * cond * 2  # cond: with and without CFG
     assert jobs["sample_shard"] == 5 * jobs["metrics"]  # 10k samples in 5 shards
-    assert jobs["encode_shard"] == 2 + 1 and jobs["table"] == 2  # sized by work: 2 train shards, 1 val (ddaepp.cost)
+    assert jobs["encode_shard"] == 3 + 1 and jobs["table"] == 2  # sized by work: 3 train shards, 1 val (ddaepp.cost)
     assert "train_classifier" not in jobs  # Inception is the feature network at paper scale
     assert "results/runs/uncond-selfcond/s0/ep400/state.pt" in out
     assert "results/runs/uncond-selfcond/s0/ep300/state.pt" in out  # ep400 trains on from ep300

@@ -67,18 +67,17 @@ def split_images(config: dict, split: str) -> int | None:
 
 
 def encode_shards(config: dict, split: str) -> int:
-    """Encoding jobs of `split`: tokenizer.shards when set, else sized so that each holds about
-    jobs.shard_minutes of expected work. Counted from dataset.images (not the index), so the DAG
-    does not change once the index exists."""
-    shards = config["tokenizer"]["shards"]
-    if shards is not None:
-        return shards
-    rates, images = load_rates(config["jobs"]["rates"]), (config["dataset"].get("images") or {}).get(split)
-    if rates is None or images is None:
-        raise ConfigError("config key 'tokenizer.shards': null (sized by work) needs jobs.rates and "
-                          f"dataset.images.{split}; set them, or give the number of encoding jobs per split")
-    seconds = images * _views(config, split) / rates["images_per_s"]["encode"]
-    return max(1, math.floor(seconds / 60 / config["jobs"]["shard_minutes"]))
+    """Encoding jobs of `split`: tokenizer.shards when set, else enough that none encodes more than
+    tokenizer.shard_images images (mirrored views counted), from dataset.images. Not from the index
+    nor the rates, so the DAG stays the same once the index exists or jobs.rates changes."""
+    tokenizer = config["tokenizer"]
+    if tokenizer["shards"] is not None:
+        return tokenizer["shards"]
+    images = (config["dataset"].get("images") or {}).get(split)
+    if images is None:
+        raise ConfigError(f"config key 'tokenizer.shards': null (sized by work) needs dataset.images.{split}; "
+                          "declare the split's image count, or give the number of encoding jobs per split")
+    return math.ceil(images * _views(config, split) / tokenizer["shard_images"])
 
 
 def _views(config: dict, split: str) -> int:
@@ -150,7 +149,7 @@ def jobs(config: dict) -> list[Job]:
 
     known = rates is not None
     for split, n in (("train", n_train), ("val", n_val)):
-        shards = encode_shards(config, split) if known or config["tokenizer"]["shards"] else 1
+        shards = encode_shards(config, split) if config["tokenizer"]["shards"] or n is not None else 1
         per = None if not known or n is None else math.ceil(n / shards) * _views(config, split)
         add("encode_shard", stage_gpus(config, "encode"), per and startup + per / rate["encode"],
             per and proc + 4 * GB, shards, split=split)
