@@ -197,12 +197,12 @@ def test_interrupted_training_resumes_to_the_uninterrupted_state(runs):
 
 
 LONG_CONFIG = "tests/cluster/requeue-slurm.yaml"
-STEP_SLEEP = 1.0  # seconds added to every training step (tests/cluster/slow_steps): no result changes
+STEP_SLEEP = 1.4  # seconds added to every training step (tests/cluster/slow_steps): no result changes
 
 
 @pytest.mark.slow
 def test_a_segment_longer_than_its_time_limit_finishes_through_requeues(slurm, tmp_path):
-    """A 1-minute time limit, a segment of 198 steps of more than 1 s each: only SLURM's SIGUSR1
+    """A 2-minute time limit, a segment of 264 steps of more than 1.4 s each: only SLURM's SIGUSR1
     warning, the job's save and its own `scontrol requeue`, again and again, get it done."""
     cfg = yaml.safe_load((REPO / LONG_CONFIG).read_text())
     epoch, limit = cfg["settings"]["uncond"]["epochs"][-1], cfg["jobs"]["train"]["runtime"]
