@@ -128,66 +128,91 @@ def _runs(config: dict):
                 yield run, seed, spec["epochs"]
 
 
+class _Plan:
+    """Collects jobs into groups of equal size; a cost is None where a rate or a count is unknown."""
+
+    def __init__(self, config: dict):
+        self.config, self.groups = config, {}
+        rates = load_rates(config["jobs"]["rates"])
+        self.known = rates is not None
+        self.rate = (rates or {}).get("images_per_s", {})
+        assumed = (rates or {}).get("assumed", {})
+        self.startup, self.worker = assumed.get("job_startup_s", 0), assumed.get("worker_gb", 0) * GB
+        self.process = assumed.get("process_gb", 0) * GB
+        self.n = {split: split_images(config, split) for split in ("train", "val")}
+        self.latents = {split: _latent_bytes(config, split) for split in ("train", "val")}
+
+    def seconds(self, images: float | None, rate_key: str, gpus: int = 1) -> float | None:
+        if not self.known or images is None:
+            return None
+        return self.startup + images / (self.rate[rate_key] * max(gpus, 1))
+
+    def held(self, nbytes: float) -> float | None:
+        return nbytes if self.known else None
+
+    def add(self, rule, gpus, seconds, mem, count=1, **wildcards):
+        key = (rule, gpus, None if seconds is None else round(seconds), None if mem is None else round(mem))
+        group = self.groups.setdefault(key, Job(rule, 0, gpus, seconds, mem))
+        group.count += count
+        group.wildcards.append({k: str(v) for k, v in wildcards.items()})
+
+
 def jobs(config: dict) -> list[Job]:
-    """Every cluster rule's jobs for `config` (validated), sized (see `size`)."""
+    """Every rule's jobs for `config` (validated), grouped by size and sized (see `size`)."""
+    plan = _Plan(config)
+    _data_jobs(plan)
+    for run, seed, epochs in _runs(config):
+        _run_jobs(plan, run, seed, epochs)
+    return [size(config, job) for job in sorted(plan.groups.values(), key=lambda j: _ORDER.index(j.rule))]
+
+
+def _data_jobs(plan: _Plan) -> None:
+    """The dataset's jobs: index, encoding, merges, reference statistics, the floor probe, tables."""
     from .devices import stage_gpus
 
-    rates = load_rates(config["jobs"]["rates"])
-    rate = (rates or {}).get("images_per_s", {})
-    assumed = (rates or {}).get("assumed", {})
-    startup = assumed.get("job_startup_s", 0)
-    proc = assumed.get("process_gb", 0) * GB
-    n_train, n_val = split_images(config, "train"), split_images(config, "val")
-    out: dict[tuple, Job] = {}
-
-    def add(rule, gpus, seconds, mem, count=1, **wildcards):
-        key = (rule, gpus, None if seconds is None else round(seconds), None if mem is None else round(mem))
-        if key not in out:
-            out[key] = Job(rule, 0, gpus, seconds, mem)
-        out[key].count += count
-        out[key].wildcards.append({k: str(v) for k, v in wildcards.items()})
-
-    known = rates is not None
-    for split, n in (("train", n_train), ("val", n_val)):
+    config = plan.config
+    for split in ("train", "val"):
+        n = plan.n[split]
         shards = encode_shards(config, split) if config["tokenizer"]["shards"] or n is not None else 1
-        per = None if not known or n is None else math.ceil(n / shards) * _views(config, split)
-        add("encode_shard", stage_gpus(config, "encode"), per and startup + per / rate["encode"],
-            per and proc + 4 * GB, shards, split=split)
-        add("index", 0, None, None)
-        add(f"merge_{split}_latents", 0, None, _latent_bytes(config, split) if known else None)
-    add("reference_stats", stage_gpus(config, "reference"), None, None)
-    add("real_grid", 0, None, None)
-    add("table", 0, None, None, len(config["default_tables"]))
-    latents_train, latents_val = _latent_bytes(config, "train"), _latent_bytes(config, "val")
-    probe_cfg_gpus = stage_gpus(config, "floor")
-    add("probe_floor", probe_cfg_gpus, None, None)
-    for run, seed, epochs in _runs(config):
-        name = run_name(run["setting"], run["variant"])
-        gpus = stage_gpus(config, "train", run)
-        state = _params(run) * 16  # fp32 weights, EMA, Adam's two moments
-        train_rate = rate.get("train_compiled" if run["train"]["compile"] else "train_eager")
-        workers = run["train"]["num_workers"]
-        for prev, epoch in zip([0] + epochs[:-1], epochs):
-            seconds = None if not known or n_train is None else (
-                startup + (epoch - prev) * n_train / (train_rate * max(gpus, 1)))
-            mem = latents_train + max(gpus, 1) * (proc + state + workers * assumed.get("worker_gb", 0) * GB)
-            add("train", gpus, seconds, mem if known else None, run=name, seed=seed, epoch=epoch)
-            sample, guides = run["sample"], ["nocfg", "cfg"] if run["conditional"] else ["nocfg"]
-            per = math.ceil(sample["n"] / sample["shards"])
-            one = stage_gpus(config, "sample", run)
-            images_mem = per * 3 * config["dataset"]["image_size"] ** 2
-            for guide in guides:
-                add("sample_shard", one, known and startup + per / rate[f"sample_{guide}"] or None,
-                    known and proc + state + images_mem or None, sample["shards"], run=name, seed=seed, epoch=epoch,
-                    guide=guide)
-                add("metrics", stage_gpus(config, "metrics", run), None,
-                    known and proc + sample["n"] * 3 * config["dataset"]["image_size"] ** 2 or None)
-            probe = run["probe"]
-            selection = probe["selection_per_class"] * _classes(config)
-            forwards = (selection + (n_val or 0)) * len(probe["t"]) + (n_train or 0) + (n_val or 0)
-            add("probe", one, None if not known or n_train is None else startup + forwards / rate["probe_features"],
-                known and proc + state + latents_train + latents_val + probe["max_memory_gb"] * GB or None)
-    return [size(config, job) for job in sorted(out.values(), key=lambda j: _ORDER.index(j.rule))]
+        per = None if n is None else math.ceil(n / shards) * _views(config, split)
+        plan.add("encode_shard", stage_gpus(config, "encode"), plan.seconds(per, "encode"),
+                 plan.held(plan.process + 4 * GB), shards, split=split)  # + the VAE and a few image batches
+        plan.add("index", 0, None, None)
+        plan.add(f"merge_{split}_latents", 0, None, plan.held(plan.latents[split]))
+    plan.add("reference_stats", stage_gpus(config, "reference"), None, None)
+    plan.add("real_grid", 0, None, None)
+    plan.add("probe_floor", stage_gpus(config, "floor"), None, None)
+    plan.add("table", 0, None, None, len(config["default_tables"]))
+
+
+def _run_jobs(plan: _Plan, run: dict, seed: int, epochs: list[int]) -> None:
+    """One run and seed's jobs: a training segment per budget, its samples, metrics and probe."""
+    from .devices import stage_gpus
+
+    config, n_train, n_val = plan.config, plan.n["train"], plan.n["val"]
+    name = run_name(run["setting"], run["variant"])
+    gpus, one = stage_gpus(config, "train", run), stage_gpus(config, "sample", run)
+    state = _params(run) * 16  # fp32 weights, EMA, Adam's two moments
+    pixels = 3 * config["dataset"]["image_size"] ** 2
+    sample, probe = run["sample"], run["probe"]
+    per_shard = math.ceil(sample["n"] / sample["shards"])
+    train_rate, workers = "train_compiled" if run["train"]["compile"] else "train_eager", run["train"]["num_workers"]
+    selection = probe["selection_per_class"] * _classes(config)
+    probe_images = (None if n_train is None or n_val is None  # features of every t, then the final probe's
+                    else (selection + n_val) * len(probe["t"]) + n_train + n_val)
+    for prev, epoch in zip([0] + epochs[:-1], epochs):
+        train_images = None if n_train is None else (epoch - prev) * n_train
+        held = plan.latents["train"] + max(gpus, 1) * (plan.process + state + workers * plan.worker)
+        plan.add("train", gpus, plan.seconds(train_images, train_rate, gpus), plan.held(held),
+                 run=name, seed=seed, epoch=epoch)
+        for guide in ["nocfg", "cfg"] if run["conditional"] else ["nocfg"]:
+            plan.add("sample_shard", one, plan.seconds(per_shard, f"sample_{guide}"),
+                     plan.held(plan.process + state + per_shard * pixels), sample["shards"],
+                     run=name, seed=seed, epoch=epoch, guide=guide)
+            plan.add("metrics", stage_gpus(config, "metrics", run), None, plan.held(plan.process + sample["n"] * pixels))
+        mapped = plan.latents["train"] + plan.latents["val"]
+        plan.add("probe", one, plan.seconds(probe_images, "probe_features"),
+                 plan.held(plan.process + state + mapped + probe["max_memory_gb"] * GB))
 
 
 _ORDER = ["index", "encode_shard", "merge_train_latents", "merge_val_latents", "reference_stats", "real_grid",
