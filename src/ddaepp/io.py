@@ -142,6 +142,12 @@ def job_log(log_file: str | os.PathLike, threads: int | None = None) -> Iterator
         logger = logging.getLogger("ddaepp")
         try:
             yield logger
+        except SystemExit as stop:
+            from .preemption import PREEMPTED_EXIT
+
+            if stop.code not in (0, None, PREEMPTED_EXIT):  # saved, to be resumed: not a failure
+                logger.exception("job failed")
+            raise
         except BaseException:
             logger.exception("job failed")
             raise
