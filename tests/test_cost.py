@@ -82,5 +82,5 @@ def test_encode_shards_follow_the_declared_images_not_the_rates(paper):
     assert shards == [3, 1]  # ceil(1,281,167 x 2 views / 1,000,000), ceil(50,000 / 1,000,000)
     other = config.merge(paper, {"jobs": {"rates": None}})
     assert [cost.encode_shards(other, split) for split in ("train", "val")] == shards  # an operational key
-    with pytest.raises(config.ConfigError, match="dataset.images.train"):
-        cost.encode_shards(config.merge(paper, {"dataset": {"images": None}}), "train")
+    with pytest.raises(config.ConfigError, match="tokenizer.shards.*dataset.images"):
+        config.validate(config.merge(paper, {"dataset": {"images": None}}), check_paths=False)

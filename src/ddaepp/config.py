@@ -108,6 +108,10 @@ def _check_semantics(config: dict) -> None:
         epochs = setting["epochs"]
         if any(b <= a for a, b in zip(epochs, epochs[1:])):
             raise ConfigError(f"config key 'settings.{name}.epochs': budgets must be strictly increasing, got {epochs}")
+    declared = config["dataset"]["images"] or {}
+    if config["tokenizer"]["shards"] is None and not ("train" in declared and "val" in declared):
+        raise ConfigError("config key 'tokenizer.shards': null sizes the encoding jobs from dataset.images, which "
+                          "needs both counts, e.g. dataset: {images: {train: 1281167, val: 50000}}; or give a number")
     for name, table in config["tables"].items():
         if table["setting"] not in config["settings"]:
             raise ConfigError(f"config key 'tables.{name}.setting': unknown setting '{table['setting']}' "
