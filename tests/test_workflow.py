@@ -77,7 +77,8 @@ def test_slurm_profile_sizes_paper_jobs_one_node_each(paper_standins):
     # sized per job by ddaepp.cost (what `ddaepp plan` prints): 20-epoch segments 64 min, 100-epoch ones 276
     assert sorted({int(r["runtime"]) for r in jobs["train"]}) == [64, 276]
     assert all(r["gpu"] == "8" and r["mem_mb"] == "193000" for r in jobs["train"])
-    assert {r["slurm_extra"] for r in jobs["train"]} == {"--signal=USR1@384", "--signal=USR1@600"}  # warning before the limit
+    assert {r["slurm_extra"] for r in jobs["train"]} == {"--signal=USR1@384 --open-mode=append",
+                                                         "--signal=USR1@600 --open-mode=append"}  # warning before the limit
     for rule in ("sample_shard", "probe", "metrics", "encode_shard"):
         assert all(r["gpu"] == "1" for r in jobs[rule]), rule
     assert all(r["nodes"] == "1" for rs in jobs.values() for r in rs)

@@ -117,11 +117,27 @@ def attempt_header() -> str:
     import socket
 
     env = os.environ
-    where = (f"SLURM job {env['SLURM_JOB_ID']} restart {env.get('SLURM_RESTART_COUNT', '0')}"
+    where = (f"SLURM job {env['SLURM_JOB_ID']} restart {_restart_count(env['SLURM_JOB_ID'])}"
              if "SLURM_JOB_ID" in env else "not under SLURM")
     gpus = env.get("SLURM_JOB_GPUS") or env.get("CUDA_VISIBLE_DEVICES") or "none visible"
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return f"===== attempt: {where}, host {socket.gethostname()}, GPUs {gpus}, pid {os.getpid()}, {started} ====="
+
+
+def _restart_count(job_id: str) -> str:
+    """SLURM_RESTART_COUNT, or SLURM's own count when the job step does not pass it on (the
+    executor plugin's job step keeps only a few SLURM_* variables)."""
+    if "SLURM_RESTART_COUNT" in os.environ:
+        return os.environ["SLURM_RESTART_COUNT"]
+    import re
+    import subprocess
+
+    try:
+        out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    found = re.search(r"Restarts=(\d+)", out)
+    return found.group(1) if found else "unknown"
 
 
 @contextlib.contextmanager
