@@ -4,14 +4,16 @@
     python benchmarks/gpu_check.py --lightningdit-repo ~/src/LightningDiT   # + hustvl's own model
     python benchmarks/gpu_check.py --tiny                             # CPU, tiny sizes (tests run this)
     python benchmarks/gpu_check.py --size L/1                         # L/1 and config/imagenet-dit-l.yaml's grid
+    python benchmarks/gpu_check.py --write-rates rates/my-gpu.yaml    # + this card's rates for jobs.rates
 
 Prints, every number measured in this run: B/1 training img/s (256 tokens, VA-VAE f16d32 latents
 32x16x16, bf16) and model FLOP utilisation, eager and compiled, ours and (given a checkout)
 hustvl/LightningDiT's model on the same config; VA-VAE encode img/s at 256 px (random weights:
 speed only); sampling img/s without and with CFG (Euler steps plus the VAE decode); probe
 feature extraction img/s; a 2-process training step when 2 GPUs are visible. Then the GPU-hours
-of config/imagenet-dit-b.yaml's grid (training, encoding, sampling, probing) from those rates,
-assuming throughput per GPU stays the same at 8 GPUs. --tiny runs the same code with tiny sizes
+of config/imagenet-dit-b.yaml's grid (training, encoding, sampling, probing) from those rates by
+ddaepp.cost, the model `ddaepp plan` prints and the job sizes follow (throughput per GPU assumed
+the same at 8 GPUs); --write-rates FILE keeps the rates for the config key jobs.rates. --tiny runs the same code with tiny sizes
 on the CPU so that it cannot rot; its figures mean nothing.
 """
 
@@ -29,19 +31,20 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import yaml
 from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import time_steps, upstream_model  # noqa: E402
 
-from ddaepp import config as config_mod, objectives, tokenizers, vavae  # noqa: E402
+from ddaepp import config as config_mod, cost, objectives, tokenizers, vavae  # noqa: E402
+from ddaepp.devices import driver_version  # noqa: E402
 from ddaepp.models import build_model, count_flops  # noqa: E402
 from ddaepp.processes import accelerate_command  # noqa: E402
 from ddaepp.sample import CompiledSampler, tf32_matmuls  # noqa: E402
 from ddaepp.transport import euler_sample, shifted_timesteps  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGENET_TRAIN, IMAGENET_VAL = 1_281_167, 50_000
 FULL = dict(size="B/1", latent=(32, 16, 16), image=256, train_batch=128, sample_batch=256, vae_batch=32,
             probe_batch=512, steps=10, classes=1000)
 GRIDS = {"B/1": "config/imagenet-dit-b.yaml", "L/1": "config/imagenet-dit-l.yaml"}  # --size: model and grid
@@ -323,22 +326,25 @@ def ddp_worker(sizes: dict, result: str) -> None:
         Path(result).write_text(json.dumps({"images_per_s": 2 * batch / sec}))
 
 
-def grid_cost(paper: dict, train_rate: float, encode_rate: float, sample_rates: dict, probe_rate: float) -> dict:
-    """GPU-hours of the paper grid at the measured per-GPU rates."""
-    hours = {"train": 0.0, "sample": 0.0, "probe": 0.0}
-    probe = paper["probe"]
-    selection = probe["selection_per_class"] * 1000
-    probe_forwards = (selection + IMAGENET_VAL) * len(probe["t"]) + IMAGENET_TRAIN + IMAGENET_VAL
-    for setting, spec in paper["settings"].items():
-        for _variant in paper["variants"]:
-            for _seed in paper["seeds"]:
-                hours["train"] += max(spec["epochs"]) * IMAGENET_TRAIN / train_rate / 3600
-                guides = ["nocfg", "cfg"] if spec["conditional"] else ["nocfg"]
-                for _epoch in spec["epochs"]:
-                    hours["sample"] += sum(paper["sample"]["n"] / sample_rates[g] for g in guides) / 3600
-                    hours["probe"] += probe_forwards / probe_rate / 3600
-    hours["encode"] = 2 * (IMAGENET_TRAIN + IMAGENET_VAL) / encode_rate / 3600  # every image and its flip
-    return hours
+def measured_rates(card: str, sizes: dict, training: dict, encode: float, decode: float, sampling: dict,
+                   probe: float) -> dict:
+    """This run's per-GPU rates as a rates file (ddaepp.cost.load_rates reads it; config key jobs.rates).
+    The unmeasured `assumed` figures are the shipped H100 file's."""
+    shipped = cost.load_rates("h100")
+    return {"card": card, "driver": driver_version(), "torch": str(torch.__version__),
+            "date": time.strftime("%Y-%m-%d", time.gmtime()), "command": " ".join(["python"] + sys.argv),
+            "measured_on": {"model": sizes["size"], "latent": list(sizes["latent"]), "image_size": sizes["image"]},
+            "images_per_s": {"train_compiled": round(float(training["ours compiled"][0]), 2),
+                             "train_eager": round(float(training["ours eager"][0]), 2), "encode": round(float(encode), 2),
+                             "decode": round(float(decode), 2), "sample_nocfg": round(float(sampling["nocfg"]), 3),
+                             "sample_cfg": round(float(sampling["cfg"]), 3), "probe_features": round(float(probe), 2)},
+            "assumed": shipped["assumed"]}
+
+
+def grid_hours(paper: dict, rates: dict, rates_file: Path) -> dict:
+    """GPU-hours per stage of the paper grid at `rates`, by ddaepp.cost (what `ddaepp plan` prints)."""
+    rates_file.write_text(yaml.safe_dump(rates, sort_keys=False))
+    return cost.stage_hours(config_mod.merge(paper, {"jobs": {"rates": str(rates_file)}}))
 
 
 def report_real_training(sizes, paper, device, training, context) -> None:
@@ -377,6 +383,8 @@ def main() -> None:
     parser.add_argument("--lightningdit-repo", help="a checkout of hustvl/LightningDiT: time its model too")
     parser.add_argument("--size", choices=sorted(GRIDS), default="B/1",
                         help="the model timed and the config whose grid is costed (B/1: DiT-B, L/1: DiT-L)")
+    parser.add_argument("--write-rates", metavar="FILE",
+                        help="write this card's rates (YAML) for the config key jobs.rates (ddaepp plan, job sizes)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
     parser.add_argument("--ddp-worker", help=argparse.SUPPRESS)
     parser.add_argument("--real-loop-worker", help=argparse.SUPPRESS)
@@ -416,8 +424,12 @@ def main() -> None:
     two = measure_two_processes(sizes) if cuda else None
     print("2 processes: " + (f"{two:.1f} img/s, {two / training['ours eager'][0] / 2:.3f} of linear scaling"
                              if two else "skipped (fewer than 2 visible GPUs)"))
-    best_train = max(training["ours eager"][0], training["ours compiled"][0])
-    hours = grid_cost(paper, best_train, encode, sampling, probe)
+    card = torch.cuda.get_device_name() if cuda else "CPU (tiny sizes)"
+    rates = measured_rates(card, sizes, training, encode, decode, sampling, probe)
+    with tempfile.TemporaryDirectory() as tmp:
+        hours = grid_hours(paper, rates, Path(args.write_rates or f"{tmp}/rates.yaml"))
+    if args.write_rates:
+        print(f"\nrates written to {args.write_rates}: set `jobs: {{rates: {args.write_rates}}}` in the config")
     print(f"\n{GRIDS[args.size]} grid at these rates (sampling {grid_mode[0]} "
           f"{'compiled' if grid_mode[1] else 'eager'}; GPU-hours"
           f"{'; tiny sizes, meaningless' if args.tiny else ''}):")

@@ -1,6 +1,7 @@
 """The config is validated before any job runs; every bad input is one error naming the key."""
 
 import copy
+import re
 import random
 
 import pytest
@@ -85,6 +86,59 @@ def test_missing_vae_folder_says_what(default, tmp_path):
     bad = config.merge(default, {"tokenizer": {"name": "va-vae", "path": str(tmp_path / "vavae.pt")}})
     with pytest.raises(config.ConfigError, match=r"tokenizer.path.*VA-VAE"):
         config.validate(bad)
+
+
+def _paper_inputs(repo, tmp_path) -> dict:
+    """The paper config with every input path under tmp_path (nothing there yet)."""
+    return config.merge(config.load(f"{repo}/config/imagenet-dit-b.yaml", check_paths=False),
+                        {"dataset": {"root": str(tmp_path / "imagenet")},
+                         "tokenizer": {"path": str(tmp_path / "vavae.pt")},
+                         "metrics": {"inception_weights": str(tmp_path / "inception.pth"),
+                                     "reference": str(tmp_path / "ref.npz")}})
+
+
+def test_every_missing_input_of_the_paper_config_is_named_at_once(repo, tmp_path):
+    with pytest.raises(config.ConfigError) as err:
+        config.validate(_paper_inputs(repo, tmp_path))
+    message = str(err.value)
+    assert message.startswith("5 input(s) not in place"), message
+    for key, where in [("dataset.root", "imagenet/train"), ("dataset.root", "imagenet/val"),
+                       ("tokenizer.path", "vavae.pt"), ("metrics.inception_weights", "inception.pth"),
+                       ("metrics.reference", "ref.npz")]:
+        assert re.search(rf"'{re.escape(key)}': no (file|folder) \S*{re.escape(where)}", message), (key, message)
+
+
+def _in_place(repo, tmp_path) -> dict:
+    """The paper config with every input in place: folders, a real torch checkpoint, a real npz."""
+    import numpy as np
+    import torch
+
+    cfg = _paper_inputs(repo, tmp_path)
+    for split in ("train", "val"):
+        (tmp_path / "imagenet" / split).mkdir(parents=True)
+    for name in ("vavae.pt", "inception.pth"):
+        torch.save({"w": torch.zeros(2)}, tmp_path / name)
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(2), sigma=np.eye(2))
+    config.validate(cfg)  # all in place: accepted
+    return cfg
+
+
+@pytest.mark.parametrize("name, key", [("vavae.pt", "tokenizer.path"), ("ref.npz", "metrics.reference"),
+                                       ("inception.pth", "metrics.inception_weights")])
+def test_empty_weights_or_reference_are_refused(repo, tmp_path, name, key):
+    cfg = _in_place(repo, tmp_path)
+    (tmp_path / name).write_bytes(b"")
+    with pytest.raises(config.ConfigError, match=rf"(?s)1 input.*'{re.escape(key)}': \S*{name} is empty"):
+        config.validate(cfg)
+
+
+@pytest.mark.parametrize("name, key", [("vavae.pt", "tokenizer.path"), ("ref.npz", "metrics.reference")])
+def test_truncated_weights_or_reference_are_refused(repo, tmp_path, name, key):
+    cfg = _in_place(repo, tmp_path)
+    whole = (tmp_path / name).read_bytes()
+    (tmp_path / name).write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(config.ConfigError, match=rf"'{re.escape(key)}': \S*{name} is not a complete .*truncated"):
+        config.validate(cfg)
 
 
 def _mutate(cfg, rng):

@@ -132,3 +132,20 @@ def test_the_train_rule_resumes_a_stopped_by_hand_run(default_config, small_late
                    init_globals={"snakemake": job})
     assert json.loads((tmp_path / "summary.json").read_text())["steps_this_job"] == 2 * 4 - 3
     assert state.exists() and not state.with_name("train.json").exists()  # the summary goes where the rule says
+
+
+def test_the_job_log_keeps_every_attempt_of_a_requeued_job(tmp_path, monkeypatch):
+    log = tmp_path / "train.log"
+    try:
+        for restart in (0, 1):
+            monkeypatch.setenv("SLURM_JOB_ID", "42")
+            monkeypatch.setenv("SLURM_RESTART_COUNT", str(restart))
+            with pytest.raises(SystemExit), io.job_log(log) as logger:
+                logger.info("attempt %d trains", restart)
+                raise SystemExit(preemption.PREEMPTED_EXIT)  # saved, to be resumed
+    finally:  # job_log points logging at the closed log file: give later tests theirs back
+        io.setup_logging()
+    text = log.read_text()
+    assert re.findall(r"===== attempt: SLURM job 42 restart (\d), host ", text) == ["0", "1"]
+    assert "attempt 0 trains" in text and "attempt 1 trains" in text
+    assert "job failed" not in text  # a planned stop is not reported as a failure

@@ -53,7 +53,9 @@ def workdir(tmp_path_factory):
     make_imagefolder(root / "data/imagenet", image_size=64)
     (root / "weights").mkdir()
     make_vavae_checkpoint(root / "weights/vavae-imagenet256-f16d32-dinov2.pt")
-    (root / "weights/weights-inception-2015-12-05-6726825d.pth").write_bytes(b"stand-in")
+    import torch
+
+    torch.save({"stand-in": torch.zeros(1)}, root / "weights/weights-inception-2015-12-05-6726825d.pth")
     # the DAG records a digest of the reference's mu and sigma, so the stand-in holds both
     np.savez(root / "weights/VIRTUAL_imagenet256_labeled.npz", mu=np.zeros(2048), sigma=np.eye(2048))
     return root

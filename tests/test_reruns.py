@@ -114,7 +114,9 @@ def finished_run(tmp_path_factory):
     np.savez(workdir / "ref/a.npz", mu=a.mean(0), sigma=np.cov(a, rowvar=False))  # a stand-in FID reference
     np.savez(workdir / "ref/moved.npz", mu=a.mean(0), sigma=np.cov(a, rowvar=False))
     np.savez(workdir / "ref/other.npz", mu=a.mean(0) + 1, sigma=np.cov(a, rowvar=False))
-    (workdir / "inception.pth").write_bytes(b"stand-in: only its location is read")
+    import torch
+
+    torch.save({"stand-in": torch.zeros(1)}, workdir / "inception.pth")  # only its location is read
     (workdir / "tiny.yaml").write_text(yaml.safe_dump(TINY))
     snakemake(workdir, TABLE)
     assert planned(snakemake(workdir, "-n", TABLE)) == {}

@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("validate", help="validate a config file and print the resolved runs")
     p.add_argument("config")
 
+    p = sub.add_parser("plan", help="print every cluster rule's jobs, time limits, memory and GPU-hours (no data needed)")
+    p.add_argument("config")
+
     p = sub.add_parser("train", help="train one run from the previous budget's state to --epoch")
     _add_run(p)
     p.add_argument("--latents", help="folder with latents-train.npy, labels-train.npy, stats.json")
@@ -134,6 +137,16 @@ def _dispatch(args) -> int:
         for setting in cfg["settings"]:
             for variant in cfg["variants"]:
                 print(config_mod.run_name(setting, variant), "epochs", cfg["settings"][setting]["epochs"])
+        return 0
+    if args.stage == "plan":
+        from . import cost
+
+        cfg = config_mod.load(args.config, check_paths=False)
+        print(cost.format_plan(cfg, cost.jobs(cfg)))
+        missing = config_mod.missing_inputs(cfg)
+        if missing:  # a plan is for before staging: say what a run would still need, do not refuse
+            print(f"\nnot yet in place ({len(missing)}; a run refuses to start without them):\n  - "
+                  + "\n  - ".join(missing))
         return 0
     if args.stage == "train":
         from .layer_search import resolve

@@ -9,6 +9,7 @@ shared sections, then the setting's overrides, then the variant's.
 from __future__ import annotations
 
 import copy
+import zipfile
 from pathlib import Path
 
 import jsonschema
@@ -107,6 +108,10 @@ def _check_semantics(config: dict) -> None:
         epochs = setting["epochs"]
         if any(b <= a for a, b in zip(epochs, epochs[1:])):
             raise ConfigError(f"config key 'settings.{name}.epochs': budgets must be strictly increasing, got {epochs}")
+    declared = config["dataset"]["images"] or {}
+    if config["tokenizer"]["shards"] is None and not ("train" in declared and "val" in declared):
+        raise ConfigError("config key 'tokenizer.shards': null sizes the encoding jobs from dataset.images, which "
+                          "needs both counts, e.g. dataset: {images: {train: 1281167, val: 50000}}; or give a number")
     for name, table in config["tables"].items():
         if table["setting"] not in config["settings"]:
             raise ConfigError(f"config key 'tables.{name}.setting': unknown setting '{table['setting']}' "
@@ -204,31 +209,63 @@ def _check_self_cond_layer(run: dict, depth: int, where: str) -> None:
 
 
 def check_inputs(config: dict) -> None:
-    """Fail early, with what to put where, when a file the run needs is not there."""
+    """Fail early, naming every input that is missing, empty or truncated and what to put where."""
+    problems = missing_inputs(config)
+    if problems:
+        raise ConfigError(f"{len(problems)} input(s) not in place (fix them all, then rerun; `ddaepp plan CONFIG` "
+                          "prints the jobs and their cost without them):\n  - " + "\n  - ".join(problems))
+
+
+def _unreadable(path: Path, what: str) -> str | None:
+    """Why the weights or npz file at `path` cannot be what it should be (missing, empty, a truncated
+    zip archive -- the format torch.save and np.savez write), or None."""
+    if not path.is_file():
+        return f"no file {path}"
+    if path.stat().st_size == 0:
+        return f"{path} is empty (an interrupted download?)"
+    with open(path, "rb") as f:
+        legacy_pickle = f.read(1) == b"\x80"  # torch.save's pre-1.6 format
+    if not legacy_pickle and not zipfile.is_zipfile(path):
+        return f"{path} is not a complete {what} ({path.stat().st_size:,} bytes, no zip directory at its end: truncated?)"
+    return None
+
+
+def missing_inputs(config: dict) -> list[str]:
+    """Every input of `config` that is not in place, each with its config key and what goes there."""
     data, tok, metrics = config["dataset"], config["tokenizer"], config["metrics"]
+    problems = []
     if data["name"] == "imagefolder":
         root = data["root"]
         if not root:
-            raise ConfigError("config key 'dataset.root': imagefolder needs the folder holding train/<class>/* and val/<class>/*")
-        for split in ("train", "val"):
-            if not (Path(root) / split).is_dir():
-                raise ConfigError(f"config key 'dataset.root': no folder {Path(root) / split}; put the ImageNet-style "
-                                  f"{split} split there as {split}/<class>/<image>")
+            problems.append("config key 'dataset.root': imagefolder needs the folder holding train/<class>/* and "
+                            "val/<class>/*")
+        else:
+            for split in ("train", "val"):
+                if not (Path(root) / split).is_dir():
+                    problems.append(f"config key 'dataset.root': no folder {Path(root) / split}; put the ImageNet-style "
+                                    f"{split} split there as {split}/<class>/<image>")
     if tok["name"] == "sd-vae":
         if not tok["path"] or not (Path(tok["path"]) / "config.json").is_file():
-            raise ConfigError(f"config key 'tokenizer.path': {tok['path']!r} is not a diffusers AutoencoderKL folder "
-                              "(config.json + weights), e.g. stabilityai/sd-vae-ft-ema saved with save_pretrained; "
-                              "`ddaepp fetch-assets` downloads it where the machine is online")
+            problems.append(f"config key 'tokenizer.path': {tok['path']!r} is not a diffusers AutoencoderKL folder "
+                            "(config.json + weights), e.g. stabilityai/sd-vae-ft-ema saved with save_pretrained; "
+                            "`ddaepp fetch-assets` downloads it where the machine is online")
     if tok["name"] == "va-vae":
-        if not tok["path"] or not Path(tok["path"]).is_file():
-            raise ConfigError(f"config key 'tokenizer.path': {tok['path']!r} is not a file; put LightningDiT's "
-                              "VA-VAE f16d32 checkpoint (vavae-imagenet256-f16d32-dinov2.pt) there")
-    if metrics["inception_weights"] and not Path(metrics["inception_weights"]).is_file():
-        raise ConfigError(f"config key 'metrics.inception_weights': no file {metrics['inception_weights']}; put "
-                          "torch-fidelity's weights-inception-2015-12-05-6726825d.pth there (`ddaepp fetch-assets`)")
-    if metrics["reference"] and not Path(metrics["reference"]).is_file():
-        raise ConfigError(f"config key 'metrics.reference': no file {metrics['reference']}; put the ADM reference "
-                          "batch (e.g. VIRTUAL_imagenet256_labeled.npz) there, or set it to null to compute one")
+        why = _unreadable(Path(tok["path"]), "torch checkpoint") if tok["path"] else "not set"
+        if why:
+            problems.append(f"config key 'tokenizer.path': {why}; put LightningDiT's VA-VAE f16d32 checkpoint "
+                            "(vavae-imagenet256-f16d32-dinov2.pt) there")
+    if metrics["inception_weights"]:
+        why = _unreadable(Path(metrics["inception_weights"]), "torch checkpoint")
+        if why:
+            problems.append(f"config key 'metrics.inception_weights': {why}; put torch-fidelity's "
+                            "weights-inception-2015-12-05-6726825d.pth there (`ddaepp fetch-assets`)")
+    if metrics["reference"]:
+        why = _unreadable(Path(metrics["reference"]), "npz file")
+        if why:
+            problems.append(f"config key 'metrics.reference': {why}; put the ADM reference batch (e.g. "
+                            "VIRTUAL_imagenet256_labeled.npz) there (`ddaepp fetch-assets`), or set it to null "
+                            "to compute one")
+    return problems
 
 
 def merge(base: dict, override: dict) -> dict:

@@ -109,20 +109,61 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", require_checksu
                          f"data, which could run code ({str(err).splitlines()[0]})") from None
 
 
+def attempt_header() -> str:
+    """One line that heads each attempt of a job in its log: where and as what it runs. A SLURM job
+    requeued after its time-limit warning or a preemption keeps its id and counts up
+    SLURM_RESTART_COUNT, so the attempts of one job read in order in one file."""
+    import datetime
+    import socket
+
+    env = os.environ
+    where = (f"SLURM job {env['SLURM_JOB_ID']} restart {_restart_count(env['SLURM_JOB_ID'])}"
+             if "SLURM_JOB_ID" in env else "not under SLURM")
+    gpus = env.get("SLURM_JOB_GPUS") or env.get("CUDA_VISIBLE_DEVICES") or "none visible"
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return f"===== attempt: {where}, host {socket.gethostname()}, GPUs {gpus}, pid {os.getpid()}, {started} ====="
+
+
+def _restart_count(job_id: str) -> str:
+    """SLURM_RESTART_COUNT, or SLURM's own count when the job step does not pass it on (the
+    executor plugin's job step keeps only a few SLURM_* variables)."""
+    if "SLURM_RESTART_COUNT" in os.environ:
+        return os.environ["SLURM_RESTART_COUNT"]
+    import re
+    import subprocess
+
+    try:
+        out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    found = re.search(r"Restarts=(\d+)", out)
+    return found.group(1) if found else "unknown"
+
+
 @contextlib.contextmanager
 def job_log(log_file: str | os.PathLike, threads: int | None = None) -> Iterator[logging.Logger]:
-    """Run a workflow job with its stdout, stderr (progress bars) and logging going to `log_file`."""
+    """Run a workflow job with its stdout, stderr (progress bars) and logging going to `log_file`.
+
+    The log is appended to, each attempt under its `attempt_header`: a requeued job keeps what
+    its earlier attempts wrote."""
     Path(log_file).parent.mkdir(parents=True, exist_ok=True)
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    with open(log_file, "w") as stream, contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
+    with open(log_file, "a") as stream, contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
+        print(attempt_header(), file=stream, flush=True)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                             handlers=[logging.StreamHandler(stream)], force=True)
         logger = logging.getLogger("ddaepp")
         try:
             yield logger
+        except SystemExit as stop:
+            from .preemption import PREEMPTED_EXIT
+
+            if stop.code not in (0, None, PREEMPTED_EXIT):  # saved, to be resumed: not a failure
+                logger.exception("job failed")
+            raise
         except BaseException:
             logger.exception("job failed")
             raise

@@ -23,7 +23,8 @@ OPERATIONAL_KEYS = {
     # results folder or --forcerun. metrics.reference is the exception that proves the rule: two
     # legitimate reference files differ in content for the same config, so the reference_stats
     # rule records a digest of the statistics it holds (reference_digest) in place of its path.
-    "dataset": ("root",),
+    "dataset": ("root",
+                "images"),  # declared counts for ddaepp.cost's plan; the index counts what is there
     "tokenizer": ("path",
                   # encoding is per image: the batch only groups the encoder calls (and fixes the
                   # _wip chunk layout, which the encoding job keys on by itself)

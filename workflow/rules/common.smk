@@ -7,6 +7,8 @@ from ddaepp import layer_search as ddaepp_layer_search
 from ddaepp import devices as ddaepp_devices
 from ddaepp import processes as ddaepp_processes
 
+from ddaepp import cost as ddaepp_cost
+
 try:
     CONFIG = ddaepp_config.validate(
         ddaepp_config.merge(
@@ -18,7 +20,7 @@ except ddaepp_config.ConfigError as err:
     raise WorkflowError(f"invalid config: {err}") from None
 
 _dataset, _tokenizer = CONFIG["dataset"], CONFIG["tokenizer"]
-DATASET_DIR = f"results/data/{_dataset['name']}{_dataset['image_size']}"
+DATASET_DIR = ddaepp_cost.dataset_dir(CONFIG)
 _tok_tag = (
     f"pixel{_tokenizer['factor']}"
     if _tokenizer["name"] == "pixel"
@@ -163,7 +165,7 @@ def table_files(name):
 def shard_files(split):
     return expand(
         f"{LATENTS_DIR}/shards/{split}-{{shard}}.npz",
-        shard=range(CONFIG["tokenizer"]["shards"]),
+        shard=range(ddaepp_cost.encode_shards(CONFIG, split)),
     )
 
 
@@ -223,17 +225,23 @@ def warning_seconds(runtime_minutes):
     return min(600, max(30, runtime_minutes * 6))
 
 
-def job_size(rule):
-    """Runtime (minutes), memory (MB) and CPUs of `rule`'s cluster job: jobs.<rule> over jobs.default."""
-    return {**CONFIG["jobs"]["default"], **CONFIG["jobs"].get(rule, {})}
+# Every job's size comes from ddaepp.cost's plan of this config (what `ddaepp plan` prints): with
+# jobs.rates, from the measured rates and the work of that very job; without, jobs.<rule> over
+# jobs.default. An explicit jobs.<rule> entry always wins.
+PLAN = ddaepp_cost.jobs(CONFIG)
+
+
+def job_size(rule, wildcards=None):
+    """Runtime (minutes), memory (MB) and CPUs of `rule`'s cluster job (the largest of the rule's
+    jobs without `wildcards`)."""
+    return ddaepp_cost.job_size(CONFIG, PLAN, rule, dict(wildcards.items()) if wildcards else None)
 
 
 def job_resources(rule, gpu=0):
     """A rule's `resources`: its size, its GPUs (a count or a function of wildcards), one node."""
-    size = job_size(rule)
     return {
-        "runtime": size["runtime"],
-        "mem_mb": size["mem_mb"],
+        "runtime": lambda w: job_size(rule, w)["runtime"],
+        "mem_mb": lambda w: job_size(rule, w)["mem_mb"],
         "gpu": gpu,
         "nodes": 1,
     }

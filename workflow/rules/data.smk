@@ -28,6 +28,7 @@ rule encode_shard:
     params:
         dataset=section_params("encode", "dataset"),
         tokenizer=section_params("encode", "tokenizer"),
+        num_shards=lambda w: ddaepp_cost.encode_shards(CONFIG, w.split),
     script:
         "../scripts/encode_shard.py"
 

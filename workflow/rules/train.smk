@@ -18,8 +18,9 @@ rule train:
     threads: job_size("train")["cpus"]
     resources:
         **train_resources("train"),
-        # SLURM's warning before the time limit: training saves _wip and requeues the job.
-        slurm_extra=f"--signal=USR1@{warning_seconds(job_size('train')['runtime'])}",
+        # SLURM's warning before the time limit: training saves _wip and requeues the job; the
+        # requeued job appends to its SLURM log rather than overwriting the earlier attempts'.
+        slurm_extra=lambda w: f"--signal=USR1@{warning_seconds(job_size('train', w)['runtime'])} --open-mode=append",
     params:
         run_cfg=run_params("train"),
     script:

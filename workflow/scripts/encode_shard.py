@@ -7,7 +7,7 @@ with io.job_log(snakemake.log[0], snakemake.threads):
         snakemake.params.tokenizer,
         split=snakemake.wildcards.split,
         shard=int(snakemake.wildcards.shard),
-        num_shards=snakemake.params.tokenizer["shards"],
+        num_shards=snakemake.params.num_shards,
         index_path=snakemake.input.index,
         out_path=snakemake.output[0],
         device=device,

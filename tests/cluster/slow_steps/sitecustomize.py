@@ -1,0 +1,21 @@
+"""Test-only: on PYTHONPATH with DDAEPP_TEST_STEP_SLEEP=<seconds>, every training step takes that much
+longer (a sleep after the step, which changes no result), so that tests/test_slurm.py can run a
+training segment several times longer than a 1-minute SLURM time limit on any machine."""
+
+import os
+
+if os.environ.get("DDAEPP_TEST_STEP_SLEEP"):
+    import time
+
+    try:
+        from ddaepp import train
+    except ImportError:  # a Python without ddaepp (e.g. a system tool): nothing to slow down
+        train = None
+    if train is not None:
+        seconds, step = float(os.environ["DDAEPP_TEST_STEP_SLEEP"]), train.Progress.step
+
+        def slow_step(self, *args, **kwargs):
+            time.sleep(seconds)
+            return step(self, *args, **kwargs)
+
+        train.Progress.step = slow_step
