@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from ddaepp import io, latents as latent_store, models
+from ddaepp import io, latents as latent_store, states
 from ddaepp.data import num_classes as dataset_num_classes
 # The probe's building blocks, importable from here as one API (tests and benchmarks use them so).
 from ddaepp.linear_probe import (BatchedLinearProbe, FeatureSource, Scores, array_source, epoch_batches,  # noqa: F401
@@ -274,7 +274,7 @@ def probe_state(run_cfg: dict, state_path, latent_files, out_parquet, out_json, 
     val_latents, val_labels = latent_store.load_latents(latent_files, "val")
     mean, std = latent_store.load_stats(latent_files)
     n_classes = dataset_num_classes(run_cfg["dataset"]) if run_cfg["conditional"] else 0
-    model = models.load_ema(state_path, run_cfg, train_latents.shape[2:], n_classes)
+    model = states.load_ema(state_path, run_cfg, train_latents.shape[2:], n_classes)
     with io.exclusive(Path(work_dir).parent / f"{Path(work_dir).name}.lock", f"the probe features in {work_dir}"):
         return run_probe(model, train_latents, train_labels, val_latents, val_labels, mean.numpy(), std.numpy(),
                          run_cfg["probe"], out_parquet, out_json, out_png, out_predictions, work_dir, device=device)
