@@ -384,3 +384,24 @@ def test_noise_free_draws_are_extracted_once_per_view(tmp_path, monkeypatch):
     run(tmp_path, "a", t=[1.0], noise_draws=4)  # train latents have a flip copy: two distinct draws
     assert sorted(n for n in names if n.startswith(("selection-fit", "final"))) == [
         "final-d0", "final-d1", "selection-fit-d0", "selection-fit-d1"]
+
+
+def test_ddaepp_probe_by_hand_equals_the_rule(small_latents, default_config, tmp_path):
+    """`ddaepp probe` with the files the probe rule passes writes what probe.probe_state writes."""
+    from ddaepp import cli, config, io
+    from ddaepp.models import model_from_run_config
+
+    run_cfg = config.run_config(default_config, "uncond", "baseline")
+    run_cfg["probe"].update(t=[0.8], epochs=2, final_epochs=2, lr=1e-2, batch_size=64)
+    io.save_checkpoint({"ema": model_from_run_config(run_cfg, (4, 8, 8), 10).state_dict()}, tmp_path / "state.pt")
+    expected = probe.probe_state(run_cfg, tmp_path / "state.pt", small_latents, tmp_path / "rule/probe.parquet",
+                                 tmp_path / "rule/probe.json", tmp_path / "rule/probe.png",
+                                 tmp_path / "rule/probe-val.parquet", tmp_path / "rule-work", device="cpu")
+    (tmp_path / "run.json").write_text(json.dumps(run_cfg))
+    assert cli.main(["probe", "--run-config", str(tmp_path / "run.json"), "--device", "cpu", "--latents",
+                     str(small_latents), "--state", str(tmp_path / "state.pt"),
+                     "--out", str(tmp_path / "cli/probe.parquet")]) == 0
+    assert json.loads((tmp_path / "cli/probe.json").read_text()) == expected
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "cli/probe.parquet"),
+                                  pd.read_parquet(tmp_path / "rule/probe.parquet"))
+    assert (tmp_path / "cli/probe-val.parquet").exists() and (tmp_path / "cli/probe.png").exists()
