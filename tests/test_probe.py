@@ -405,3 +405,26 @@ def test_ddaepp_probe_by_hand_equals_the_rule(small_latents, default_config, tmp
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "cli/probe.parquet"),
                                   pd.read_parquet(tmp_path / "rule/probe.parquet"))
     assert (tmp_path / "cli/probe-val.parquet").exists() and (tmp_path / "cli/probe.png").exists()
+
+
+class Overflowing(StandIn):
+    """Block 1's features pass float16's range at t = 0.9 only (a diverged layer, or plain fp16 overflow)."""
+
+    def forward(self, x, t, y=None, return_features=False):
+        v, feats = super().forward(x, t, y, return_features=True)
+        if abs(float(t[0]) - 0.9) < 1e-6:
+            feats = feats.clone()
+            feats[:, 1] = feats[:, 1] * 0 + 7e4
+        return (v, feats) if return_features else v
+
+
+def test_non_finite_fp16_features_stop_naming_block_and_t(tmp_path):
+    lat, _ = make_latents(8, 1)
+    with pytest.raises(FloatingPointError, match=r"block 1, t 0.9 are not finite in float16 \(\|feature\| "
+                                                 r"reaches 7e\+04, past float16's 65504\)"):
+        probe_features.extract_features(Overflowing(), lat, MEAN, STD, [0.5, 0.9], tmp_path, "grid", views="first")
+    assert not (tmp_path / "grid.npy").exists()
+    model = StandIn()
+    model.blocks[2].weight.data[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"block 2, t 0.5 are not finite .*NaN/inf"):
+        probe_features.extract_features(model, lat, MEAN, STD, [0.5, 0.9], tmp_path, "nan", views="first")
