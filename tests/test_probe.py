@@ -428,3 +428,57 @@ def test_non_finite_fp16_features_stop_naming_block_and_t(tmp_path):
     model.blocks[2].weight.data[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match=r"block 2, t 0.5 are not finite .*NaN/inf"):
         probe_features.extract_features(model, lat, MEAN, STD, [0.5, 0.9], tmp_path, "nan", views="first")
+
+
+def ddae_linear_loop(draws, labels, val_x, val_y, epochs, lr, batch_size, seed, weight, bias):
+    """DDAE's DiT/linear.py training loop, written again from its code for one (block, t): nn.Linear
+    from the given initial weights, Adam, CosineAnnealingLR(T_max=epochs) stepped after each epoch,
+    epoch e on draw e (fresh noise), shuffled batches; returns the val accuracy in percent."""
+    head = nn.Linear(weight.shape[0], weight.shape[1])
+    with torch.no_grad():
+        head.weight.copy_(torch.as_tensor(weight).T)
+        head.bias.copy_(torch.as_tensor(bias))
+    optim = torch.optim.Adam(head.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optim, epochs)
+    y = torch.as_tensor(labels)
+    for e in range(epochs):
+        x = torch.as_tensor(np.asarray(draws[e], np.float32))
+        order = np.random.default_rng([seed, e]).permutation(len(y))
+        for i in range(0, len(order), batch_size):
+            b = torch.as_tensor(order[i:i + batch_size])
+            loss = nn.CrossEntropyLoss()(head(x[b]), y[b])
+            optim.zero_grad()
+            loss.backward()
+            optim.step()
+        scheduler.step()
+    with torch.no_grad():
+        pred = head(torch.as_tensor(np.asarray(val_x, np.float32))).argmax(-1)
+    return 100 * (pred == torch.as_tensor(val_y)).double().mean().item()
+
+
+def test_ddae_protocol_equals_ddae_loop(tmp_path):
+    """probe.protocol: ddae trains every pair as DDAE's loop trains one, chooses on val, reports val."""
+    from ddaepp.linear_probe import BatchedLinearProbe
+
+    epochs, seed = 3, 0
+    train_lat, train_y = make_latents(96, 2)
+    val_lat, val_y = make_latents(32, 1, seed=1)
+    result = probe.run_probe(StandIn(), train_lat, train_y, val_lat, val_y, MEAN, STD,
+                             probe_cfg(protocol="ddae", epochs=epochs, lr=1e-2), tmp_path / "probe.parquet",
+                             tmp_path / "probe.json", tmp_path / "probe.png", tmp_path / "val.parquet",
+                             tmp_path / "work", keep_features=True)
+    table = pd.read_parquet(tmp_path / "probe.parquet")
+    assert result["protocol"] == "ddae" and result["noise_draws"] == epochs
+    assert result["lp_acc"] == table["val_acc"].max() == table.loc[table["chosen"], "val_acc"].item()
+    work = tmp_path / "work"
+    draws = [np.load(work / f"ddae-train-d{d}.npy") for d in range(epochs)]  # (N, T, B, D) each: fresh noise
+    assert not np.array_equal(draws[0], draws[1])
+    val_x = np.load(work / "val.npy")
+    n_t, depth, dim = draws[0].shape[1:]
+    init = BatchedLinearProbe(n_t * depth, dim, 4, torch.Generator().manual_seed(seed), normalize=False)
+    for pair in range(n_t * depth):  # each pair alone, from the initial weights the batched head gave it
+        ti, block = divmod(pair, depth)
+        acc = ddae_linear_loop([d[:, ti, block] for d in draws], train_y, val_x[:, ti, block], val_y, epochs, 1e-2,
+                               16, seed, init.weight[pair].detach(), init.bias[pair].detach())
+        row = table[(table["block"] == block) & np.isclose(table["t"], probe_cfg()["t"][ti])]
+        assert row["val_acc"].item() == pytest.approx(acc, abs=1e-9), (block, ti)

@@ -110,7 +110,8 @@ def _forward_features(model, latents, rows, views, mean, std, t_grid, blocks, se
 def _finite_fp16(features: np.ndarray, t_grid, blocks, name: str) -> np.ndarray:
     """`features` (n, T, B, D) as stored (float16), or an error naming the first (block, t) that is
     not finite there: a NaN from the model, or a value past float16's range (65504)."""
-    stored = features.astype(np.float16)
+    with np.errstate(over="ignore"):  # overflow is what is checked for next
+        stored = features.astype(np.float16)
     bad = ~np.isfinite(stored).all(axis=(0, 3))  # (T, B)
     if bad.any():
         ti, bi = np.argwhere(bad)[0]
