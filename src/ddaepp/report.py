@@ -132,13 +132,19 @@ def _probe_caption(frame: pd.DataFrame, probe: dict, floor: dict | None) -> str:
     n_val, n_train, n_pairs, n_sel = (sorted({int(n) for n in frame[f"probe_{c}"].dropna()})
                                       for c in ("n_val", "n_train", "n_pairs", "selection_n"))
     noise_levels = ", ".join(f"{t:g}" for t in probe["t"])
-    line = (f"LP Acc.: top-1 % on {_counts(n_val, 'the')} val images of a linear probe trained on "
-            f"{_counts(n_train, 'the')} train images' token-mean block features ({probe['noise_draws']} noise "
-            f"draws), at the (block, t) pair (of {_counts(n_pairs, 'all')}, t ∈ {{{noise_levels}}}) that scored best "
-            f"on {_counts(n_sel, 'held-out')} held-out train images ({probe['selection_per_class']} per class in the "
-            "selection")
-    se = frame["probe_selection_se"].dropna()
-    line += f"; standard error of that score at most {se.max():.2f} points). " if len(se) else "). "
+    if probe.get("protocol") == "ddae":  # DDAE's: every pair trained on all of train, chosen on val
+        line = (f"LP Acc. (DDAE's protocol): top-1 % on {_counts(n_val, 'the')} val images of a plain linear probe "
+                f"(Adam, {probe['epochs']} epochs, a fresh noise draw each) on {_counts(n_train, 'the')} train "
+                f"images' token-mean block features, at the (block, t) pair (of {_counts(n_pairs, 'all')}, "
+                f"t ∈ {{{noise_levels}}}) best on val. ")
+    else:
+        line = (f"LP Acc. (ddaepp protocol): top-1 % on {_counts(n_val, 'the')} val images of a linear probe trained on "
+                f"{_counts(n_train, 'the')} train images' token-mean block features ({probe['noise_draws']} noise "
+                f"draws), at the (block, t) pair (of {_counts(n_pairs, 'all')}, t ∈ {{{noise_levels}}}) that scored best "
+                f"on {_counts(n_sel, 'held-out')} held-out train images ({probe['selection_per_class']} per class in the "
+                "selection")
+        se = frame["probe_selection_se"].dropna()
+        line += f"; standard error of that score at most {se.max():.2f} points). " if len(se) else "). "
     if floor is not None:
         line += (f"Floor: the same probe on the raw latents reaches {floor['floor_acc']:.2f}% (± {floor['se']:.2f})"
                  + ("" if floor["converged"] else

@@ -123,9 +123,23 @@ rule checkpoint_probe:
         "../scripts/probe.py"
 
 
+def ckpt_table_inputs(wildcards):
+    if not CONFIG["checkpoints"]:
+        raise WorkflowError(
+            "results/tables/checkpoints.md: the config declares no checkpoints; add them under "
+            "the config key `checkpoints` (path, sha256, latent_stats, conditional, model)"
+        )
+    return [
+        f
+        for r in ckpt_records()
+        for k, f in r.items()
+        if k.startswith(("metrics", "probe")) and f
+    ]
+
+
 rule checkpoints_table:
     input:
-        [f for r in ckpt_records() for k, f in r.items() if k.startswith(("metrics", "probe")) and f],
+        ckpt_table_inputs,
     output:
         md="results/tables/checkpoints.md",
         parquet="results/tables/checkpoints.parquet",
