@@ -431,3 +431,23 @@ def test_no_lp_mark_without_stored_predictions(tmp_path):
     _, rows, text = read_md_table(md)
     assert re.fullmatch(r"62\.00\[\d\]", rows["10"][4]) and rows["10"][2] == "61.00"
     assert "no per-image val predictions (`probe-val.parquet`) of the variant and baseline" in text
+
+
+def test_a_second_probe_protocol_gets_its_own_lp_column(tmp_path):
+    """probe.compare: each record's probe-compare.json is a second LP column, named by its protocol."""
+    config = digits_config(probe={"compare": {"protocol": "ddae", "epochs": 30, "lr": 1.0e-3, "batch_size": 128}})
+    records = fake_records(tmp_path, ["baseline", "selfcond"], [0], [5, 10, 20], conditional=False)
+    for r in records:
+        d = Path(r["probe"]).parent
+        write_json(d / "probe-compare.json", {"block": 1, "t": 0.7, "lp_acc": 70.0 + r["epoch"], "protocol": "ddae",
+                                              "n_train": 1437, "n_val": 360, "n_pairs": 16})
+        pd.read_parquet(r["probe_val"]).to_parquet(d / "probe-compare-val.parquet")
+        r.update(probe_compare=d / "probe-compare.json", probe_compare_val=d / "probe-compare-val.parquet")
+    md, _, parquet = write(tmp_path, config, "uncond", records)
+    header, rows, text = read_md_table(md)
+    assert header == ["Epoch", "baseline FID_500 (digits-net)", "baseline LP Acc. (ddaepp)", "baseline LP Acc. (ddae)",
+                      "selfcond FID_500 (digits-net)", "selfcond LP Acc. (ddaepp)", "selfcond LP Acc. (ddae)"]
+    assert rows["10"][1:] == ["40.00", "61.00", "80.00", "41.00", "62.00", "80.00"]
+    assert "Second LP column: LP Acc. (DDAE's protocol)" in text and "Adam, 30 epochs" in text
+    frame = pd.read_parquet(parquet)
+    assert (frame["lp_acc_compare"] == 70.0 + frame["epoch"]).all() and "lp_acc_compare_p" in frame

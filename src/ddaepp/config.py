@@ -251,6 +251,14 @@ def run_config(config: dict, setting: str, variant: str) -> dict:
     return _sorted(out)
 
 
+def compare_run_config(run: dict) -> dict:
+    """The run config of a run's second probe (probe.compare): its keys over the probe section."""
+    out = copy.deepcopy(run)
+    out["probe"] = merge({k: v for k, v in run["probe"].items() if k != "compare"}, run["probe"]["compare"] or {})
+    out["probe"]["compare"] = None
+    return out
+
+
 def checkpoint_run_config(config: dict, name: str) -> dict:
     """The effective config of checkpoint `name` (config key `checkpoints`): the shared sections with
     the checkpoint's model, sample and probe over them, and a `checkpoint` entry (path, sha256,

@@ -21,7 +21,7 @@ import pandas as pd
 from ddaepp import config as config_lib, layer_search
 from ddaepp.io import atomic_path, read_json
 from ddaepp.report_frame import (METRICS, PAPER_COLUMNS, PAPER_FEATURES, PAPER_N, _collect, _protocol, _with_notes,
-                                 baseline_variant, paper_protocol_mismatch, paper_values, table_metrics)
+                                 baseline_variant, has_compare, paper_protocol_mismatch, paper_values, table_metrics)
 
 MARK = "†"  # beyond noise at 95% against the table's baseline
 DASH = "—"
@@ -35,7 +35,7 @@ def count_label(n: int) -> str:
 def metric_label(metric: str, counts: list[int], features: list[str]) -> str:
     """'FID_10k', 'FID_1k (digits-net)', 'IS_10k_CFG', 'LP Acc.'."""
     name = METRICS[metric][2]
-    if metric == "lp_acc":
+    if metric.startswith("lp_acc"):
         return name
     label = f"{name}_{'/'.join(count_label(n) for n in counts)}" + ("_CFG" if metric.endswith("_cfg") else "")
     return label if features == [PAPER_FEATURES] else f"{label} ({'/'.join(features)})"
@@ -98,11 +98,15 @@ def _grid(cfg: dict, table_name: str, frame: pd.DataFrame, notes: dict, tests: t
     columns, rows = [(corner, "Epoch")], [[str(e)] for e in setting["epochs"]]
     for variant, run in runs.items():
         ours, paper = frame[frame.variant == variant], paper_values(run)
-        for metric in table_metrics(setting["conditional"]):
+        compare = has_compare(frame)
+        for metric in table_metrics(setting["conditional"], compare):
             label = metric_label(metric, *_protocol(ours, run, metric))
+            if compare and metric.startswith("lp_acc"):  # two probes: each column names its protocol
+                probe = run["probe"] if metric == "lp_acc" else config_lib.compare_run_config(run)["probe"]
+                label = f"{label} ({probe['protocol']})"
             columns.append((variant, label))
             paper_label = metric_label(metric, [PAPER_N], [PAPER_FEATURES])
-            if paper:
+            if paper and metric in PAPER_COLUMNS:
                 columns += [(variant, f"{paper_label} (paper)"), (variant, f"Δ {paper_label}")]
             for row, epoch in zip(rows, setting["epochs"]):
                 cells = ours[ours.epoch == epoch]
@@ -173,6 +177,8 @@ def _header(cfg: dict, table_name: str, frame: pd.DataFrame, floor: dict | None 
              f"{', reference statistics ' + refs if refs else ''}. ")
 
     line += _probe_caption(frame, runs[0]["probe"], floor)
+    if has_compare(frame):
+        line += "Second LP column: " + _probe_caption(frame, config_lib.compare_run_config(runs[0])["probe"], None)
 
     if setting["conditional"]:
         scales = sorted({float(s) for s in frame["cfg_scale"].dropna()} or {r["sample"]["cfg"]["scale"] for r in runs})

@@ -144,9 +144,20 @@ def table_records(name):
                         "probe": f"{d}/probe.json",
                         "layer_choice": layer_choice_path(run, seed),
                         "probe_val": f"{d}/probe-val.parquet",
+                        **compare_files(run, d),
                     }
                 )
     return records
+
+
+def compare_files(run, run_dir):
+    """The second probe's files of a record (probe.compare), or none."""
+    if not run_cfg(run)["probe"]["compare"]:
+        return {}
+    return {
+        "probe_compare": f"{run_dir}/probe-compare.json",
+        "probe_compare_val": f"{run_dir}/probe-compare-val.parquet",
+    }
 
 
 def table_files(name):
