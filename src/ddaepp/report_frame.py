@@ -106,7 +106,7 @@ def _value(data: dict | None, key: str, path, seed: int) -> tuple[float, str | N
     return float(value), None
 
 
-def _read_record(record: dict, conditional: bool) -> tuple[dict, dict, dict]:
+def _read_record(record: dict, conditional: bool, compare: bool = False) -> tuple[dict, dict, dict]:
     missing = [k for k in ("variant", "seed", "epoch", "metrics_nocfg", "probe") if k not in record]
     if missing:
         raise ValueError(f"report record {record!r} lacks {', '.join(missing)}; each record needs "
@@ -125,9 +125,11 @@ def _read_record(record: dict, conditional: bool) -> tuple[dict, dict, dict]:
     seed = int(record["seed"])
     row = {"variant": str(record["variant"]), "seed": seed, "epoch": int(record["epoch"])}
     notes = {}
-    for metric in table_metrics(conditional, compare=files["probe_compare"] is not None):
+    for metric in table_metrics(conditional, compare):
         source, key, _ = METRICS[metric]
         row[metric], note = _value(data[source], key, files[source], seed)
+        if metric == "lp_acc_compare" and data[source] is None:
+            note = "not computed: the second probe (probe.compare) runs at each setting's last budget only"
         if note:
             notes[metric] = note
     nocfg, cfg_data, probe = data["metrics_nocfg"], data["metrics_cfg"] or {}, data["probe"]
@@ -159,8 +161,9 @@ def _collect(config: dict, table_name: str, records: list[dict]) -> tuple[dict, 
     if not records:
         raise ValueError(f"no records given for table '{table_name}'; pass one per (variant, seed, epoch)")
     rows, notes, raw = [], {}, {}
+    compare = any(record.get("probe_compare") for record in records)
     for record in records:
-        row, row_notes, raw_data = _read_record(record, setting["conditional"])
+        row, row_notes, raw_data = _read_record(record, setting["conditional"], compare)
         key = (row["variant"], row["seed"], row["epoch"])
         if row["variant"] not in table["variants"]:
             raise ValueError(f"record variant '{row['variant']}' is not in table '{table_name}' "
