@@ -21,6 +21,7 @@ COLUMNS = {  # column: (record file, key)
     "FID CFG": ("metrics_cfg", "fid"), "IS CFG": ("metrics_cfg", "is_mean"),
     "LP Acc.": ("probe", "lp_acc"),
 }
+OPTIONAL = {"Precision": ("metrics_nocfg", "precision"), "Recall": ("metrics_nocfg", "recall")}  # metrics.precision_recall
 
 
 def _number(data: dict | None, key: str) -> float:
@@ -37,7 +38,7 @@ def collect(config: dict, records: list[dict]) -> pd.DataFrame:
         row = {"checkpoint": record["checkpoint"], "seed": int(record["seed"]), "size": run["model"]["size"],
                "conditional": run["conditional"], "sha256": run["checkpoint"]["sha256"],
                "path": run["checkpoint"]["path"]}
-        row.update({column: _number(data[source], key) for column, (source, key) in COLUMNS.items()})
+        row.update({column: _number(data[source], key) for column, (source, key) in {**COLUMNS, **OPTIONAL}.items()})
         nocfg, probe = data["metrics_nocfg"], data["probe"]
         row.update(n=nocfg.get("n"), features=nocfg.get("features"), reference=nocfg.get("reference"),
                    probe_block=probe.get("block"), probe_t=probe.get("t"), probe_protocol=probe.get("protocol", "ddaepp"),
@@ -81,13 +82,14 @@ def _header(config: dict, frame: pd.DataFrame) -> str:
 
 def write_table(config: dict, records: list[dict], out_md, out_parquet) -> pd.DataFrame:
     frame = collect(config, records)
-    columns = ["Checkpoint", "Model", *COLUMNS, "(block, t)", "sha256"]
+    shown = [*COLUMNS, *(c for c in OPTIONAL if frame[c].notna().any())]
+    columns = ["Checkpoint", "Model", *shown, "(block, t)", "sha256"]
     lines = [_header(config, frame), "", "| " + " | ".join(columns) + " |", "|" + "---:|" * len(columns)]
     for name, rows in frame.groupby("checkpoint", sort=False):
         first = rows.iloc[0]
         pairs = sorted({(int(b), float(t)) for b, t in zip(rows["probe_block"], rows["probe_t"])})
         cells = [f"`{name}`", f"LightningDiT {first['size']} ({'cond' if first['conditional'] else 'uncond'})"]
-        cells += [_cell(rows[column]) if first["conditional"] or "CFG" not in column else "—" for column in COLUMNS]
+        cells += [_cell(rows[column]) if first["conditional"] or "CFG" not in column else "—" for column in shown]
         cells += ["; ".join(f"({b}, {t:g})" for b, t in pairs), f"`{first['sha256'][:12]}…`"]
         lines.append("| " + " | ".join(cells) + " |")
     with atomic_path(out_md) as tmp:
