@@ -24,6 +24,7 @@ wildcard_constraints:
     shard=r"\d+",
     split=r"train|val",
     table=r"[A-Za-z0-9_]+",
+    ckpt=r"[A-Za-z0-9_]+",
 
 
 include: "workflow/rules/data.smk"
@@ -32,6 +33,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/sample.smk"
 include: "workflow/rules/probe.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/checkpoints.smk"
 
 
 report: "workflow/report/workflow.rst"

@@ -108,3 +108,15 @@ def merge_into(folder, shard_paths, split: str) -> Path:
     stats = folder / "stats.json" if split == "train" else None
     latents.merge_shards(shard_paths, split, folder / f"latents-{split}.npy", folder / f"labels-{split}.npy", stats)
     return folder
+
+
+def write_upstream_checkpoint(ddaepp_state, out, keys=("ema",)) -> Path:
+    """hustvl/LightningDiT's layout of a ddaepp state's weights: the state dicts `keys` ('ema',
+    'model') with DDP's `module.` prefix on every key, plus an upstream-style `args` entry; no sidecar."""
+    state = torch.load(ddaepp_state, map_location="cpu", weights_only=True)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    upstream = {k: {f"module.{name}": v for name, v in state[k].items()} for k in keys}
+    upstream["args"] = {"model": "LightningDiT", "note": "written by tests/standins.py"}
+    torch.save(upstream, out)
+    return out

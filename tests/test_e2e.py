@@ -203,3 +203,41 @@ def test_two_processes_build_the_same_tables(smoke_run, tmp_path):
               f"max LP Acc. difference {lp_acc:.3g}")
         assert (relative <= TWO_PROCESS_REL_TOL).all(), (name, relative.to_dict())
         assert lp_acc <= (100 / one["probe_n_val"]).min() + 1e-9, (name, lp_acc)  # one image, in percent
+
+
+def test_an_upstream_checkpoint_is_evaluated_from_the_config_alone(smoke_run):
+    """A LightningDiT-format file (module. prefixes, an `ema` key, latents_stats.pt) written from the
+    smoke run's cond-baseline ep1 weights: the DAG samples, scores (±CFG) and probes it with no
+    training, and every output equals the same weights evaluated as the ddaepp run."""
+    import numpy as np
+    import torch
+
+    from ddaepp import io
+    from standins import write_upstream_checkpoint
+
+    run_dir = smoke_run / "results/runs/cond-baseline/s0/ep1"
+    upstream = write_upstream_checkpoint(run_dir / "state.pt", smoke_run / "external/lightningdit.pt")
+    stats = json.loads((smoke_run / "results/data/digits16/pixel2/stats.json").read_text())
+    torch.save({k: torch.tensor(stats[k], dtype=torch.float32).view(1, -1, 1, 1) for k in ("mean", "std")},
+               smoke_run / "external/latents_stats.pt")
+    cfg = yaml.safe_load((smoke_run / "smoke.yaml").read_text())
+    cfg["checkpoints"] = {"upstream_t2": {
+        "path": str(upstream), "sha256": io.file_sha256(upstream), "latent_stats": "external/latents_stats.pt",
+        "conditional": True, "model": {"size": "T/2"}}}
+    (smoke_run / "ckpt.yaml").write_text(yaml.safe_dump(cfg))
+    out = snakemake(smoke_run, "results/tables/checkpoints.md", configfile=smoke_run / "ckpt.yaml")
+    assert set(planned(out)) == {"checkpoint_stats", "checkpoint_sample_shard", "checkpoint_metrics",
+                                 "checkpoint_probe", "checkpoints_table"}  # no training, the data stages reused
+    ckpt_dir = smoke_run / "results/checkpoints/upstream_t2/s0"
+    for guide in ("nocfg", "cfg"):
+        with np.load(run_dir / f"samples-{guide}/shard0.npz") as ours, \
+                np.load(ckpt_dir / f"samples-{guide}/shard0.npz") as theirs:
+            assert np.array_equal(ours["images"], theirs["images"]), guide
+        ours, theirs = (json.loads((d / f"metrics-{guide}.json").read_text()) for d in (run_dir, ckpt_dir))
+        assert (theirs["fid"], theirs["is_mean"]) == (ours["fid"], ours["is_mean"]), guide
+    pd.testing.assert_frame_equal(pd.read_parquet(run_dir / "probe.parquet"), pd.read_parquet(ckpt_dir / "probe.parquet"))
+    ours, theirs = (json.loads((d / "probe.json").read_text()) for d in (run_dir, ckpt_dir))
+    assert theirs == ours
+    table = (smoke_run / "results/tables/checkpoints.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| `upstream_t2`"))
+    assert f"{ours['lp_acc']:.2f}" in row and io.file_sha256(upstream)[:12] in row, table

@@ -263,9 +263,9 @@ def _spy_training(monkeypatch, run_cfg, folder):
 
 def _spy_probe(monkeypatch, run_cfg, folder):
     """Probe the state at t = 1 (x_t = x1: the model sees the latents themselves); what it sees."""
-    from ddaepp import models, probe
+    from ddaepp import probe, states
 
-    seen, load_ema = [], models.load_ema
+    seen, load_ema = [], states.load_ema
 
     def spy_load_ema(*args, **kwargs):
         model = load_ema(*args, **kwargs)
@@ -278,7 +278,7 @@ def _spy_probe(monkeypatch, run_cfg, folder):
         model.forward = recording_forward
         return model
 
-    monkeypatch.setattr(models, "load_ema", spy_load_ema)
+    monkeypatch.setattr(states, "load_ema", spy_load_ema)
     probe.probe_state(run_cfg, folder / "state.pt", folder, folder / "probe.parquet", folder / "probe.json",
                       folder / "probe.png", folder / "probe-val.parquet", folder / "_wip")
     return seen

@@ -174,7 +174,7 @@ def test_short_run_records_every_step_and_the_state_its_layer(small_latents, tmp
     assert summary["steps"] == 6 and summary["first_step"] == 0 and len(summary["step_losses"]) == 6
     assert all(math.isfinite(v) for v in summary["step_losses"])
     assert io.load_checkpoint(out)["fingerprint"]["model"]["self_cond_layer"] == 1
-    from ddaepp.models import load_ema  # sampling and probing: `auto` rebuilt from the state's fingerprint
+    from ddaepp.states import load_ema  # sampling and probing: `auto` rebuilt from the state's fingerprint
 
     assert load_ema(out, run, (4, 8, 8), 0).self_cond_layer == 1
     with pytest.raises(ValueError, match="not a candidate"):

@@ -376,3 +376,68 @@ def test_shards_are_read_in_sample_index_order(tmp_path):
         np.savez(paths[-1], images=images[rows], labels=labels[rows], indices=np.arange(6)[rows])
     loaded, loaded_labels = metrics.load_samples(paths, 4)
     assert np.array_equal(loaded, images) and np.array_equal(loaded_labels, labels)
+
+
+def test_ddaepp_metrics_by_hand_equals_the_rule(tmp_path, classifier, reference):
+    """`ddaepp metrics` with the files the metrics rule passes writes what metrics.compute writes."""
+    from ddaepp import cli
+
+    images, labels = real("val")
+    expected = run_compute(tmp_path, images, labels, classifier, reference, name="rule")
+    run_cfg = ddaepp_config.run_config(CONFIG, "uncond", "baseline")
+    (tmp_path / "run.json").write_text(json.dumps(run_cfg))
+    assert cli.main(["metrics", "--run-config", str(tmp_path / "run.json"), "--device", "cpu",
+                     "--samples", str(tmp_path / "rule.npz"), "--guidance", "nocfg", "--reference", str(reference),
+                     "--classifier", str(classifier[0]), "--classifier-summary",
+                     str(classifier[0].with_name("digits-net.json")), "--out", str(tmp_path / "cli.json"),
+                     "--grid", str(tmp_path / "cli.png")]) == 0
+    by_hand = json.loads((tmp_path / "cli.json").read_text())
+    assert by_hand["fid"] == expected["fid"] and by_hand["is_mean"] == expected["is_mean"]
+    assert by_hand["guide"] == "nocfg" and (tmp_path / "cli.png").exists()
+
+
+def adm_manifold_estimator(ref, gen, k=3):
+    """guided-diffusion's ManifoldEstimator in plain numpy (one batch, float64): radii from np.partition
+    of each row of squared distances at index k, then `dist <= radius` of any ball."""
+    def sq(u, v):
+        return np.maximum((u ** 2).sum(1)[:, None] - 2 * u @ v.T + (v ** 2).sum(1)[None], 0.0)
+
+    radii_ref = np.partition(sq(ref, ref), k, axis=1)[:, k]
+    radii_gen = np.partition(sq(gen, gen), k, axis=1)[:, k]
+    cross = sq(ref, gen)  # rows: reference, columns: samples
+    ref_in_gen = (cross <= radii_gen[None]).any(1)
+    gen_in_ref = (cross <= radii_ref[:, None]).any(0)
+    return gen_in_ref.mean(), ref_in_gen.mean()  # (precision, recall) as evaluate_pr returns them
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.7])
+def test_precision_recall_equals_adm_manifold_estimator(shift):
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(300, 32))
+    gen = rng.normal(size=(200, 32)) * 1.3 + shift  # wider and shifted: precision and recall differ
+    expected = adm_manifold_estimator(ref, gen)
+    got = scores.precision_recall(ref, gen)
+    assert abs(got["precision"] - expected[0]) < 1e-6 and abs(got["recall"] - expected[1]) < 1e-6
+    assert 0 < got["precision"] < 1 and 0 < got["recall"] < 1 and got["precision"] != got["recall"]
+    features = torch.as_tensor(ref)
+    assert torch.equal(scores.manifold_radii(features, rows=7), scores.manifold_radii(features))  # blocks of rows
+
+
+def test_precision_recall_columns_of_real_and_noise_samples(tmp_path, classifier):
+    """metrics.precision_recall: the reference file stores the reference features, the metrics file
+    gets ADM's precision and recall beside FID/IS (from the same FID-layer features)."""
+    cfg = make_config(metrics={"precision_recall": True, "pr_reference_n": 400})
+    path = metrics.reference_stats(cfg["dataset"], cfg["metrics"], tmp_path / "ref.npz", classifier_path=classifier[0])
+    assert path["pr_features"].shape == (400, 64)
+    images, labels = real("val")
+    results = {}
+    for name, x in (("real", images), ("noise", noise_like(images))):
+        samples = write_samples(tmp_path / f"{name}.npz", x, labels)
+        results[name] = metrics.compute([samples], cfg["dataset"], cfg["metrics"], tmp_path / "ref.npz",
+                                        tmp_path / f"{name}.json", classifier_path=classifier[0])
+    assert results["real"]["precision"] > 0.6 and results["real"]["recall"] > 0.6, results["real"]
+    assert results["noise"]["precision"] < 0.05, results["noise"]
+    with pytest.raises(ConfigError, match="stores no reference features"):  # a reference made with the key off
+        metrics.reference_stats(cfg["dataset"], METRICS, tmp_path / "plain.npz", classifier_path=classifier[0])
+        metrics.compute([tmp_path / "real.npz"], cfg["dataset"], cfg["metrics"], tmp_path / "plain.npz",
+                        tmp_path / "x.json", classifier_path=classifier[0])

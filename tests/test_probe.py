@@ -384,3 +384,101 @@ def test_noise_free_draws_are_extracted_once_per_view(tmp_path, monkeypatch):
     run(tmp_path, "a", t=[1.0], noise_draws=4)  # train latents have a flip copy: two distinct draws
     assert sorted(n for n in names if n.startswith(("selection-fit", "final"))) == [
         "final-d0", "final-d1", "selection-fit-d0", "selection-fit-d1"]
+
+
+def test_ddaepp_probe_by_hand_equals_the_rule(small_latents, default_config, tmp_path):
+    """`ddaepp probe` with the files the probe rule passes writes what probe.probe_state writes."""
+    from ddaepp import cli, config, io
+    from ddaepp.models import model_from_run_config
+
+    run_cfg = config.run_config(default_config, "uncond", "baseline")
+    run_cfg["probe"].update(t=[0.8], epochs=2, final_epochs=2, lr=1e-2, batch_size=64)
+    io.save_checkpoint({"ema": model_from_run_config(run_cfg, (4, 8, 8), 10).state_dict()}, tmp_path / "state.pt")
+    expected = probe.probe_state(run_cfg, tmp_path / "state.pt", small_latents, tmp_path / "rule/probe.parquet",
+                                 tmp_path / "rule/probe.json", tmp_path / "rule/probe.png",
+                                 tmp_path / "rule/probe-val.parquet", tmp_path / "rule-work", device="cpu")
+    (tmp_path / "run.json").write_text(json.dumps(run_cfg))
+    assert cli.main(["probe", "--run-config", str(tmp_path / "run.json"), "--device", "cpu", "--latents",
+                     str(small_latents), "--state", str(tmp_path / "state.pt"),
+                     "--out", str(tmp_path / "cli/probe.parquet")]) == 0
+    assert json.loads((tmp_path / "cli/probe.json").read_text()) == expected
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "cli/probe.parquet"),
+                                  pd.read_parquet(tmp_path / "rule/probe.parquet"))
+    assert (tmp_path / "cli/probe-val.parquet").exists() and (tmp_path / "cli/probe.png").exists()
+
+
+class Overflowing(StandIn):
+    """Block 1's features pass float16's range at t = 0.9 only (a diverged layer, or plain fp16 overflow)."""
+
+    def forward(self, x, t, y=None, return_features=False):
+        v, feats = super().forward(x, t, y, return_features=True)
+        if abs(float(t[0]) - 0.9) < 1e-6:
+            feats = feats.clone()
+            feats[:, 1] = feats[:, 1] * 0 + 7e4
+        return (v, feats) if return_features else v
+
+
+def test_non_finite_fp16_features_stop_naming_block_and_t(tmp_path):
+    lat, _ = make_latents(8, 1)
+    with pytest.raises(FloatingPointError, match=r"block 1, t 0.9 are not finite in float16 \(\|feature\| "
+                                                 r"reaches 7e\+04, past float16's 65504\)"):
+        probe_features.extract_features(Overflowing(), lat, MEAN, STD, [0.5, 0.9], tmp_path, "grid", views="first")
+    assert not (tmp_path / "grid.npy").exists()
+    model = StandIn()
+    model.blocks[2].weight.data[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"block 2, t 0.5 are not finite .*NaN/inf"):
+        probe_features.extract_features(model, lat, MEAN, STD, [0.5, 0.9], tmp_path, "nan", views="first")
+
+
+def ddae_linear_loop(draws, labels, val_x, val_y, epochs, lr, batch_size, seed, weight, bias):
+    """DDAE's DiT/linear.py training loop, written again from its code for one (block, t): nn.Linear
+    from the given initial weights, Adam, CosineAnnealingLR(T_max=epochs) stepped after each epoch,
+    epoch e on draw e (fresh noise), shuffled batches; returns the val accuracy in percent."""
+    head = nn.Linear(weight.shape[0], weight.shape[1])
+    with torch.no_grad():
+        head.weight.copy_(torch.as_tensor(weight).T)
+        head.bias.copy_(torch.as_tensor(bias))
+    optim = torch.optim.Adam(head.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optim, epochs)
+    y = torch.as_tensor(labels)
+    for e in range(epochs):
+        x = torch.as_tensor(np.asarray(draws[e], np.float32))
+        order = np.random.default_rng([seed, e]).permutation(len(y))
+        for i in range(0, len(order), batch_size):
+            b = torch.as_tensor(order[i:i + batch_size])
+            loss = nn.CrossEntropyLoss()(head(x[b]), y[b])
+            optim.zero_grad()
+            loss.backward()
+            optim.step()
+        scheduler.step()
+    with torch.no_grad():
+        pred = head(torch.as_tensor(np.asarray(val_x, np.float32))).argmax(-1)
+    return 100 * (pred == torch.as_tensor(val_y)).double().mean().item()
+
+
+def test_ddae_protocol_equals_ddae_loop(tmp_path):
+    """probe.protocol: ddae trains every pair as DDAE's loop trains one, chooses on val, reports val."""
+    from ddaepp.linear_probe import BatchedLinearProbe
+
+    epochs, seed = 3, 0
+    train_lat, train_y = make_latents(96, 2)
+    val_lat, val_y = make_latents(32, 1, seed=1)
+    result = probe.run_probe(StandIn(), train_lat, train_y, val_lat, val_y, MEAN, STD,
+                             probe_cfg(protocol="ddae", epochs=epochs, lr=1e-2), tmp_path / "probe.parquet",
+                             tmp_path / "probe.json", tmp_path / "probe.png", tmp_path / "val.parquet",
+                             tmp_path / "work", keep_features=True)
+    table = pd.read_parquet(tmp_path / "probe.parquet")
+    assert result["protocol"] == "ddae" and result["noise_draws"] == epochs
+    assert result["lp_acc"] == table["val_acc"].max() == table.loc[table["chosen"], "val_acc"].item()
+    work = tmp_path / "work"
+    draws = [np.load(work / f"ddae-train-d{d}.npy") for d in range(epochs)]  # (N, T, B, D) each: fresh noise
+    assert not np.array_equal(draws[0], draws[1])
+    val_x = np.load(work / "val.npy")
+    n_t, depth, dim = draws[0].shape[1:]
+    init = BatchedLinearProbe(n_t * depth, dim, 4, torch.Generator().manual_seed(seed), normalize=False)
+    for pair in range(n_t * depth):  # each pair alone, from the initial weights the batched head gave it
+        ti, block = divmod(pair, depth)
+        acc = ddae_linear_loop([d[:, ti, block] for d in draws], train_y, val_x[:, ti, block], val_y, epochs, 1e-2,
+                               16, seed, init.weight[pair].detach(), init.bias[pair].detach())
+        row = table[(table["block"] == block) & np.isclose(table["t"], probe_cfg()["t"][ti])]
+        assert row["val_acc"].item() == pytest.approx(acc, abs=1e-9), (block, ti)

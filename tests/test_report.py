@@ -431,3 +431,60 @@ def test_no_lp_mark_without_stored_predictions(tmp_path):
     _, rows, text = read_md_table(md)
     assert re.fullmatch(r"62\.00\[\d\]", rows["10"][4]) and rows["10"][2] == "61.00"
     assert "no per-image val predictions (`probe-val.parquet`) of the variant and baseline" in text
+
+
+def test_a_second_probe_protocol_gets_its_own_lp_column(tmp_path):
+    """probe.compare: each record's probe-compare.json is a second LP column, named by its protocol."""
+    config = digits_config(probe={"compare": {"protocol": "ddae", "epochs": 30, "lr": 1.0e-3, "batch_size": 128}})
+    records = fake_records(tmp_path, ["baseline", "selfcond"], [0], [5, 10, 20], conditional=False)
+    for r in (r for r in records if r["epoch"] == 20):  # the workflow's: the last budget only
+        d = Path(r["probe"]).parent
+        write_json(d / "probe-compare.json", {"block": 1, "t": 0.7, "lp_acc": 70.0 + r["epoch"], "protocol": "ddae",
+                                              "n_train": 1437, "n_val": 360, "n_pairs": 16})
+        pd.read_parquet(r["probe_val"]).to_parquet(d / "probe-compare-val.parquet")
+        r.update(probe_compare=d / "probe-compare.json", probe_compare_val=d / "probe-compare-val.parquet")
+    md, _, parquet = write(tmp_path, config, "uncond", records)
+    header, rows, text = read_md_table(md)
+    assert header == ["Epoch", "baseline FID_500 (digits-net)", "baseline LP Acc. (ddaepp)", "baseline LP Acc. (ddae)",
+                      "selfcond FID_500 (digits-net)", "selfcond LP Acc. (ddaepp)", "selfcond LP Acc. (ddae)"]
+    assert rows["20"][1:] == ["30.00", "62.00", "90.00", "31.00", "63.00", "90.00"]
+    assert rows["10"][3].startswith("—") and "runs at each setting's last budget only" in text
+    assert "Second LP column: LP Acc. (DDAE's protocol)" in text and "Adam, 30 epochs" in text
+    frame = pd.read_parquet(parquet)
+    last = frame[frame["epoch"] == 20]
+    assert (last["lp_acc_compare"] == 90.0).all() and frame[frame["epoch"] < 20]["lp_acc_compare"].isna().all()
+
+
+def test_checkpoints_table_rows_and_provenance(tmp_path):
+    from ddaepp import report_checkpoints
+
+    sha = "ab" * 32
+    config = digits_config(checkpoints={
+        "up_cond": {"path": "x.pt", "sha256": sha, "latent_stats": "s.pt", "conditional": True, "model": {"size": "B/1"}},
+        "up_uncond": {"path": "y.pt", "sha256": "cd" * 32, "latent_stats": "s.pt", "conditional": False,
+                      "model": {"size": "T/2"}}})
+    records = []
+    for name, conditional in (("up_cond", True), ("up_uncond", False)):
+        d = tmp_path / name
+        common = {"n": 500, "features": "digits-net", "reference": "ref.npz"}
+        write_json(d / "metrics-nocfg.json", {**common, "fid": 12.5, "is_mean": 3.25, "precision": 0.75, "recall": 0.5})
+        write_json(d / "probe.json", {"block": 3, "t": 0.9, "lp_acc": 88.125, "protocol": "ddaepp", "n_train": 1437,
+                                      "n_val": 360})
+        record = {"checkpoint": name, "seed": 0, "metrics_nocfg": d / "metrics-nocfg.json", "probe": d / "probe.json",
+                  "metrics_cfg": None}
+        if conditional:
+            write_json(d / "metrics-cfg.json", {**common, "fid": 8.0, "is_mean": 9.0,
+                                                "guidance": {"scale": 3.0, "channels": "all"}})
+            record["metrics_cfg"] = d / "metrics-cfg.json"
+        records.append(record)
+    report_checkpoints.write_table(config, records, tmp_path / "checkpoints.md", tmp_path / "checkpoints.parquet")
+    header, rows, text = read_md_table(tmp_path / "checkpoints.md")
+    assert header == ["Checkpoint", "Model", "FID", "IS", "FID CFG", "IS CFG", "LP Acc.", "Precision", "Recall",
+                      "(block, t)", "sha256"]
+    assert rows["`up_cond`"][1:] == ["LightningDiT B/1 (cond)", "12.50", "3.25", "8.00", "9.00", "88.12", "0.75",
+                                     "0.50", "(3, 0.9)", f"`{sha[:12]}…`"]
+    assert rows["`up_uncond`"][4:6] == ["—", "—"]  # no CFG for an unconditional model
+    for fact in ("scikit-learn digits", "500 samples", "digits-net features", "`ref.npz`", "ddaepp protocol",
+                 "CFG: scale 3", "Seeds: 0"):
+        assert fact in text.splitlines()[0], fact
+    assert len(pd.read_parquet(tmp_path / "checkpoints.parquet")) == 2

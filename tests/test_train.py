@@ -357,3 +357,29 @@ def test_memory_knobs_equal_the_plain_step(default_config, small_latents, tmp_pa
 def test_micro_batch_must_divide_each_process_share(default_config, small_latents, tmp_path):
     with pytest.raises(ValueError, match="micro_batch 24 does not divide the 64 rows"):
         train(run_cfg(default_config, micro_batch=24), small_latents, 0, 1, tmp_path / "state.pt")
+
+def test_train_init_takes_an_upstream_checkpoint(default_config, small_latents, tmp_path):
+    """`ddaepp train --init` from hustvl/LightningDiT's layout: its model and EMA weights at step 0,
+    its hash recorded; a checkpoint of another model fails naming the key."""
+    from ddaepp import cli
+    from standins import write_upstream_checkpoint
+
+    cfg = run_cfg(default_config)
+    train(cfg, small_latents, seed=0, epoch=1, out_state=tmp_path / "ours/state.pt")
+    upstream = write_upstream_checkpoint(tmp_path / "ours/state.pt", tmp_path / "up/ckpt.pt", keys=("model", "ema"))
+    cfg_path = tmp_path / "run.json"
+    cfg_path.write_text(json.dumps(cfg))
+    common = ["train", "--run-config", str(cfg_path), "--latents", str(small_latents), "--device", "cpu",
+              "--epoch", "1", "--max-steps", "0", "--init", str(upstream)]
+    assert cli.main(common + ["--out", str(tmp_path / "from-up/state.pt")]) == 0
+    ours, started = io.load_checkpoint(tmp_path / "ours/state.pt"), io.load_checkpoint(tmp_path / "from-up/state.pt")
+    for key in ("model", "ema"):
+        for name, value in ours[key].items():
+            assert torch.equal(started[key][name], value), f"{key}.{name}"
+    summary = json.loads((tmp_path / "from-up/train.json").read_text())
+    assert summary["init_sha256"] == io.file_sha256(upstream) and summary["steps"] == 0
+
+    other = config.run_config(default_config, "cond", "baseline")  # a label embedder the file lacks
+    cfg_path.write_text(json.dumps(other))
+    with pytest.raises(ValueError, match=r"'y_embedder.embedding_table.weight' \(\d+, \d+\) missing from the file"):
+        cli.main(common + ["--out", str(tmp_path / "bad/state.pt")])

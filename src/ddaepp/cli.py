@@ -19,6 +19,8 @@ def _run_cfg(args) -> dict:
     if getattr(args, "run_config", None):
         return json.loads(Path(args.run_config).read_text())
     cfg = config_mod.load(args.config)
+    if getattr(args, "checkpoint", None):  # an external checkpoint (config key `checkpoints`)
+        return config_mod.checkpoint_run_config(cfg, args.checkpoint)
     setting, variant = config_mod.split_run(args.run)
     if setting not in cfg["settings"] or variant not in cfg["variants"]:
         raise config_mod.ConfigError(f"unknown run '{args.run}': settings {list(cfg['settings'])}, "
@@ -110,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
 
+    _add_evaluation_stages(sub)
+
     p = sub.add_parser("fetch-assets", help="download Inception / VAE weights into the configured paths (online)")
     p.add_argument("config")
 
@@ -178,8 +182,70 @@ def _dispatch(args) -> int:
         sample_shard(run_cfg, args.state, args.latents, args.guidance, args.shard, args.out, args.seed,
                      device=_device(args, "sample", run_cfg))
         return 0
+    if args.stage in EVALUATION_STAGES:
+        return _evaluate(args)
     if args.stage == "fetch-assets":
         from .assets import fetch_assets
 
         return fetch_assets(config_mod.load(args.config, check_paths=False))
     raise AssertionError(args.stage)
+
+
+# --- metrics and probe by hand: the files their rules pass (workflow/rules/sample.smk, probe.smk) ---
+EVALUATION_STAGES = ("metrics", "probe")
+
+
+def _add_evaluation_stages(sub) -> None:
+    checkpoint_help = "a checkpoint of the config's `checkpoints` section, instead of --run"
+    p = sub.add_parser("metrics", help="FID / IS of one guidance mode's sample shards (the metrics rule)")
+    _add_run(p)
+    p.add_argument("--checkpoint", help=checkpoint_help)
+    p.add_argument("--samples", nargs="+", required=True, help="the sample shards (.npz) of one guidance mode")
+    p.add_argument("--guidance", choices=["nocfg", "cfg"], required=True, help="the samples' guidance mode")
+    p.add_argument("--reference", required=True, help="FID reference statistics (the reference_stats rule's npz)")
+    p.add_argument("--classifier", help="digits-net.pt, where metrics.features is digits-net")
+    p.add_argument("--classifier-summary", help="digits-net.json (its val accuracy is recorded)")
+    p.add_argument("--out", required=True, help="metrics-<guidance>.json to write")
+    p.add_argument("--grid", help="samples-<guidance>.png to write (a grid of the first shard)")
+
+    p = sub.add_parser("probe", help="linear probes of every (block, t) of a state, then the chosen pair's (the probe rule)")
+    _add_run(p)
+    p.add_argument("--checkpoint", help=checkpoint_help)
+    p.add_argument("--latents", required=True, help="folder with the train and val latents and labels")
+    p.add_argument("--stats", help="stats.json to normalise by (default: the one in --latents; an external "
+                                   "checkpoint's: results/checkpoints/<name>/stats.json)")
+    p.add_argument("--state", required=True, help="state.pt, or the external checkpoint file")
+    p.add_argument("--out", required=True, help="probe.parquet to write (one row per (block, t))")
+    p.add_argument("--summary", help="probe.json to write (default: beside --out)")
+    p.add_argument("--predictions", help="probe-val.parquet to write (default: beside --out)")
+    p.add_argument("--heatmap", help="probe.png to write (default: beside --out)")
+    p.add_argument("--wip", help="folder for the probe features while they are used (default: the workflow's, "
+                                 "ddaepp.io.wip_dir(--out, job='probe-'))")
+
+
+def _evaluate(args) -> int:
+    from . import io
+
+    run_cfg = _run_cfg(args)
+    device = _device(args, args.stage, run_cfg)
+    if args.stage == "metrics":
+        from . import metrics
+        from .sample import guidance_record, save_grid
+
+        metrics.compute(args.samples, run_cfg["dataset"], run_cfg["metrics"], reference_npz=args.reference,
+                        out_json=args.out, classifier_path=args.classifier, classifier_summary=args.classifier_summary,
+                        extra=guidance_record(run_cfg["sample"], args.guidance), device=device)
+        if args.grid:
+            save_grid(args.samples[0], args.grid)
+        return 0
+    from .latents import LatentFiles
+    from .probe import probe_state
+
+    files = LatentFiles.in_folder(args.latents)
+    if args.stats:
+        files = LatentFiles(Path(args.stats), files.arrays)
+    out = Path(args.out)
+    probe_state(run_cfg, args.state, files, out, args.summary or out.with_name("probe.json"),
+                args.heatmap or out.with_name("probe.png"), args.predictions or out.with_name("probe-val.parquet"),
+                args.wip or io.wip_dir(out, job="probe-"), device=device)
+    return 0

@@ -74,10 +74,12 @@ def validate(config: dict, check_paths: bool = True) -> dict:
         raise ConfigError(_describe(best))
     # Defaults are filled in the shared sections only: filling them inside a variant's
     # overrides would silently reset the shared values for that variant.
-    grid = {k: config.pop(k) for k in ("settings", "variants") if k in config}
+    # Checkpoints' sample/probe sections are overrides too; their model is filled in checkpoint_run_config.
+    grid = {k: config.pop(k) for k in ("settings", "variants", "checkpoints") if k in config}
     for _ in _filling_validator(schema).iter_errors(config):  # already valid: run for the filling
         pass
     config.update(grid)
+    config.setdefault("checkpoints", {})
     if config["dataset"]["hflip"] is None:
         config["dataset"]["hflip"] = HFLIP_DEFAULT[config["dataset"]["name"]]
     for setting in config["settings"].values():
@@ -123,6 +125,7 @@ def _check_semantics(config: dict) -> None:
     for name in config["default_tables"]:
         if name not in config["tables"]:
             raise ConfigError(f"config key 'default_tables': unknown table '{name}' (tables: {', '.join(config['tables'])})")
+    _check_checkpoints(config)
     tok, data = config["tokenizer"], config["dataset"]
     if tok["name"] == "pixel" and data["image_size"] % tok["factor"]:
         raise ConfigError(f"config key 'tokenizer.factor': image_size {data['image_size']} is not divisible by {tok['factor']}")
@@ -259,6 +262,12 @@ def missing_inputs(config: dict) -> list[str]:
         if why:
             problems.append(f"config key 'metrics.inception_weights': {why}; put torch-fidelity's "
                             "weights-inception-2015-12-05-6726825d.pth there (`ddaepp fetch-assets`)")
+    for name, spec in config["checkpoints"].items():
+        for key in ("path", "latent_stats"):
+            why = _unreadable(Path(spec[key]), "torch checkpoint") if spec[key] else "not set"
+            if why:
+                problems.append(f"config key 'checkpoints.{name}.{key}': {why}; put the checkpoint (e.g. "
+                                "lightningdit-xl-imagenet256-800ep.pt) and its latents_stats.pt there")
     if metrics["reference"]:
         why = _unreadable(Path(metrics["reference"]), "npz file")
         if why:
@@ -304,6 +313,50 @@ def run_config(config: dict, setting: str, variant: str) -> dict:
     out["setting"], out["variant"] = setting, variant
     out["conditional"] = config["settings"][setting]["conditional"]
     return _sorted(out)
+
+
+def compare_run_config(run: dict) -> dict:
+    """The run config of a run's second probe (probe.compare): its keys over the probe section."""
+    out = copy.deepcopy(run)
+    out["probe"] = merge({k: v for k, v in run["probe"].items() if k != "compare"}, run["probe"]["compare"] or {})
+    out["probe"]["compare"] = None
+    return out
+
+
+def checkpoint_run_config(config: dict, name: str) -> dict:
+    """The effective config of checkpoint `name` (config key `checkpoints`): the shared sections with
+    the checkpoint's model, sample and probe over them, and a `checkpoint` entry (path, sha256,
+    latent_stats) that tells ddaepp.states.load_ema to read it as an external file."""
+    if name not in config["checkpoints"]:
+        raise ConfigError(f"unknown checkpoint '{name}' (config key 'checkpoints' names: "
+                          f"{', '.join(config['checkpoints']) or 'none'})")
+    spec = config["checkpoints"][name]
+    out = {k: copy.deepcopy(config[k]) for k in ("dataset", "tokenizer", "metrics")}
+    for section in RUN_SECTIONS:
+        out[section] = merge(config[section], spec.get(section, {}))
+    # A checkpoint's model is its own, whatever the runs' shared model section says: schema defaults
+    # (upstream LightningDiT's switches) under what the checkpoint declares.
+    model_schema = load_schema()["$defs"]["model"]["properties"]
+    out["model"] = merge({k: v["default"] for k, v in model_schema.items()}, spec["model"])
+    out["setting"], out["variant"], out["conditional"] = "checkpoint", name, spec["conditional"]
+    out["checkpoint"] = {"name": name, **{k: spec[k] for k in ("path", "sha256", "latent_stats")}}
+    out["checkpoint"]["sha256"] = out["checkpoint"]["sha256"].lower()
+    return _sorted(out)
+
+
+def _check_checkpoints(config: dict) -> None:
+    if config["checkpoints"] and "checkpoints" in config["tables"]:
+        raise ConfigError("config key 'tables.checkpoints': the name is taken by the checkpoints table "
+                          "(results/tables/checkpoints.md); rename the table")
+    for name in config["checkpoints"]:
+        run = checkpoint_run_config(config, name)
+        if run["model"]["self_cond"] and run["model"]["self_cond_layer"] == "auto":
+            raise ConfigError(f"config key 'checkpoints.{name}.model.self_cond_layer': auto needs the layer search "
+                              "of a training run; give the block the checkpoint was trained with")
+        feature_dim = FEATURE_DIMS[config["metrics"]["features"]]
+        if run["sample"]["n"] <= feature_dim:
+            raise ConfigError(f"config key 'sample.n' (checkpoint {name}): FID needs more samples than the "
+                              f"{feature_dim} feature dimensions of '{config['metrics']['features']}'")
 
 
 def run_name(setting: str, variant: str) -> str:

@@ -66,7 +66,8 @@ def check_free_space(directory: str | os.PathLike, needed_bytes: int, what: str)
                       f"{free / 2**30:.2f} GiB free; free space or point results/ elsewhere")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes (read in 16 MiB blocks)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
@@ -84,7 +85,7 @@ def save_checkpoint(obj: Any, path: str | os.PathLike) -> None:
     path = Path(path)
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        Path(str(path) + ".sha256").write_text(_sha256(tmp) + "\n")
+        Path(str(path) + ".sha256").write_text(file_sha256(tmp) + "\n")
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu", require_checksum: bool = True) -> Any:
@@ -96,7 +97,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", require_checksu
     path = Path(path)
     sidecar = Path(str(path) + ".sha256")
     if sidecar.exists():
-        if sidecar.read_text().strip() != _sha256(path):
+        if sidecar.read_text().strip() != file_sha256(path):
             raise ValueError(f"checkpoint {path} is corrupt (its sha256 differs from {sidecar.name}); "
                              "delete it and rerun the job that makes it")
     elif require_checksum:

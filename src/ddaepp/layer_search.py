@@ -149,7 +149,7 @@ def _trailing_mean(curve, window: int) -> np.ndarray:
 def plot_curves(choice: dict, out_png) -> None:
     """Top: each candidate's trailing-mean loss (its right end is its score). Bottom: each minus the
     chosen block's, step by step (the paired comparison, where near-identical curves separate)."""
-    from matplotlib.figure import Figure  # only where a figure is drawn (models.py imports this module)
+    from matplotlib.figure import Figure  # only where a figure is drawn (ddaepp.states imports this module)
 
     window, steps, chosen = choice["window"], choice["steps"], choice["chosen_layer"]
     trailing = {layer: _trailing_mean(choice["curves"][str(layer)], window) for layer in choice["candidates"]}

@@ -48,14 +48,23 @@ def latent_source(latents, mean, std, views: np.ndarray) -> FeatureSource:
 
 class BatchedLinearProbe(nn.Module):
     """P independent probes, x -> BatchNorm (no affine, statistics per pair and dim) -> linear,
-    computed for all pairs with one BatchNorm1d over the P*D flattened dims and one baddbmm."""
+    computed for all pairs with one BatchNorm1d over the P*D flattened dims and one baddbmm.
 
-    def __init__(self, num_pairs: int, dim: int, num_classes: int, generator: torch.Generator | None = None):
+    `normalize=False` is DDAE's head (FutureXiang/ddae DiT/linear.py): a plain nn.Linear, with
+    nn.Linear's default initialisation (weight and bias uniform in ±1/sqrt(dim))."""
+
+    def __init__(self, num_pairs: int, dim: int, num_classes: int, generator: torch.Generator | None = None,
+                 normalize: bool = True):
         super().__init__()
-        self.norm = nn.BatchNorm1d(num_pairs * dim, affine=False, eps=1e-6)
+        self.norm = nn.BatchNorm1d(num_pairs * dim, affine=False, eps=1e-6) if normalize else nn.Identity()
         self.weight = nn.Parameter(torch.empty(num_pairs, dim, num_classes))
         self.bias = nn.Parameter(torch.zeros(num_pairs, num_classes))
-        nn.init.trunc_normal_(self.weight, std=0.01, a=-0.02, b=0.02, generator=generator)
+        if normalize:
+            nn.init.trunc_normal_(self.weight, std=0.01, a=-0.02, b=0.02, generator=generator)
+        else:
+            bound = 1 / dim ** 0.5
+            nn.init.uniform_(self.weight, -bound, bound, generator=generator)
+            nn.init.uniform_(self.bias, -bound, bound, generator=generator)
 
     def forward(self, x):  # x: (B, P, D) -> logits (P, B, K)
         b, p, d = x.shape
@@ -108,14 +117,19 @@ def _as_draws(sources: FeatureSource | Sequence[FeatureSource]) -> list[FeatureS
     return draws
 
 
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
+
+
 def train_probes(sources: FeatureSource | Sequence[FeatureSource], rows, labels, num_classes: int, epochs: int,
                  lr: float, weight_decay: float, batch_size: int, seed: int, max_memory_gb: float, device="cpu",
-                 probe: BatchedLinearProbe | None = None, desc: str = "probes") -> BatchedLinearProbe:
+                 probe: BatchedLinearProbe | None = None, desc: str = "probes", optimizer: str = "adamw",
+                 cosine_per: str = "step") -> BatchedLinearProbe:
     """Train one probe per pair on `rows` (sorted row ids; `labels` aligned with the sources' rows):
-    AdamW, cosine schedule per step, cross-entropy summed over pairs. `sources` is one source or
-    one per noise draw (one source may stand for several equal draws); epoch e reads draw e mod K.
-    Features are held in RAM when all distinct draws fit in `max_memory_gb`, else streamed; the
-    result is the same either way."""
+    `optimizer` (AdamW, or DDAE's Adam), cosine schedule stepped per `cosine_per` ('step', or
+    DDAE's 'epoch'), cross-entropy summed over pairs. `sources` is one source or one per noise draw
+    (one source may stand for several equal draws); epoch e reads draw e mod K. Features are held
+    in RAM when all distinct draws fit in `max_memory_gb`, else streamed; the result is the same
+    either way."""
     draws, rows = _as_draws(sources), np.asarray(rows, np.int64)
     if len(rows) < 2:
         raise ValueError(f"{desc}: need at least 2 training rows, got {len(rows)}")
@@ -127,9 +141,9 @@ def train_probes(sources: FeatureSource | Sequence[FeatureSource], rows, labels,
     y_all = torch.as_tensor(np.asarray(labels)[rows], dtype=torch.long, device=device)
     in_ram: dict[int, np.ndarray | None] = {}  # id of a distinct source -> its rows, read on first use
     per_draw_gb = max_memory_gb / len({id(s) for s in draws})  # a draw listed twice is held once
-    opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = OPTIMIZERS[optimizer](probe.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * len(epoch_batches(len(rows), batch_size, seed, 0))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps if cosine_per == "step" else epochs)
     for epoch in tqdm(range(epochs), desc=desc, unit="epoch"):
         source = draws[epoch % len(draws)]
         if id(source) not in in_ram:
@@ -142,6 +156,9 @@ def train_probes(sources: FeatureSource | Sequence[FeatureSource], rows, labels,
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if cosine_per == "step":
+                sched.step()
+        if cosine_per == "epoch":
             sched.step()
     return probe.eval()
 

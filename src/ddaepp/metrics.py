@@ -52,6 +52,14 @@ def load_reference(path: str | os.PathLike, features: str) -> dict:
     return {"mu": mu, "sigma": sigma, "n": n}
 
 
+def _stored_pr_features(path) -> np.ndarray:
+    with np.load(path) as npz:
+        if "pr_features" not in npz:
+            raise ConfigError(f"metrics.precision_recall is on, but the reference {path} stores no reference "
+                              "features (pr_features); rerun reference_stats (it writes them when the key is on)")
+        return npz["pr_features"]
+
+
 def _check_weights(metrics_cfg: dict, classifier_path, need_classifier: bool) -> None:
     weights = metrics_cfg["inception_weights"]
     if not FEATURE_NETS[metrics_cfg["features"]].trained_here:
@@ -113,10 +121,34 @@ def reference_stats(dataset_cfg: dict, metrics_cfg: dict, out_npz: str | os.Path
         source = f"{dataset_cfg['name']} train split"
     out = {"mu": stats["mu"].astype(np.float64), "sigma": stats["sigma"].astype(np.float64), "n": stats["n"],
            "features": features, "source": source}
+    if metrics_cfg["precision_recall"]:
+        out["pr_features"] = _precision_recall_features(dataset_cfg, metrics_cfg, classifier_path, device)
     with atomic_path(out_npz) as tmp, open(tmp, "wb") as f:
         np.savez(f, **out)
     log.info("FID reference (%s, n=%d, from %s) -> %s", features, out["n"], source, out_npz)
     return out
+
+
+def _precision_recall_features(dataset_cfg: dict, metrics_cfg: dict, classifier_path, device) -> np.ndarray:
+    """FID-layer features (float32) of the first pr_reference_n reference images: those of the ADM
+    npz's `arr_0` (NHWC uint8, what ADM's evaluator reads) when metrics.reference names one, else
+    of the train split's first images."""
+    limit, fid_layer = metrics_cfg["pr_reference_n"], FEATURE_NETS[metrics_cfg["features"]].fid_layer
+    _check_weights(metrics_cfg, classifier_path, need_classifier=True)
+    if metrics_cfg["reference"]:
+        with np.load(metrics_cfg["reference"]) as npz:
+            if "arr_0" not in npz:
+                raise ConfigError(f"config key 'metrics.precision_recall': {metrics_cfg['reference']} holds no "
+                                  "reference images (arr_0) to compute precision and recall against")
+            images = npz["arr_0"][:limit]
+        batches = (torch.from_numpy(images[i:i + BATCH_SIZE]).permute(0, 3, 1, 2) for i in range(0, len(images), BATCH_SIZE))
+    else:
+        from ddaepp.data import iter_image_batches
+
+        batches = (x for x, _ in iter_image_batches(dataset_cfg, "train", BATCH_SIZE, limit=limit))
+    found = feature_nets.extract_features(batches, metrics_cfg, classifier_path, [fid_layer], total=limit,
+                                          device=device)[fid_layer]
+    return found.numpy().astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,6 +224,8 @@ def compute(sample_npzs: list, dataset_cfg: dict, metrics_cfg: dict, reference_n
         result = scores.evaluate(sample_features[fid_layer], sample_features[is_layer], reference,
                                  metrics_cfg["is_split_size"], metrics_cfg["bootstrap"], device, progress)
     result.update(n=len(images), features=features, reference=str(reference_npz))
+    if metrics_cfg["precision_recall"]:
+        result.update(scores.precision_recall(_stored_pr_features(reference_npz), sample_features[fid_layer], device))
     if FEATURE_NETS[features].trained_here:
         if classifier_summary is not None:
             result["classifier_val_acc"] = read_json(classifier_summary)["val_acc"]

@@ -14,7 +14,6 @@ through the pooled feature into the earlier blocks (no stop-grad).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn as nn
@@ -22,7 +21,6 @@ import torch.utils.checkpoint
 import torch.nn.functional as F
 from timm.layers import Mlp, PatchEmbed
 
-from ddaepp import io, layer_search
 from ddaepp.config import MODEL_SIZES
 
 
@@ -355,19 +353,10 @@ def model_from_run_config(run_cfg: dict, latent_shape: tuple[int, int, int], num
     """The model of one run (config.run_config output); unconditional settings get no label embedder."""
     kwargs = dict(run_cfg["model"])
     if kwargs["self_cond"] and kwargs["self_cond_layer"] == "auto":
-        raise ValueError("model.self_cond_layer is still 'auto': resolve it first (ddaepp.layer_search.resolve)")
+        raise ValueError("model.self_cond_layer is still 'auto': resolve it first (ddaepp.layer_search.resolve; "
+                         "ddaepp.states.load_ema does it for a state)")
     size = kwargs.pop("size")
     return build_model(size, latent_shape, num_classes if run_cfg["conditional"] else 0, **kwargs)
-
-
-def load_ema(state_path: str | os.PathLike, run_cfg: dict, latent_shape, n_classes: int) -> LightningDiT:
-    """The EMA model of a finished state, in eval mode (what sampling and probing use; here, not in
-    ddaepp.train, so that they load a state without importing the trainer and accelerate)."""
-    state = io.load_checkpoint(state_path)
-    run_cfg = layer_search.resolve_from_state(run_cfg, state)  # self_cond_layer: auto
-    model = model_from_run_config(run_cfg, tuple(latent_shape), n_classes)
-    model.load_state_dict(state["ema"])
-    return model.eval().requires_grad_(False)
 
 
 def count_flops(model: LightningDiT, batch: int = 1) -> int:

@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from ddaepp import io, latents as latent_store, models
+from ddaepp import io, latents as latent_store, states
 from ddaepp.data import num_classes as dataset_num_classes
 # The probe's building blocks, importable from here as one API (tests and benchmarks use them so).
 from ddaepp.linear_probe import (BatchedLinearProbe, FeatureSource, Scores, array_source, epoch_batches,  # noqa: F401
@@ -122,6 +122,15 @@ def _load_sources(paths, pair: int | None = None, noise_draws: int | None = None
     return sources if noise_draws is None else [sources[d % len(sources)] for d in range(noise_draws)]
 
 
+def grid_epochs(cfg: dict, n_fit: int) -> int:
+    """Epochs of the grid-search probes: probe.epochs, or more where probe.grid_steps asks for more
+    optimiser steps than that gives on `n_fit` images (a large batch on a small subset takes few
+    steps an epoch)."""
+    per_epoch = len(epoch_batches(n_fit, cfg["batch_size"], cfg["seed"], 0))
+    steps = cfg.get("grid_steps")  # absent from hand-made probe sections: epochs alone
+    return max(cfg["epochs"], math.ceil(steps / per_epoch)) if steps else cfg["epochs"]
+
+
 def _grid_search(model, latents, labels, val_latents, val_labels, mean, std, cfg, work_dir, views, train_kw, eval_kw):
     """Every pair's probe trained on the selection fit subset of train (K noise draws) and scored
     on its holdout (and, for looking at only, on val). Returns the table, the chosen pair, its
@@ -136,9 +145,9 @@ def _grid_search(model, latents, labels, val_latents, val_labels, mean, std, cfg
                                     indices=holdout, **extract_kw)
     val_path = extract_features(model, val_latents, mean, std, t_grid, work_dir, "val", views="first", **extract_kw)
     depth = np.load(holdout_path, mmap_mode="r").shape[2]
+    epochs = grid_epochs(cfg, len(fit))
     probes = train_probes(_load_sources(fit_paths, noise_draws=cfg["noise_draws"]), np.arange(len(fit)), labels[fit],
-                          epochs=cfg["epochs"],
-                          desc="probes (all pairs)", **train_kw)
+                          epochs=epochs, desc="probes (all pairs)", **train_kw)
     sel = evaluate(probes, _load_sources([holdout_path])[0], np.arange(len(holdout)), labels[holdout], **eval_kw)
     val_acc = evaluate(probes, _load_sources([val_path])[0], np.arange(len(val_labels)), val_labels, **eval_kw).acc
     best, pairs = choose_pair(sel.acc, sel.loss), np.arange(len(sel.acc))
@@ -146,7 +155,8 @@ def _grid_search(model, latents, labels, val_latents, val_labels, mean, std, cfg
     table = pd.DataFrame({"block": pairs % depth, "t": np.asarray(t_grid)[pairs // depth],
                           "selection_acc": sel.acc, "selection_loss": sel.loss, "val_acc": val_acc,
                           "chosen": pairs == best}).sort_values(["block", "t"], ignore_index=True)
-    stats = dict(n_selection_fit=len(fit), n_selection_holdout=len(holdout),
+    stats = dict(n_selection_fit=len(fit), n_selection_holdout=len(holdout), grid_epochs=epochs,
+                 grid_steps=epochs * len(epoch_batches(len(fit), cfg["batch_size"], cfg["seed"], 0)),
                  **selection_stats(sel, labels[holdout], best, names))
     return table, best, names[best], stats, fit_paths + [holdout_path, val_path]
 
@@ -195,6 +205,11 @@ def run_probe(model: nn.Module, train_latents, train_labels, val_latents, val_la
     views = "random" if train_latents.shape[1] > 1 else "first"
     train_kw, eval_kw = _train_kw(cfg, num_classes, device)
     model = model.to(device)
+    if cfg.get("protocol", "ddaepp") == "ddae":
+        from ddaepp.probe_ddae import run_ddae_probe
+
+        return run_ddae_probe(model, train_latents, train_labels, val_latents, val_labels, mean, std, cfg, out_parquet,
+                              out_json, out_png, out_predictions, work_dir, views, train_kw, eval_kw, keep_features)
     table, best, (best_block, best_t), stats, paths = _grid_search(
         model, train_latents, train_labels, val_latents, val_labels, mean, std, cfg, work_dir, views, train_kw, eval_kw)
 
@@ -215,7 +230,7 @@ def run_probe(model: nn.Module, train_latents, train_labels, val_latents, val_la
     plot_heatmap(table, best_block, best_t, out_png)
     result = dict(block=best_block, t=best_t, lp_acc=float(scores.acc[0]), n_train=len(train_labels),
                   n_val=len(val_labels), n_pairs=len(table), num_classes=num_classes,
-                  noise_draws=cfg["noise_draws"], views=views, **stats)
+                  noise_draws=cfg["noise_draws"], views=views, protocol="ddaepp", **stats)
     io.write_json(out_json, result)
     if not keep_features:
         for path in paths + final_paths:
@@ -274,7 +289,7 @@ def probe_state(run_cfg: dict, state_path, latent_files, out_parquet, out_json, 
     val_latents, val_labels = latent_store.load_latents(latent_files, "val")
     mean, std = latent_store.load_stats(latent_files)
     n_classes = dataset_num_classes(run_cfg["dataset"]) if run_cfg["conditional"] else 0
-    model = models.load_ema(state_path, run_cfg, train_latents.shape[2:], n_classes)
+    model = states.load_ema(state_path, run_cfg, train_latents.shape[2:], n_classes)
     with io.exclusive(Path(work_dir).parent / f"{Path(work_dir).name}.lock", f"the probe features in {work_dir}"):
         return run_probe(model, train_latents, train_labels, val_latents, val_labels, mean.numpy(), std.numpy(),
                          run_cfg["probe"], out_parquet, out_json, out_png, out_predictions, work_dir, device=device)

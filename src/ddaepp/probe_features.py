@@ -16,6 +16,7 @@ batches of random images are read as whole rows.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from pathlib import Path
 
@@ -106,6 +107,23 @@ def _forward_features(model, latents, rows, views, mean, std, t_grid, blocks, se
     return torch.stack(out, dim=1).numpy()
 
 
+def _finite_fp16(features: np.ndarray, t_grid, blocks, name: str) -> np.ndarray:
+    """`features` (n, T, B, D) as stored (float16), or an error naming the first (block, t) that is
+    not finite there: a NaN from the model, or a value past float16's range (65504)."""
+    with np.errstate(over="ignore"):  # overflow is what is checked for next
+        stored = features.astype(np.float16)
+    bad = ~np.isfinite(stored).all(axis=(0, 3))  # (T, B)
+    if bad.any():
+        ti, bi = np.argwhere(bad)[0]
+        worst = float(np.nanmax(np.abs(features[:, ti, bi]))) if np.isfinite(features[:, ti, bi]).any() else math.nan
+        cause = ("the model's features are NaN/inf there" if not np.isfinite(features[:, ti, bi]).all()
+                 else f"|feature| reaches {worst:.4g}, past float16's 65504")
+        raise FloatingPointError(f"probe features '{name}': block {blocks[bi]}, t {t_grid[ti]:g} are not finite "
+                                 f"in float16 ({cause}); the probe cannot use them. Check the checkpoint: its "
+                                 "training may have diverged")
+    return stored
+
+
 def extract_features(model: nn.Module, latents, mean, std, t_grid, out_dir, name: str, batch_size: int = 256,
                      seed: int = 0, views: str = "random", device="cpu", indices=None, blocks=None,
                      draw: int = 0) -> Path:
@@ -157,7 +175,8 @@ def _extract(model, latents, mean, std, t_grid, out_dir, name, batch_size, seed,
     with tqdm(total=len(rows), initial=done, unit="img", desc=f"features {name}") as bar:
         for start in range(done, len(rows), batch_size):
             stop = min(start + batch_size, len(rows))
-            feats[start:stop] = _forward_features(model, rows=rows[start:stop], t_grid=t_grid, blocks=blocks, **kw)
+            feats[start:stop] = _finite_fp16(_forward_features(model, rows=rows[start:stop], t_grid=t_grid,
+                                                               blocks=blocks, **kw), t_grid, blocks, name)
             feats.flush()  # the rows are on disk before the marker says so
             io.write_json(marker, {"key": key, "rows_done": stop})
             bar.update(stop - start)

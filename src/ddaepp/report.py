@@ -21,7 +21,7 @@ import pandas as pd
 from ddaepp import config as config_lib, layer_search
 from ddaepp.io import atomic_path, read_json
 from ddaepp.report_frame import (METRICS, PAPER_COLUMNS, PAPER_FEATURES, PAPER_N, _collect, _protocol, _with_notes,
-                                 baseline_variant, paper_protocol_mismatch, paper_values, table_metrics)
+                                 baseline_variant, has_compare, paper_protocol_mismatch, paper_values, table_metrics)
 
 MARK = "†"  # beyond noise at 95% against the table's baseline
 DASH = "—"
@@ -35,7 +35,7 @@ def count_label(n: int) -> str:
 def metric_label(metric: str, counts: list[int], features: list[str]) -> str:
     """'FID_10k', 'FID_1k (digits-net)', 'IS_10k_CFG', 'LP Acc.'."""
     name = METRICS[metric][2]
-    if metric == "lp_acc":
+    if metric.startswith("lp_acc"):
         return name
     label = f"{name}_{'/'.join(count_label(n) for n in counts)}" + ("_CFG" if metric.endswith("_cfg") else "")
     return label if features == [PAPER_FEATURES] else f"{label} ({'/'.join(features)})"
@@ -98,11 +98,15 @@ def _grid(cfg: dict, table_name: str, frame: pd.DataFrame, notes: dict, tests: t
     columns, rows = [(corner, "Epoch")], [[str(e)] for e in setting["epochs"]]
     for variant, run in runs.items():
         ours, paper = frame[frame.variant == variant], paper_values(run)
-        for metric in table_metrics(setting["conditional"]):
+        compare = has_compare(frame)
+        for metric in table_metrics(setting["conditional"], compare):
             label = metric_label(metric, *_protocol(ours, run, metric))
+            if compare and metric.startswith("lp_acc"):  # two probes: each column names its protocol
+                probe = run["probe"] if metric == "lp_acc" else config_lib.compare_run_config(run)["probe"]
+                label = f"{label} ({probe['protocol']})"
             columns.append((variant, label))
             paper_label = metric_label(metric, [PAPER_N], [PAPER_FEATURES])
-            if paper:
+            if paper and metric in PAPER_COLUMNS:
                 columns += [(variant, f"{paper_label} (paper)"), (variant, f"Δ {paper_label}")]
             for row, epoch in zip(rows, setting["epochs"]):
                 cells = ours[ours.epoch == epoch]
@@ -132,13 +136,19 @@ def _probe_caption(frame: pd.DataFrame, probe: dict, floor: dict | None) -> str:
     n_val, n_train, n_pairs, n_sel = (sorted({int(n) for n in frame[f"probe_{c}"].dropna()})
                                       for c in ("n_val", "n_train", "n_pairs", "selection_n"))
     noise_levels = ", ".join(f"{t:g}" for t in probe["t"])
-    line = (f"LP Acc.: top-1 % on {_counts(n_val, 'the')} val images of a linear probe trained on "
-            f"{_counts(n_train, 'the')} train images' token-mean block features ({probe['noise_draws']} noise "
-            f"draws), at the (block, t) pair (of {_counts(n_pairs, 'all')}, t ∈ {{{noise_levels}}}) that scored best "
-            f"on {_counts(n_sel, 'held-out')} held-out train images ({probe['selection_per_class']} per class in the "
-            "selection")
-    se = frame["probe_selection_se"].dropna()
-    line += f"; standard error of that score at most {se.max():.2f} points). " if len(se) else "). "
+    if probe.get("protocol") == "ddae":  # DDAE's: every pair trained on all of train, chosen on val
+        line = (f"LP Acc. (DDAE's protocol): top-1 % on {_counts(n_val, 'the')} val images of a plain linear probe "
+                f"(Adam, {probe['epochs']} epochs, a fresh noise draw each) on {_counts(n_train, 'the')} train "
+                f"images' token-mean block features, at the (block, t) pair (of {_counts(n_pairs, 'all')}, "
+                f"t ∈ {{{noise_levels}}}) best on val. ")
+    else:
+        line = (f"LP Acc. (ddaepp protocol): top-1 % on {_counts(n_val, 'the')} val images of a linear probe trained on "
+                f"{_counts(n_train, 'the')} train images' token-mean block features ({probe['noise_draws']} noise "
+                f"draws), at the (block, t) pair (of {_counts(n_pairs, 'all')}, t ∈ {{{noise_levels}}}) that scored best "
+                f"on {_counts(n_sel, 'held-out')} held-out train images ({probe['selection_per_class']} per class in the "
+                "selection")
+        se = frame["probe_selection_se"].dropna()
+        line += f"; standard error of that score at most {se.max():.2f} points). " if len(se) else "). "
     if floor is not None:
         line += (f"Floor: the same probe on the raw latents reaches {floor['floor_acc']:.2f}% (± {floor['se']:.2f})"
                  + ("" if floor["converged"] else
@@ -167,6 +177,8 @@ def _header(cfg: dict, table_name: str, frame: pd.DataFrame, floor: dict | None 
              f"{', reference statistics ' + refs if refs else ''}. ")
 
     line += _probe_caption(frame, runs[0]["probe"], floor)
+    if has_compare(frame):
+        line += "Second LP column: " + _probe_caption(frame, config_lib.compare_run_config(runs[0])["probe"], None)
 
     if setting["conditional"]:
         scales = sorted({float(s) for s in frame["cfg_scale"].dropna()} or {r["sample"]["cfg"]["scale"] for r in runs})

@@ -22,6 +22,7 @@ METRICS = {
     "lp_acc": ("probe", "lp_acc", "LP Acc."),
     "fid_cfg": ("metrics_cfg", "fid", "FID"),
     "is_cfg": ("metrics_cfg", "is_mean", "IS"),
+    "lp_acc_compare": ("probe_compare", "lp_acc", "LP Acc."),  # the second probe (probe.compare)
 }
 PAPER_COLUMNS = {"fid": "fid_10k", "lp_acc": "lp_acc", "fid_cfg": "fid_10k_cfg", "is_cfg": "is_10k_cfg"}
 PAPER_N, PAPER_FEATURES = 10_000, "inception"  # how the paper measured FID and IS
@@ -34,8 +35,10 @@ PAPER_GUIDANCE = {"scale": 10.0, "interval_start": 0.11, "channels": 3}
 # Bootstrap replicates of each FID/IS column: (record key of the JSON file, key inside it)
 BOOTSTRAP = {"fid": ("metrics_nocfg", "fid_bootstrap"), "fid_cfg": ("metrics_cfg", "fid_bootstrap"),
              "is_cfg": ("metrics_cfg", "is_bootstrap")}
-def table_metrics(conditional: bool) -> list[str]:
-    return ["fid", "lp_acc", "fid_cfg", "is_cfg"] if conditional else ["fid", "lp_acc"]
+def table_metrics(conditional: bool, compare: bool = False) -> list[str]:
+    """The columns of a table; `compare`: the second probe's LP Acc. (probe.compare) after the first's."""
+    lp = ["lp_acc", "lp_acc_compare"] if compare else ["lp_acc"]
+    return ["fid", *lp, "fid_cfg", "is_cfg"] if conditional else ["fid", *lp]
 
 
 @functools.lru_cache(maxsize=1)
@@ -103,7 +106,7 @@ def _value(data: dict | None, key: str, path, seed: int) -> tuple[float, str | N
     return float(value), None
 
 
-def _read_record(record: dict, conditional: bool) -> tuple[dict, dict, dict]:
+def _read_record(record: dict, conditional: bool, compare: bool = False) -> tuple[dict, dict, dict]:
     missing = [k for k in ("variant", "seed", "epoch", "metrics_nocfg", "probe") if k not in record]
     if missing:
         raise ValueError(f"report record {record!r} lacks {', '.join(missing)}; each record needs "
@@ -111,19 +114,22 @@ def _read_record(record: dict, conditional: bool) -> tuple[dict, dict, dict]:
     if not conditional and record.get("metrics_cfg"):
         raise ValueError(f"report record for {record['variant']} seed {record['seed']} epoch {record['epoch']} "
                          "has metrics_cfg, but its setting is unconditional; pass metrics_cfg=None")
-    files = {name: record.get(name) for name in ("metrics_nocfg", "metrics_cfg", "probe")}
+    files = {name: record.get(name) for name in ("metrics_nocfg", "metrics_cfg", "probe", "probe_compare")}
     data = {}
     for name, path in files.items():
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"report input {name} = {path} does not exist; build it first (snakemake {path})")
         data[name] = None if path is None else read_json(path)
     data["probe_val"] = record.get("probe_val")
+    data["probe_compare_val"] = record.get("probe_compare_val")
     seed = int(record["seed"])
     row = {"variant": str(record["variant"]), "seed": seed, "epoch": int(record["epoch"])}
     notes = {}
-    for metric in table_metrics(conditional):
+    for metric in table_metrics(conditional, compare):
         source, key, _ = METRICS[metric]
         row[metric], note = _value(data[source], key, files[source], seed)
+        if metric == "lp_acc_compare" and data[source] is None:
+            note = "not computed: the second probe (probe.compare) runs at each setting's last budget only"
         if note:
             notes[metric] = note
     nocfg, cfg_data, probe = data["metrics_nocfg"], data["metrics_cfg"] or {}, data["probe"]
@@ -132,7 +138,10 @@ def _read_record(record: dict, conditional: bool) -> tuple[dict, dict, dict]:
         guidance = cfg_data.get("guidance") if isinstance(cfg_data.get("guidance"), dict) else {}
         row.update(n_cfg=cfg_data.get("n"), features_cfg=cfg_data.get("features"),
                    cfg_scale=guidance.get("scale", cfg_data.get("cfg_scale")), cfg_channels=guidance.get("channels"))
-    row.update(probe_block=probe.get("block"), probe_t=probe.get("t"),
+    if data["probe_compare"] is not None:
+        row.update(probe_protocol_compare=data["probe_compare"].get("protocol"),
+                   probe_block_compare=data["probe_compare"].get("block"), probe_t_compare=data["probe_compare"].get("t"))
+    row.update(probe_protocol=probe.get("protocol", "ddaepp"), probe_block=probe.get("block"), probe_t=probe.get("t"),
                probe_n_train=probe.get("n_train"), probe_n_val=probe.get("n_val"), probe_n_pairs=probe.get("n_pairs"),
                probe_selection_n=probe.get("n_selection_holdout"), probe_selection_se=probe.get("selection_se"),
                probe_selection_margin=probe.get("selection_margin"))
@@ -152,8 +161,9 @@ def _collect(config: dict, table_name: str, records: list[dict]) -> tuple[dict, 
     if not records:
         raise ValueError(f"no records given for table '{table_name}'; pass one per (variant, seed, epoch)")
     rows, notes, raw = [], {}, {}
+    compare = any(record.get("probe_compare") for record in records)
     for record in records:
-        row, row_notes, raw_data = _read_record(record, setting["conditional"])
+        row, row_notes, raw_data = _read_record(record, setting["conditional"], compare)
         key = (row["variant"], row["seed"], row["epoch"])
         if row["variant"] not in table["variants"]:
             raise ValueError(f"record variant '{row['variant']}' is not in table '{table_name}' "
@@ -176,8 +186,13 @@ def _collect(config: dict, table_name: str, records: list[dict]) -> tuple[dict, 
     order = {v: i for i, v in enumerate(table["variants"])}
     frame = frame.sort_values(["variant", "epoch", "seed"], key=lambda c: c.map(order) if c.name == "variant" else c)
     frame, verdicts = significance.compare(frame.reset_index(drop=True), raw, baseline_variant(table["variants"]),
-                                           BOOTSTRAP, table_metrics(setting["conditional"]))
+                                           BOOTSTRAP, table_metrics(setting["conditional"], has_compare(frame)))
     return cfg, frame, notes, (verdicts, raw)
+
+
+def has_compare(frame: pd.DataFrame) -> bool:
+    """Whether the table shows a second probe (probe.compare)."""
+    return "lp_acc_compare" in frame
 
 
 def _with_notes(frame: pd.DataFrame, notes: dict) -> pd.DataFrame:
@@ -204,7 +219,7 @@ def collect(config: dict, table_name: str, records: list[dict]) -> pd.DataFrame:
 
 def _protocol(frame: pd.DataFrame, run: dict, metric: str) -> tuple[list[int], list[str]]:
     """The sample counts and feature networks a metric column was measured with."""
-    if metric == "lp_acc":
+    if metric.startswith("lp_acc"):
         return [], []
     suffix = "_cfg" if metric.endswith("_cfg") else ""
     counts = sorted({int(n) for n in frame[f"n{suffix}"].dropna()}) or [run["sample"]["n"]]

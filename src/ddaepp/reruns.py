@@ -71,6 +71,10 @@ STAGE_SECTIONS = {
 # Keys of those sections a stage never reads: the stages that read images, not latents, ignore
 # whether the latents store flips.
 STAGE_IGNORES = {stage: {"dataset": ("hflip",)} for stage in ("index", "classifier", "reference")}
+# The digits-net classifier is the same whether precision and recall are computed with it.
+STAGE_IGNORES["classifier"]["metrics"] = ("precision_recall", "pr_reference_n")
+# A run's first probe does not read the second's settings (probe.compare: rule probe_compare).
+STAGE_IGNORES["probe"] = {"probe": ("compare",)}
 
 
 def result_config(cfg: dict, stage: str) -> dict:

@@ -16,9 +16,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import io, latents as latent_store, tokenizers
+from . import io, latents as latent_store, states, tokenizers
 from .data import num_classes as dataset_num_classes
-from .models import load_ema
 from .transport import euler_sample
 
 log = logging.getLogger("ddaepp.sample")
@@ -104,7 +103,7 @@ def sample_shard(run_cfg: dict, state_path, latent_files, guidance: str, shard: 
     tokenizer = tokenizers.build(run_cfg["tokenizer"], run_cfg["dataset"], device=str(device))
     latent_shape = tuple(tokenizer.latent_shape)
     n_classes = dataset_num_classes(run_cfg["dataset"])
-    model = load_ema(state_path, run_cfg, latent_shape, n_classes if run_cfg["conditional"] else 0).to(device)
+    model = states.load_ema(state_path, run_cfg, latent_shape, n_classes if run_cfg["conditional"] else 0).to(device)
     model.fp32_final_layer = cfg["precision"] == "bf16"
     sampler = CompiledSampler(model) if cfg["compile"] else model
     rows = io.shard_rows(cfg["n"], shard, cfg["shards"])

@@ -96,3 +96,41 @@ def evaluate(fid_features: torch.Tensor, logits: torch.Tensor, reference: dict, 
     result.update(fid_bootstrap=fids, is_bootstrap=scores, fid_ci95=percentile_interval(fids),
                   is_ci95=percentile_interval(scores))
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision and recall (Kynkäänniemi et al. 2019) as ADM's evaluator computes them (ManifoldEstimator,
+# nhood_sizes (3,), no percentile clamp): each set's manifold is the union of balls around its
+# points whose squared radius is the squared distance to the point's k-th nearest neighbour (the
+# point itself counts as the 0-th); precision is the fraction of samples inside the reference
+# manifold, recall the fraction of reference points inside the samples' manifold. ADM computes
+# the distances in float16 (float32 where that overflows); here they are float64, so a point
+# within float16 rounding of a ball's boundary may fall on the other side.
+PR_NEIGHBOURHOOD = 3
+
+
+def _squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return ((a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None]).clamp(min=0)
+
+
+def manifold_radii(features: torch.Tensor, k: int = PR_NEIGHBOURHOOD, rows: int = 4096) -> torch.Tensor:
+    """Squared distance of each point to its k-th nearest neighbour in the same set (itself the 0th)."""
+    if len(features) <= k:
+        raise ValueError(f"precision/recall with k = {k} needs more than {k} points per set, got {len(features)}")
+    return torch.cat([_squared_distances(features[i:i + rows], features).kthvalue(k + 1, dim=1).values
+                      for i in range(0, len(features), rows)])
+
+
+def _inside(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """Whether each point lies in some ball (centre, squared radius)."""
+    return torch.cat([(_squared_distances(points[i:i + rows], centres) <= radii[None]).any(1)
+                      for i in range(0, len(points), rows)])
+
+
+def precision_recall(reference: np.ndarray, samples: np.ndarray, device: str | torch.device = "cpu") -> dict:
+    """ADM's precision and recall of `samples` (N, D) against `reference` (M, D) features."""
+    ref, gen = (torch.as_tensor(np.asarray(x), dtype=torch.float64, device=device) for x in (reference, samples))
+    precision = _inside(gen, ref, manifold_radii(ref)).double().mean()
+    recall = _inside(ref, gen, manifold_radii(gen)).double().mean()
+    return {"precision": float(precision), "recall": float(recall), "pr_k": PR_NEIGHBOURHOOD,
+            "pr_reference_n": len(ref)}

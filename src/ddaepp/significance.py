@@ -129,6 +129,10 @@ def _value(frame: pd.DataFrame, key: tuple, metric: str) -> float:
 def _test(variant: dict, baseline: dict, metric: str, bootstrap_keys: dict) -> Paired:
     if metric == "lp_acc":
         return lp_test(variant["probe_val"], baseline["probe_val"])
+    if metric == "lp_acc_compare":  # the second probe (probe.compare), at the last budget only
+        if variant["probe_compare_val"] is None or baseline["probe_compare_val"] is None:
+            return untestable("no second probe at this budget")
+        return lp_test(variant["probe_compare_val"], baseline["probe_compare_val"])
     source, key = bootstrap_keys[metric]
     if variant[source] is None or baseline[source] is None:
         return untestable(f"no `{source}` file")

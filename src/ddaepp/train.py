@@ -28,7 +28,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from tqdm import tqdm
 
-from . import devices, io, latents as latent_store, objectives, preemption
+from . import devices, io, latents as latent_store, objectives, preemption, states
 from .data import num_classes as dataset_num_classes
 from .models import model_from_run_config
 from .processes import accelerate_command, require_slurm_nodes, run_streaming, slurm_nodes
@@ -167,14 +167,31 @@ def _tensorboard_available() -> bool:
 
 
 def _resume_state(init_path, wip_path, expected) -> dict | None:
-    """The state to start from: the in-progress checkpoint, else the previous budget, else None."""
+    """The state to start from: the in-progress checkpoint, else the previous budget, else None.
+    An `init_path` that ddaepp did not write (an upstream LightningDiT checkpoint) gives its weights
+    at step 0 (see _external_init)."""
     for path in (wip_path, init_path):
         if path and Path(path).exists():
+            if path is init_path and not states.is_ddaepp_state(path):
+                return _external_init(path)
             state = io.load_checkpoint(path)
             check_compatible(state, expected, Path(path))
             log.info("starting from %s (step %d)", path, state["step"])
             return state
     return None
+
+
+def _external_init(path) -> dict:
+    """Weights of an external checkpoint to start from: its `model` and `ema` state dicts (either
+    serves for both when only one is there); the optimizer, the objectives' heads and the step
+    start fresh, as upstream gives no state for them that matches ours. Its sha256 is recorded."""
+    contents, sha256 = states.read_external(path)
+    if isinstance(contents, dict) and "fingerprint" in contents:
+        raise ValueError(f"checkpoint {path} is a ddaepp state without its {Path(path).name}.sha256: it was not "
+                         "written completely by ddaepp; delete it and rerun the job that makes it")
+    log.info("starting from the external checkpoint %s (sha256 %s) at step 0", path, sha256)
+    return {"step": 0, "epoch_losses": [], "init_sha256": sha256,
+            "external": {k: states.external_weights(contents, k, path) for k in ("model", "ema")}}
 
 
 def job_paths(out_state, wip_dir=None, out_summary=None) -> tuple[Path, Path]:
@@ -269,7 +286,10 @@ def _train(run_cfg, latent_files, seed, epoch, out_state, init_state, wip_dir, m
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = build_optimizer(list(model.parameters()) + list(heads.parameters()), train_cfg, accelerator.device.type)
     state = _resume_state(init_state, wip_path, expected) or {"step": 0, "epoch_losses": []}
-    if "model" in state:
+    if "external" in state:
+        states.load_weights(model, state["external"]["model"], init_state)
+        states.load_weights(ema, state["external"]["ema"], init_state)
+    elif "model" in state:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         heads.load_state_dict(state["heads"])
@@ -342,6 +362,8 @@ def _train(run_cfg, latent_files, seed, epoch, out_state, init_state, wip_dir, m
                "mixed_precision": accelerator.mixed_precision, "compiled": bool(train_cfg["compile"])}
     if max_steps is not None:
         summary.update(first_step=start_step, step_losses=step_losses)
+    if "init_sha256" in state:
+        summary.update(init=str(init_state), init_sha256=state["init_sha256"])
     if accelerator.is_main_process:
         io.write_json(out_summary, summary)
         wip_path.unlink(missing_ok=True)

@@ -132,6 +132,7 @@ def table_records(name):
     records = []
     for variant in table["variants"]:
         run = ddaepp_config.run_name(setting, variant)
+        last = CONFIG["settings"][setting]["epochs"][-1]  # where the second probe runs (probe.compare)
         for seed in CONFIG["seeds"]:
             for epoch in CONFIG["settings"][setting]["epochs"]:
                 d = RUN_DIR.format(run=run, seed=seed, epoch=epoch)
@@ -147,9 +148,20 @@ def table_records(name):
                         "probe": f"{d}/probe.json",
                         "layer_choice": layer_choice_path(run, seed),
                         "probe_val": f"{d}/probe-val.parquet",
+                        **(compare_files(run, d) if epoch == last else {}),
                     }
                 )
     return records
+
+
+def compare_files(run, run_dir):
+    """The second probe's files of a record (probe.compare), or none."""
+    if not run_cfg(run)["probe"]["compare"]:
+        return {}
+    return {
+        "probe_compare": f"{run_dir}/probe-compare.json",
+        "probe_compare_val": f"{run_dir}/probe-compare-val.parquet",
+    }
 
 
 def table_files(name):

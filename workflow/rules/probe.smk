@@ -32,6 +32,32 @@ rule probe:
         "../scripts/probe.py"
 
 
+def compare_params(wildcards):
+    """The run's second probe (probe.compare), recorded as the probe stage records its first."""
+    cfg = ddaepp_config.compare_run_config(run_cfg(wildcards.run))
+    return ddaepp_reruns.StageConfig(cfg, ddaepp_reruns.result_config(cfg, "probe"))
+
+
+rule probe_compare:
+    input:
+        **latents_inputs(),
+        state=state_input,
+    output:
+        table=f"{RUN_DIR}/probe-compare.parquet",
+        summary=f"{RUN_DIR}/probe-compare.json",
+        predictions=f"{RUN_DIR}/probe-compare-val.parquet",
+        heatmap=f"{RUN_DIR}/probe-compare.png",
+    log:
+        "logs/probe/{run}/s{seed}/ep{epoch}-compare.log",
+    threads: job_size("probe")["cpus"]
+    resources:
+        **job_resources("probe", gpu=job_gpus("probe")),
+    params:
+        run_cfg=compare_params,
+    script:
+        "../scripts/probe.py"
+
+
 rule probe_floor:
     input:
         **latents_inputs(),

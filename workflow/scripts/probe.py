@@ -1,3 +1,5 @@
+from pathlib import Path
+
 from ddaepp import devices, io
 from ddaepp.latents import LatentFiles
 from ddaepp.probe import probe_state
@@ -12,6 +14,7 @@ with io.job_log(snakemake.log[0], snakemake.threads):
         out_json=snakemake.output.summary,
         out_png=snakemake.output.heatmap,
         out_predictions=snakemake.output.predictions,
-        work_dir=io.wip_dir(snakemake.output.table, job="probe-"),
+        # probe.parquet -> _wip/probe-ep<E>, probe-compare.parquet -> _wip/probe-compare-ep<E>
+        work_dir=io.wip_dir(snakemake.output.table, job=f"{Path(snakemake.output.table).stem}-"),
         device=device,
     )

@@ -1,0 +1,131 @@
+"""Every model state a stage reads, ddaepp's own or external, is read here.
+
+- A ddaepp state (`state.pt` with its `.sha256` sidecar, written by ddaepp.io.save_checkpoint)
+  is checked against its sidecar, as before.
+- An external file (hustvl/LightningDiT's format: a dict with `ema` and/or `model` state dicts,
+  keys possibly prefixed `module.` by DDP, or a bare state dict) has no sidecar: it is trusted by
+  the sha256 the config records for it (`checkpoints.<name>.sha256`), or, for `train --init`,
+  its sha256 is computed and written to the job's summary.
+
+Both are read with `torch.load(weights_only=True)`, so no pickled code ever runs. The weights are
+loaded key by key: a missing, unexpected or differently shaped key is named, with both shapes.
+
+`self_cond_layer: auto` is resolved here, from the state's fingerprint (the layer the state was
+trained with), so the model itself only ever sees a resolved block.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from ddaepp import io
+
+log = logging.getLogger(__name__)
+
+DDP_PREFIX = "module."
+
+
+def is_ddaepp_state(path: str | os.PathLike) -> bool:
+    """Whether `path` was written by ddaepp (it has the `.sha256` sidecar save_checkpoint writes)."""
+    return Path(str(path) + ".sha256").exists()
+
+
+def read_external(path: str | os.PathLike, sha256: str | None = None) -> tuple[dict, str]:
+    """(contents, sha256) of an external checkpoint, refused if `sha256` is given and differs."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file {path}; put the file there or fix the path in the config")
+    actual = io.file_sha256(path)
+    if sha256 is not None and actual != sha256.lower():
+        raise ValueError(f"checkpoint {path} has sha256 {actual}, but the config records {sha256}; the file "
+                         "changed or is not the one meant: restore it, or record the new hash if it is intended")
+    return io.load_checkpoint(path, require_checksum=False), actual
+
+
+def external_weights(contents: dict, which: str, path) -> dict[str, torch.Tensor]:
+    """The state dict `which` ('ema' or 'model') of an external checkpoint's contents, without the
+    `module.` prefix. A bare state dict (tensors only) serves as either."""
+    if not isinstance(contents, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(contents).__name__}, not a dict of state dicts")
+    if all(isinstance(v, torch.Tensor) for v in contents.values()):
+        weights = contents
+    else:
+        other = "model" if which == "ema" else "ema"
+        weights = contents.get(which, contents.get(other))
+        if not isinstance(weights, dict):
+            raise ValueError(f"checkpoint {path} has neither an 'ema' nor a 'model' state dict (keys: "
+                             f"{', '.join(map(str, contents))}); upstream LightningDiT checkpoints hold one of them")
+        if which not in contents:
+            log.warning("checkpoint %s has no '%s' weights; using its '%s' weights", path, which, other)
+    return {k[len(DDP_PREFIX):] if k.startswith(DDP_PREFIX) else k: v for k, v in weights.items()}
+
+
+def load_weights(module: torch.nn.Module, weights: dict, path) -> None:
+    """load_state_dict, with a mismatch reported as the key and both shapes."""
+    own = module.state_dict()
+    for key, value in weights.items():
+        if key in own and tuple(own[key].shape) != tuple(value.shape):
+            raise ValueError(f"checkpoint {path}: key '{key}' has shape {tuple(value.shape)}, the configured model "
+                             f"expects {tuple(own[key].shape)}; fix the model settings (size, patch, latent "
+                             "channels, classes) to those the checkpoint was trained with")
+    missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+    if missing or unexpected:
+        shapes = [f"'{k}' {tuple(own[k].shape)} missing from the file" for k in missing[:3]]
+        shapes += [f"'{k}' {tuple(weights[k].shape)} not in the model" for k in unexpected[:3]]
+        raise ValueError(f"checkpoint {path} does not match the configured model: {len(missing)} key(s) missing, "
+                         f"{len(unexpected)} unexpected, e.g. {'; '.join(shapes)}; fix the model settings "
+                         "(self_cond, conditional, use_* switches) to those the checkpoint was trained with")
+    module.load_state_dict(weights)
+
+
+def resolve_layer(run_cfg: dict, state: dict) -> dict:
+    """The run config with `self_cond_layer: auto` replaced by the layer a ddaepp state was trained with."""
+    from ddaepp import layer_search
+
+    return layer_search.resolve_from_state(run_cfg, state)
+
+
+def load_ema(state_path: str | os.PathLike, run_cfg: dict, latent_shape, n_classes: int):
+    """The EMA model of a finished state, in eval mode (what sampling and probing use).
+
+    A run config with a `checkpoint` entry (an external checkpoint, see config.checkpoint_run_config)
+    is read as an external file and checked against the sha256 recorded there; any other state must
+    be ddaepp's, with its sidecar."""
+    from ddaepp.models import model_from_run_config
+
+    external = run_cfg.get("checkpoint")
+    if external is not None:
+        contents, _ = read_external(state_path, external["sha256"])
+        weights = external_weights(contents, "ema", state_path)
+    else:
+        state = io.load_checkpoint(state_path)
+        run_cfg = resolve_layer(run_cfg, state)
+        weights = state["ema"]
+    model = model_from_run_config(run_cfg, tuple(latent_shape), n_classes)
+    load_weights(model, weights, state_path)
+    return model.eval().requires_grad_(False)
+
+
+def stats_from_file(path: str | os.PathLike) -> dict:
+    """Per-channel latent statistics {'mean': [...], 'std': [...]} from upstream's `latents_stats.pt`
+    (tensors `mean` and `std`, shaped (1, C, 1, 1)) or ddaepp's own stats.json."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no latent statistics file {path}; give upstream's latents_stats.pt or a "
+                                "ddaepp stats.json")
+    if path.suffix == ".json":
+        stats = io.read_json(path)
+    else:
+        stats = io.load_checkpoint(path, require_checksum=False)
+    if not isinstance(stats, dict) or "mean" not in stats or "std" not in stats:
+        raise ValueError(f"latent statistics {path} must hold 'mean' and 'std' (upstream's latents_stats.pt "
+                         "or ddaepp's stats.json)")
+    mean, std = (torch.as_tensor(stats[k], dtype=torch.float64).flatten() for k in ("mean", "std"))
+    if mean.shape != std.shape or not bool((std > 0).all()):
+        raise ValueError(f"latent statistics {path}: mean {tuple(mean.shape)} and std {tuple(std.shape)} must "
+                         "be one positive std per channel")
+    return {"mean": mean.tolist(), "std": std.tolist()}
