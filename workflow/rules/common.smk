@@ -18,6 +18,8 @@ except ddaepp_config.ConfigError as err:
 
 _dataset, _tokenizer = CONFIG["dataset"], CONFIG["tokenizer"]
 DATASET_DIR = f"results/data/{_dataset['name']}{_dataset['image_size']}"
+if _dataset["placement"] == "random":  # digits on a canvas are other images than the upsampled ones
+    DATASET_DIR += "-random"
 _tok_tag = (
     f"pixel{_tokenizer['factor']}"
     if _tokenizer["name"] == "pixel"
