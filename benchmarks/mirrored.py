@@ -28,18 +28,10 @@ import torch
 
 from ddaepp import config as config_lib
 from ddaepp.data import iter_image_batches
-from ddaepp.feature_nets import DigitsNet, train_classifier
+from ddaepp.feature_nets import DigitsNet, load_digits_net, train_classifier
 from ddaepp.metrics import load_samples
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_digits_net(path) -> DigitsNet:
-    """The classifier a train_classifier run saved (the workflow's digits-net.pt)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    net = DigitsNet(**checkpoint["arch"])
-    net.load_state_dict(checkpoint["state_dict"])
-    return net.eval().requires_grad_(False)
 
 
 @torch.no_grad()

