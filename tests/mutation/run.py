@@ -61,6 +61,8 @@ def mutmut_settings(tests: list[str]) -> str:
     return (f"\n[tool.mutmut]\nsource_paths = [\"src\"]\nonly_mutate = {toml_list(FILES)}\n"
             f"also_copy = [\"config.yaml\", \"config\"]\n"
             f"pytest_add_cli_args = [\"-q\", \"-p\", \"no:cacheprovider\"]\n"
+            # torch and tqdm's monitor thread are not fork-safe: fork each mutant from a clean server
+            f"process_isolation = \"forkserver\"\ntimeout_multiplier = 5.0\n"
             f"pytest_add_cli_args_test_selection = {toml_list(tests)}\n")
 
 
