@@ -264,7 +264,7 @@ def test_count_label():
 @pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # snakemake calls it so
 @pytest.mark.parametrize("caption", sorted((REPO / "workflow" / "report").glob("*.rst")), ids=lambda p: p.name)
 def test_captions_render_as_snakemake_would(caption):
-    jinja2 = pytest.importorskip("jinja2")
+    import jinja2  # snakemake depends on it
     from docutils.core import publish_parts
     try:
         from snakemake.iocontainers import Wildcards  # snakemake >= 9
