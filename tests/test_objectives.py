@@ -91,6 +91,37 @@ def test_variants_train_and_change_the_model(default_config, small_latents, tmp_
     assert all(torch.equal(drawn[k], plain[k]) for k in plain)
 
 
+def test_step_draws_are_the_global_batchs_rows(default_config):
+    """x0 ~ N(0, 1), then logit-normal t, then the label drops, then each objective's own draws, all for
+    the global batch from one generator; a process's rows are slices of them."""
+    from ddaepp.transport import sample_t
+
+    cond = config.run_config(default_config, "cond", "baseline")
+    csd = config.run_config(default_config, "uncond", "selfcond+csd")
+    n, shape = 4000, (4, 2, 2)
+    for run in (cond, csd):
+        every = draw_step(torch.Generator().manual_seed(1), run, n, slice(0, n), shape)
+        mine = draw_step(torch.Generator().manual_seed(1), run, n, slice(10, 13), shape)
+        flat = {k: v for k, v in every.items() if k != "csd"} | {f"csd.{k}": v for k, v in every.get("csd", {}).items()}
+        assert all(torch.equal(v[10:13], mine[k] if "." not in k else mine["csd"][k[4:]]) for k, v in flat.items())
+        gen = torch.Generator().manual_seed(1)
+        assert torch.equal(every["x0"], torch.randn((n, *shape), generator=gen))
+        assert torch.equal(every["t"], sample_t(n, run["train"]["t_mean"], run["train"]["t_std"], gen))
+    drop, p = draw_step(torch.Generator().manual_seed(1), cond, n, slice(0, n), shape)["label_drop"], \
+        cond["model"]["class_dropout_prob"]
+    assert p > 0 and drop.dtype == torch.bool and abs(float(drop.float().mean()) - p) < 0.02
+    assert "label_drop" not in every  # the csd run is unconditional: no labels to drop
+    no_drop = copy.deepcopy(cond)
+    no_drop["model"]["class_dropout_prob"] = 0.0
+    assert "label_drop" not in draw_step(torch.Generator().manual_seed(1), no_drop, 8, slice(0, 8), shape)
+    own = every["csd"]
+    assert own["crop_scale"].shape == (n,) and own["crop_offset"].shape == (n, 2)
+    assert own["teacher_noise"].shape == (n, *shape) and not torch.equal(own["teacher_noise"], every["x0"])
+    for u in (own["crop_scale"], own["crop_offset"]):  # uniform on [0, 1)
+        assert 0 <= float(u.min()) and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.02
+    assert abs(float(own["teacher_noise"].std()) - 1) < 0.02
+
+
 @pytest.mark.parametrize("variant", ["selfcond+csd", "dispersive"])
 def test_objective_reaches_exactly_the_blocks_up_to_its_layer(default_config, variant):
     """The objective's gradient flows into the blocks up to the feature it acts on, never past it."""
