@@ -132,11 +132,17 @@ def test_stale_wip_from_another_config_is_discarded(tmp_path):
     wip = tmp_path / "shards" / "_wip" / "train-0"
     wip.mkdir(parents=True)
     (wip / "meta.json").write_text(json.dumps({"made by": "another config"}))
-    np.savez(wip / "chunk-000000000.npz", latents=np.zeros((16, 2, 4, 8, 8), np.float16))
+    # a complete chunk of the first 16 rows, as a job of another config would have left it
+    np.savez(wip / "chunk-000000000.npz", latents=np.zeros((16, 2, 4, 8, 8), np.float16),
+             labels=np.zeros(16, np.int64), rows=np.arange(16), skipped=np.zeros(0, str))
     out = tmp_path / "shards" / "train-0.npz"
     latents.encode_shard({**DIGITS, "hflip": True}, {**PIXEL, "shards": 1}, "train", 0, 1, index_path, out)
-    with np.load(out) as shard:
-        assert shard["latents"].shape == (20, 2, 4, 8, 8) and np.abs(shard["latents"]).max() > 0
+    fresh = tmp_path / "fresh" / "train-0.npz"
+    latents.encode_shard({**DIGITS, "hflip": True}, {**PIXEL, "shards": 1}, "train", 0, 1, index_path, fresh)
+    with np.load(out) as shard, np.load(fresh) as expected:
+        assert shard["latents"].shape == (20, 2, 4, 8, 8)
+        for key in ("latents", "labels", "rows"):
+            np.testing.assert_array_equal(shard[key], expected[key])
 
 
 def test_merge_refuses_when_the_disk_is_full(monkeypatch, tmp_path):

@@ -2,8 +2,6 @@
 
 import json
 import os
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -15,6 +13,7 @@ torch.set_num_threads(1)
 
 from ddaepp import config as ddaepp_config  # noqa: E402
 from ddaepp import assets, feature_nets, metrics, scores  # noqa: E402
+from ddaepp.data import iter_image_batches  # noqa: E402
 from ddaepp.config import ConfigError  # noqa: E402
 
 
@@ -29,36 +28,7 @@ DATASET, METRICS = CONFIG["dataset"], CONFIG["metrics"]
 CLASSIFIER_EPOCHS = 8  # the config default is 20; 8 already reaches ~97% and keeps the tests fast
 
 
-def _stand_in_batches(dataset_cfg, split, batch_size, limit=None):
-    """ddaepp.data.iter_image_batches for digits, used while ddaepp.data is not there yet."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    scale = dataset_cfg["image_size"] // 8
-    images = np.round(digits.images * (255 / 16)).astype(np.uint8).repeat(scale, 1).repeat(scale, 2)[:, None]
-    train, val = train_test_split(np.arange(len(images)), test_size=dataset_cfg["val_fraction"],
-                                  random_state=dataset_cfg["split_seed"], stratify=digits.target)
-    index = (train if split == "train" else val)[:limit]
-    for start in range(0, len(index), batch_size):
-        batch = index[start:start + batch_size]
-        yield images[batch], digits.target[batch]
-
-
-@pytest.fixture(scope="session", autouse=True)
-def digits_source():
-    try:
-        import ddaepp.data  # noqa: F401
-        yield
-    except ImportError:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setitem(sys.modules, "ddaepp.data", types.SimpleNamespace(iter_image_batches=_stand_in_batches))
-            yield
-
-
 def real(split):
-    from ddaepp.data import iter_image_batches
-
     batches = list(iter_image_batches(DATASET, split, 256))
     return np.concatenate([x for x, _ in batches]), np.concatenate([y for _, y in batches]).astype(np.int64)
 

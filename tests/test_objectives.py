@@ -53,13 +53,23 @@ def test_random_resized_crop_keeps_shape_and_full_scale_is_identity():
 
 
 def test_zero_weight_csd_is_exactly_selfcond(default_config, small_latents, tmp_path):
+    """Weight 0 trains selfcond's weights; the same code at a tiny weight does not (so the csd path is
+    live and weight 0 is what turns it off), and both draw selfcond's shared draws, the csd run its
+    own draws after them."""
     selfcond = config.run_config(default_config, "uncond", "selfcond")
     csd = config.run_config(default_config, "uncond", "selfcond+csd")
-    csd["train"]["csd"]["weight"] = 0.0
-    train(selfcond, small_latents, 0, 1, tmp_path / "a/state.pt")
-    train(csd, small_latents, 0, 1, tmp_path / "b/state.pt")
-    a, b = io.load_checkpoint(tmp_path / "a/state.pt"), io.load_checkpoint(tmp_path / "b/state.pt")
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    zero, tiny = copy.deepcopy(csd), copy.deepcopy(csd)
+    zero["train"]["csd"]["weight"], tiny["train"]["csd"]["weight"] = 0.0, 1e-4
+    for name, run in (("a", selfcond), ("zero", zero), ("tiny", tiny)):
+        train(run, small_latents, 0, 1, tmp_path / f"{name}/state.pt")
+    a, b, c = (io.load_checkpoint(tmp_path / f"{name}/state.pt")["model"] for name in ("a", "zero", "tiny"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    plain = draw_step(torch.Generator().manual_seed(3), selfcond, 8, slice(0, 8), (4, 8, 8))
+    for run, extra in ((zero, set()), (tiny, {"csd"})):
+        draws = draw_step(torch.Generator().manual_seed(3), run, 8, slice(0, 8), (4, 8, 8))
+        assert set(draws) == set(plain) | extra
+        assert all(torch.equal(draws[k], plain[k]) for k in plain)
 
 
 @pytest.mark.parametrize("variant", ["selfcond+csd", "dispersive"])
@@ -71,8 +81,45 @@ def test_variants_train_and_change_the_model(default_config, small_latents, tmp_
     assert all(math.isfinite(v) for v in summary["epoch_losses"])
     # the same data, noise and initial weights: the loss differs only by the objective's term
     assert summary["epoch_losses"][0] != base_summary["epoch_losses"][0]
-    v = io.load_checkpoint(tmp_path / "v/state.pt")
+    v, b = io.load_checkpoint(tmp_path / "v/state.pt"), io.load_checkpoint(tmp_path / "b/state.pt")
     assert any(k.startswith("csd.projector.") for k in v["heads"]) == ("csd" in variant)
+    # the objective's gradient reached the model: its weights are not the plain run's (a detached
+    # extra loss adds to the loss but trains exactly the plain run's weights) ...
+    assert any(not torch.equal(v["model"][k], b["model"][k]) for k in b["model"])
+    # ... from the plain run's shared draws: the objective draws its own after them
+    plain, drawn = (draw_step(torch.Generator().manual_seed(5), cfg, 8, slice(0, 8), (4, 8, 8)) for cfg in (base, run))
+    assert all(torch.equal(drawn[k], plain[k]) for k in plain)
+
+
+def test_step_draws_are_the_global_batchs_rows(default_config):
+    """x0 ~ N(0, 1), then logit-normal t, then the label drops, then each objective's own draws, all for
+    the global batch from one generator; a process's rows are slices of them."""
+    from ddaepp.transport import sample_t
+
+    cond = config.run_config(default_config, "cond", "baseline")
+    csd = config.run_config(default_config, "uncond", "selfcond+csd")
+    n, shape = 4000, (4, 2, 2)
+    for run in (cond, csd):
+        every = draw_step(torch.Generator().manual_seed(1), run, n, slice(0, n), shape)
+        mine = draw_step(torch.Generator().manual_seed(1), run, n, slice(10, 13), shape)
+        flat = {k: v for k, v in every.items() if k != "csd"} | {f"csd.{k}": v for k, v in every.get("csd", {}).items()}
+        assert all(torch.equal(v[10:13], mine[k] if "." not in k else mine["csd"][k[4:]]) for k, v in flat.items())
+        gen = torch.Generator().manual_seed(1)
+        assert torch.equal(every["x0"], torch.randn((n, *shape), generator=gen))
+        assert torch.equal(every["t"], sample_t(n, run["train"]["t_mean"], run["train"]["t_std"], gen))
+    drop, p = draw_step(torch.Generator().manual_seed(1), cond, n, slice(0, n), shape)["label_drop"], \
+        cond["model"]["class_dropout_prob"]
+    assert p > 0 and drop.dtype == torch.bool and abs(float(drop.float().mean()) - p) < 0.02
+    assert "label_drop" not in every  # the csd run is unconditional: no labels to drop
+    no_drop = copy.deepcopy(cond)
+    no_drop["model"]["class_dropout_prob"] = 0.0
+    assert "label_drop" not in draw_step(torch.Generator().manual_seed(1), no_drop, 8, slice(0, 8), shape)
+    own = every["csd"]
+    assert own["crop_scale"].shape == (n,) and own["crop_offset"].shape == (n, 2)
+    assert own["teacher_noise"].shape == (n, *shape) and not torch.equal(own["teacher_noise"], every["x0"])
+    for u in (own["crop_scale"], own["crop_offset"]):  # uniform on [0, 1)
+        assert 0 <= float(u.min()) and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.02
+    assert abs(float(own["teacher_noise"].std()) - 1) < 0.02
 
 
 @pytest.mark.parametrize("variant", ["selfcond+csd", "dispersive"])

@@ -255,7 +255,7 @@ def test_selection_never_touches_val(tmp_path):
 
 
 def test_real_lightningdit(tmp_path):
-    models = pytest.importorskip("ddaepp.models")
+    from ddaepp import models
     model = models.build_model("T/1", (4, 8, 8), num_classes=10)
     with torch.no_grad():  # leave the adaLN-zero init, so blocks differ and labels matter
         for p in model.parameters():
@@ -279,14 +279,20 @@ def test_probe_state_on_the_latents_stage_files(small_latents, default_config, t
     from ddaepp.models import model_from_run_config
 
     run_cfg = config.run_config(default_config, "cond", "baseline")
-    run_cfg["probe"].update(t=[0.8], epochs=2, final_epochs=15, lr=1e-2, batch_size=64)
+    run_cfg["probe"].update(t=[1.0], epochs=2, final_epochs=15, lr=1e-2, batch_size=64)
+    torch.manual_seed(0)
     model = model_from_run_config(run_cfg, (4, 8, 8), 10)
+    with torch.no_grad():  # adaLN-zero starts blocks as identities: wake every weight up
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
     io.save_checkpoint({"ema": model.state_dict()}, tmp_path / "state.pt")
     result = probe.probe_state(run_cfg, tmp_path / "state.pt", small_latents, tmp_path / "probe.parquet",
                                tmp_path / "probe.json", tmp_path / "probe.png", tmp_path / "probe-val.parquet",
                                tmp_path / "work", device="cpu")
     assert result["n_train"] == 256 and result["n_val"] == 128 and result["n_pairs"] == 4  # T: 4 blocks
-    assert 0 <= result["lp_acc"] <= 100 and (tmp_path / "probe-val.parquet").exists()
+    # 79% measured on these 128 val digits (10 classes, chance 10%): the features reach the probe
+    # aligned with their labels
+    assert result["lp_acc"] > 60 and (tmp_path / "probe-val.parquet").exists()
 
 
 # ---------------------------------------------------------------------------- fresh noise, selection, floor

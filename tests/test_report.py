@@ -264,7 +264,7 @@ def test_count_label():
 @pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # snakemake calls it so
 @pytest.mark.parametrize("caption", sorted((REPO / "workflow" / "report").glob("*.rst")), ids=lambda p: p.name)
 def test_captions_render_as_snakemake_would(caption):
-    jinja2 = pytest.importorskip("jinja2")
+    import jinja2  # snakemake depends on it
     from docutils.core import publish_parts
     try:
         from snakemake.iocontainers import Wildcards  # snakemake >= 9
@@ -315,6 +315,67 @@ def test_mcnemar_exact_and_bootstrap_interval():
     unpaired = significance.bootstrap_test({"n": 10, "fid_bootstrap": [5]}, {"n": 20, "fid_bootstrap": [1]},
                                            "fid_bootstrap", "metrics-nocfg.json")
     assert unpaired.beyond is None and "not paired" in unpaired.why
+
+
+def test_bootstrap_interval_is_the_central_95_percent_of_the_paired_differences():
+    from ddaepp import significance
+    rng = np.random.default_rng(0)
+    base = rng.normal(50, 5, 400)
+    diffs = rng.normal(0.3, 1.0, 400)
+    test = significance.bootstrap_test({"n": 80, "fid": (base + diffs).tolist()}, {"n": 80, "fid": base.tolist()},
+                                       "fid", "metrics-nocfg.json")
+    assert test.diff == pytest.approx(diffs.mean()) and math.isnan(test.p)
+    assert (test.lo, test.hi) == pytest.approx(tuple(np.percentile(diffs, [2.5, 97.5])))
+    assert test.beyond is False and test.why is None  # the interval holds 0
+    for shift, beyond in ((3.0, True), (-3.0, True)):
+        shifted = significance.bootstrap_test({"n": 80, "fid": (base + diffs + shift).tolist()},
+                                              {"n": 80, "fid": base.tolist()}, "fid", "m.json")
+        assert shifted.beyond is beyond and (shifted.lo > 0) == (shift > 0) and (shifted.hi < 0) == (shift < 0)
+    absent = significance.bootstrap_test({"n": 80}, {"n": 80, "fid": [1.0]}, "fid", "metrics-cfg.json")
+    assert absent.beyond is None and absent.why == "no 'fid' in the variant's `metrics-cfg.json` (an older metrics file)"
+    uneven = significance.bootstrap_test({"n": 80, "fid": [1.0, 2.0]}, {"n": 80, "fid": [1.0]}, "fid", "m.json")
+    assert uneven.beyond is None and "not paired" in uneven.why
+
+
+def test_mcnemar_p_value_is_the_two_sided_binomial_of_the_discordant_images():
+    from scipy import stats
+
+    from ddaepp import significance
+    a, b = np.zeros(100, bool), np.zeros(100, bool)
+    a[:12], b[12:15], a[50:70], b[50:70] = True, True, True, True  # 12 vs 3 discordant; 20 both right
+    assert significance.mcnemar_exact(a, b) == pytest.approx(stats.binomtest(12, 15, 0.5).pvalue)
+    assert significance.mcnemar_exact(a, b) == pytest.approx(2 * sum(math.comb(15, k) for k in range(0, 4)) / 2**15)
+
+
+def test_lp_test_reads_the_two_probes_val_predictions(tmp_path):
+    from ddaepp import significance
+    labels = np.arange(200) % 10
+    for name, right in (("v", 150), ("b", 120)):
+        pred = np.where(np.arange(200) < right, labels, (labels + 1) % 10)
+        pd.DataFrame({"index": np.arange(200), "label": labels, "pred": pred}).to_parquet(tmp_path / f"{name}.parquet")
+    test = significance.lp_test(tmp_path / "v.parquet", tmp_path / "b.parquet")
+    assert test.diff == pytest.approx(15.0) and test.p == pytest.approx(2 * 0.5**30) and test.beyond
+    assert math.isnan(test.lo) and math.isnan(test.hi)
+    missing = significance.lp_test(tmp_path / "v.parquet", tmp_path / "none.parquet")
+    assert missing.beyond is None and missing.why.endswith("of the baseline")
+    assert "variant and baseline" in significance.lp_test(None, tmp_path / "none.parquet").why
+    pd.DataFrame({"index": np.arange(200), "label": labels[::-1], "pred": labels}).to_parquet(tmp_path / "o.parquet")
+    assert "not of the same images" in significance.lp_test(tmp_path / "v.parquet", tmp_path / "o.parquet").why
+
+
+def test_across_seeds_needs_every_seed_beyond_noise_in_one_direction_and_the_t_test():
+    from ddaepp import significance
+    clear, null = significance.Paired(1.0, 0.5, 1.5, math.nan, True), significance.Paired(0.1, -1, 1, math.nan, False)
+    assert significance.across_seeds([], []) == (None, "no seed has both a variant and a baseline value")
+    assert significance.across_seeds([clear], [1.0]) == (True, None)
+    assert significance.across_seeds([null], [0.1]) == (False, None)
+    untestable = significance.untestable("no file")
+    assert significance.across_seeds([clear, untestable], [1.0, 1.0]) == (None, "no file")
+    assert significance.across_seeds([clear, null, clear], [1.0, 0.1, 1.0]) == (False, None)
+    assert significance.across_seeds([clear, clear, clear], [1.0, 1.0, -1.0]) == (False, None)  # directions differ
+    assert significance.across_seeds([clear] * 3, [1.0, 1.0, 1.0]) == (True, None)  # no spread
+    assert significance.across_seeds([clear] * 3, [1.0, 1.1, 1.2]) == (True, None)  # t-test p = 0.005
+    assert significance.across_seeds([clear] * 3, [0.1, 1.0, 5.0]) == (False, None)  # t-test p = 0.25
 
 
 def test_clear_differences_are_marked_null_ones_are_not(tmp_path):

@@ -2,10 +2,11 @@
 
 import numpy as np
 import pytest
+import torch
 
 from ddaepp import config
 from ddaepp.io import shard_rows
-from ddaepp.sample import guidance_record, guided_channels, sample_shard, save_grid
+from ddaepp.sample import guidance_record, guided_channels, noise_and_labels, sample_shard, save_grid
 from ddaepp.train import train
 
 
@@ -59,7 +60,37 @@ def test_cfg_goes_through_forward_with_cfg_and_labels_are_uniform(cond_state, sm
                       {"guided_channels": channels})] * inside
     _sample(run, state, small_latents, tmp_path, "nocfg", guidance="nocfg", shards=1)
     assert len(calls) == inside
-    assert labels.min() >= 0 and labels.max() <= 9 and len(set(labels.tolist())) > 3
+    # the shard's labels are its samples' draws, and those are uniform over the 10 classes
+    assert np.array_equal(labels, noise_and_labels(range(24), (4, 8, 8), 10, seed=0)[1].numpy())
+    assert_uniform_labels(10)
+
+
+def assert_uniform_labels(n_classes, seed=0, draws=5000):
+    """Labels of `draws` sample indices: every class appears, the null label (n_classes) never, and a
+    chi-square test of uniformity holds at 0.1%."""
+    from scipy import stats
+
+    counts = np.bincount(noise_and_labels(range(draws), (1,), n_classes, seed)[1].numpy(), minlength=n_classes + 1)
+    assert len(counts) == n_classes + 1 and counts[:n_classes].min() > 0 and counts[n_classes] == 0, counts
+    assert stats.chisquare(counts[:n_classes]).pvalue > 1e-3, counts
+
+
+def test_labels_are_uniform_over_the_classes_and_never_null():
+    assert_uniform_labels(10)
+    assert_uniform_labels(3, seed=7, draws=900)
+    assert noise_and_labels(range(5), (1,), 0, seed=0)[1].tolist() == [0] * 5  # unconditional: a placeholder
+
+
+def test_noise_and_labels_depend_on_seed_and_index_only():
+    noise, labels = noise_and_labels([3, 7, 100], (4, 8, 8), 10, seed=2)
+    again, relabels = noise_and_labels([100, 3], (4, 8, 8), 10, seed=2)  # other batch, other order
+    assert noise.shape == (3, 4, 8, 8) and labels.dtype == torch.long and labels.shape == (3,)
+    assert torch.equal(again, noise[[2, 0]]) and torch.equal(relabels, labels[[2, 0]])
+    other, _ = noise_and_labels([3, 7, 100], (4, 8, 8), 10, seed=3)
+    assert not torch.isclose(other, noise).any(dim=(1, 2, 3)).all()  # another seed: other noise per sample
+    assert not torch.equal(noise[0], noise[1])
+    many, _ = noise_and_labels(range(64), (4, 8, 8), 10, seed=0)
+    assert abs(float(many.mean())) < 0.05 and abs(float(many.std()) - 1) < 0.05  # standard normal
 
 
 def test_three_channel_guidance_changes_only_what_it_should(cond_state, small_latents, tmp_path):
@@ -69,6 +100,17 @@ def test_three_channel_guidance_changes_only_what_it_should(cond_state, small_la
                        shards=1)
     plain, _ = _sample(run, state, small_latents, tmp_path, "plain", guidance="nocfg", shards=1)
     assert not np.array_equal(three, every) and not np.array_equal(three, plain)
+    # One Euler step from t = 0, guided there: a sample is noise + the step's velocity, and the
+    # velocity's channel c only reaches the pixels latent channel c holds (the pixel tokenizer).
+    one_step = {"steps": 2, "shards": 1, "cfg": {**run["sample"]["cfg"], "interval_start": 0.0}}
+    three, _ = _sample(run, state, small_latents, tmp_path, "s3", **{**one_step, "cfg": {**one_step["cfg"], "channels": 3}})
+    every, _ = _sample(run, state, small_latents, tmp_path, "sall", **{**one_step, "cfg": {**one_step["cfg"], "channels": "all"}})
+    plain, _ = _sample(run, state, small_latents, tmp_path, "s1", guidance="nocfg", **one_step)
+    owner = torch.nn.functional.pixel_shuffle(torch.arange(4.0).view(1, 4, 1, 1).expand(1, 4, 8, 8), 2)[0].numpy()
+    guided, unguided = np.broadcast_to(owner < 3, three.shape), np.broadcast_to(owner == 3, three.shape)
+    gap = np.abs(three.astype(int) - plain.astype(int)), np.abs(three.astype(int) - every.astype(int))
+    assert gap[0][unguided].max() <= 1 < gap[0][guided].max()  # channel 3 as without guidance
+    assert gap[1][guided].max() <= 1 < gap[1][unguided].max()  # channels 0-2 as guiding all
 
 
 def test_cfg_needs_a_conditional_setting(default_config, small_latents, tmp_path):

@@ -174,7 +174,9 @@ def test_every_job_completed_with_what_its_rule_asked_for(runs):
     submitted = dict(SUBMITTED.findall(runs["log"]))
     assert sorted(submitted.values()) == sorted(["encode_shard", "encode_shard", "train", "sample_shard",
                                                  "metrics", "probe", "probe_floor"])  # the light rules ran locally
-    for job, row in sacct(submitted).items():
+    rows = sacct(submitted)
+    assert set(rows) == set(submitted), (sorted(submitted), sorted(rows))  # sacct knows every submitted job
+    for job, row in rows.items():
         rule = submitted[job]
         assert row["state"] == "COMPLETED", (rule, row)
         assert int(row["tres"]["cpu"]) == size["cpus"], (rule, row)

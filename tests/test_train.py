@@ -171,7 +171,9 @@ def test_bf16_training_runs_and_tracks_fp32(default_config, small_latents, tmp_p
     bf16 = train(run_cfg(default_config, precision="bf16"), small_latents, 0, 2, tmp_path / "bf16/state.pt")
     assert fp32["mixed_precision"] == "no" and bf16["mixed_precision"] == "bf16"
     assert bf16["epoch_losses"] != fp32["epoch_losses"]  # autocast was on
-    assert bf16["epoch_losses"] == pytest.approx(fp32["epoch_losses"], rel=0.05)
+    # bf16 keeps 8 significant bits (relative rounding 2^-9 = 2e-3 per value); an epoch's mean loss,
+    # computed in fp32 from bf16 activations over 4 steps, was measured within 1.2e-4 of fp32's
+    assert bf16["epoch_losses"] == pytest.approx(fp32["epoch_losses"], rel=2e-3)
 
 
 @pytest.mark.slow  # TorchInductor compiles the forward and backward on the CPU (~1 min)

@@ -34,6 +34,22 @@ def test_logit_normal_t_in_unit_interval_and_seeded():
     assert torch.equal(a, b) and a.min() > 0 and a.max() < 1 and abs(a.mean() - 0.5) < 0.03
 
 
+def test_logit_normal_t_is_the_sigmoid_of_a_scaled_shifted_normal():
+    t = sample_t(4000, -0.4, 1.7, torch.Generator().manual_seed(2))
+    assert torch.equal(t, torch.sigmoid(torch.randn(4000, generator=torch.Generator().manual_seed(2)) * 1.7 - 0.4))
+    logit = torch.logit(t.double())
+    assert abs(float(logit.mean()) + 0.4) < 0.06 and abs(float(logit.std()) - 1.7) < 0.06
+
+
+def test_velocity_loss_is_mse_plus_channel_cosine_on_unrelated_velocities():
+    pred, target = torch.randn(3, 4, 5, 6), torch.randn(3, 4, 5, 6)
+    mse = ((pred - target) ** 2).flatten(1).mean(1)
+    cosine = (pred * target).sum(1) / (pred.norm(dim=1) * target.norm(dim=1))  # over channels, per position
+    assert torch.allclose(velocity_loss(pred, target), mse + (1 - cosine).flatten(1).mean(1), atol=1e-6)
+    assert torch.allclose(velocity_loss(pred.half(), target.half(), cosine=False), mse, atol=1e-2)
+    assert velocity_loss(pred.half(), target).dtype == torch.float32
+
+
 def test_euler_with_the_exact_velocity_lands_on_the_data():
     x1 = torch.randn(3, 2, 4, 4)
 

@@ -107,6 +107,8 @@ def test_slurm_profile_sizes_paper_jobs_one_node_each(paper_standins):
 def test_slurm_profile_asks_small_on_the_default_config():
     out = snakemake("--profile", "slurm", "-n", "--forceall").stdout
     jobs = job_resources(out)
+    plan = {rule: n for rule, n in planned(out).items() if rule != "all"}
+    assert {rule: len(r) for rule, r in jobs.items()} == plan and plan["train"] == 12  # every planned job parsed
     for rule, resources in jobs.items():  # which of them run locally: tests/test_slurm.py
         for r in resources:
             assert int(r["runtime"]) <= 30 and int(r["mem_mb"]) <= 4000 and r["gpu"] == "0", (rule, r)
