@@ -7,6 +7,11 @@ it runs on the CPU) -- while its training job is interrupted twice for real: `sc
 requeue` (SIGTERM: training saves, SLURM requeues). The tables and the final state equal a local
 `-c2` run, and sacct shows every job completed with what its rule asked for.
 
+On the two-node test SLURM (DDAEPP_SLURM_NODES=2, as .ci/run starts it) the same config trains on
+2 nodes x 1 process, is interrupted with `scancel --signal=USR1` (every rank stops after the same
+step, the job requeues itself), and ends at the 1-process weights and tables; a node count the
+partition cannot give is refused when planning.
+
 Without SLURM these tests skip, except under CI (CI=true), where .ci/run starts it first.
 """
 
