@@ -7,6 +7,11 @@ it runs on the CPU) -- while its training job is interrupted twice for real: `sc
 requeue` (SIGTERM: training saves, SLURM requeues). The tables and the final state equal a local
 `-c2` run, and sacct shows every job completed with what its rule asked for.
 
+On the two-node test SLURM (DDAEPP_SLURM_NODES=2, as .ci/run starts it) the same config trains on
+2 nodes x 1 process, is interrupted with `scancel --signal=USR1` (every rank stops after the same
+step, the job requeues itself), and ends at the 1-process weights and tables; a node count the
+partition cannot give is refused when planning.
+
 Without SLURM these tests skip, except under CI (CI=true), where .ci/run starts it first.
 """
 
@@ -211,6 +216,12 @@ def test_a_node_count_the_partition_cannot_give_is_refused(slurm, tmp_path):
 
 # --- Two nodes (the two-node test Slurm: DDAEPP_SLURM_NODES=2 tests/cluster/slurm-up, as CI starts it) ---
 TWO_NODES = "train={nodes: 2, gpus: 1}"  # 2 nodes x 1 process: a gloo group across two slurmd
+# 2 nodes x 1 process against the local run's 1 process, after this config's 132 steps. Measured:
+# EMA relative distance 9.0e-5, FID 1.4e-4 relative, LP Acc. equal. That is the float reduction
+# order of 2 processes (2 nodes x 1 process equals 1 node x 2 processes bit for bit, measured),
+# grown over 5x the steps of test_multiprocess (24 steps: bound 1e-4) and test_e2e (FID 1e-4);
+# a rank-dependent draw is far above (EMA 0.24 and more, FID 7e-2 relative).
+TWO_NODE_EMA_BOUND, TWO_NODE_REL_TOL = 1e-3, 1e-3
 
 
 class UsrOneInterrupter(Interrupter):
@@ -275,19 +286,19 @@ def test_two_node_training_runs_on_two_nodes_and_resumes(two_node_run):
 
 
 def test_two_node_training_equals_one_process(two_node_run):
-    from test_multiprocess import BOUNDS, relative_distance
-
-    run = yaml.safe_load((REPO / CONFIG).read_text())
     from ddaepp import config as config_mod
-    cfg = config_mod.validate(config_mod.merge(yaml.safe_load((REPO / "config.yaml").read_text()), run))
+    from test_multiprocess import relative_distance
+
+    cfg = config_mod.validate(config_mod.merge(yaml.safe_load((REPO / "config.yaml").read_text()),
+                                               yaml.safe_load((REPO / CONFIG).read_text())))
     run_cfg = config_mod.run_config(cfg, "uncond", "baseline")
     relative, max_abs = relative_distance(two_node_run["local"] / STATE, two_node_run["slurm"] / STATE, run_cfg)
-    assert relative < BOUNDS["baseline"], (relative, max_abs)
+    print(f"\n2 nodes vs 1 process: EMA relative distance {relative:.3g}, max abs diff {max_abs:.3g}")
+    assert relative < TWO_NODE_EMA_BOUND, (relative, max_abs)
 
 
 def test_two_node_tables_equal_the_local_run(two_node_run):
     import pandas as pd
-    from test_e2e import TWO_PROCESS_REL_TOL  # what 2 processes may move a table (see there)
 
     one = pd.read_parquet(two_node_run["local"] / "results/tables/uncond.parquet")
     two = pd.read_parquet(two_node_run["slurm"] / "results/tables/uncond.parquet")
@@ -295,7 +306,8 @@ def test_two_node_tables_equal_the_local_run(two_node_run):
     assert one[keys].equals(two[keys])
     metrics = [m for m in ("fid", "fid_cfg", "is_cfg") if m in one]
     relative = ((two[metrics] - one[metrics]).abs() / one[metrics].abs()).max()
-    assert (relative <= TWO_PROCESS_REL_TOL).all(), relative.to_dict()
+    print(f"\n2 nodes vs 1 process: max relative difference {relative.to_dict()}")
+    assert (relative <= TWO_NODE_REL_TOL).all(), relative.to_dict()
     lp_acc = (two["lp_acc"] - one["lp_acc"]).abs().max()
     assert lp_acc <= (100 / one["probe_n_val"]).min() + 1e-9, lp_acc  # one validation image, in percent
 
