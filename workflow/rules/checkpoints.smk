@@ -2,57 +2,6 @@
 # evaluated as runs with no training: the sample, metrics and probe rules' scripts, on the checkpoint
 # file and the latent statistics it was trained with, into results/tables/checkpoints.md.
 
-CKPT_DIR = "results/checkpoints/{ckpt}/s{seed}"
-CKPT_STATS = "results/checkpoints/{ckpt}/stats.json"
-
-
-def ckpt_cfg(name):
-    return ddaepp_config.checkpoint_run_config(CONFIG, name)
-
-
-def ckpt_params(stage):
-    """What the stage computes from (as run_params), plus the checkpoint's hash: a new file reruns it."""
-
-    def params(wildcards):
-        cfg = ckpt_cfg(wildcards.ckpt)
-        recorded = ddaepp_reruns.result_config(cfg, stage)
-        recorded["checkpoint_sha256"] = cfg["checkpoint"]["sha256"]
-        return ddaepp_reruns.StageConfig(cfg, recorded)
-
-    return params
-
-
-def ckpt_gpus(stage):
-    return lambda w: ddaepp_devices.stage_gpus(CONFIG, stage, ckpt_cfg(w.ckpt))
-
-
-def ckpt_file(wildcards):
-    return ckpt_cfg(wildcards.ckpt)["checkpoint"]["path"]
-
-
-def ckpt_sample_shards(wildcards):
-    n = ckpt_cfg(wildcards.ckpt)["sample"]["shards"]
-    return [f"{CKPT_DIR}/samples-{{guide}}/shard{k}.npz".format(**wildcards) for k in range(n)]
-
-
-def ckpt_records():
-    """One record per checkpoint and seed: the files its row comes from."""
-    records = []
-    for name, spec in CONFIG["checkpoints"].items():
-        for seed in CONFIG["seeds"]:
-            d = CKPT_DIR.format(ckpt=name, seed=seed)
-            records.append(
-                {
-                    "checkpoint": name,
-                    "seed": seed,
-                    "metrics_nocfg": f"{d}/metrics-nocfg.json",
-                    "metrics_cfg": f"{d}/metrics-cfg.json" if spec["conditional"] else None,
-                    "probe": f"{d}/probe.json",
-                }
-            )
-    return records
-
-
 rule checkpoint_stats:
     input:
         lambda w: ckpt_cfg(w.ckpt)["checkpoint"]["latent_stats"],
@@ -121,20 +70,6 @@ rule checkpoint_probe:
         run_cfg=ckpt_params("probe"),
     script:
         "../scripts/probe.py"
-
-
-def ckpt_table_inputs(wildcards):
-    if not CONFIG["checkpoints"]:
-        raise WorkflowError(
-            "results/tables/checkpoints.md: the config declares no checkpoints; add them under "
-            "the config key `checkpoints` (path, sha256, latent_stats, conditional, model)"
-        )
-    return [
-        f
-        for r in ckpt_records()
-        for k, f in r.items()
-        if k.startswith(("metrics", "probe")) and f
-    ]
 
 
 rule checkpoints_table:

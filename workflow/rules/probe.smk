@@ -32,12 +32,6 @@ rule probe:
         "../scripts/probe.py"
 
 
-def compare_params(wildcards):
-    """The run's second probe (probe.compare), recorded as the probe stage records its first."""
-    cfg = ddaepp_config.compare_run_config(run_cfg(wildcards.run))
-    return ddaepp_reruns.StageConfig(cfg, ddaepp_reruns.result_config(cfg, "probe"))
-
-
 rule probe_compare:
     input:
         **latents_inputs(),
