@@ -89,6 +89,9 @@ def test_noise_and_labels_depend_on_seed_and_index_only():
     other, _ = noise_and_labels([3, 7, 100], (4, 8, 8), 10, seed=3)
     assert not torch.isclose(other, noise).any(dim=(1, 2, 3)).all()  # another seed: other noise per sample
     assert not torch.equal(noise[0], noise[1])
+    gen = torch.Generator().manual_seed(2 * 1_000_003 + 7)  # the published recipe: every table's noise
+    assert torch.equal(noise[1], torch.randn((4, 8, 8), generator=gen))
+    assert labels[1] == torch.randint(0, 10, (1,), generator=gen)
     many, _ = noise_and_labels(range(64), (4, 8, 8), 10, seed=0)
     assert abs(float(many.mean())) < 0.05 and abs(float(many.std()) - 1) < 0.05  # standard normal
 

@@ -31,10 +31,16 @@ REPO = Path(__file__).resolve().parents[2]
 FILES = ["src/ddaepp/scores.py", "src/ddaepp/significance.py", "src/ddaepp/transport.py",
          "src/ddaepp/linear_probe.py", "src/ddaepp/sample.py", "src/ddaepp/objectives/__init__.py",
          "src/ddaepp/objectives/csd.py"]
-# mutmut's mutant names: module.x_function__mutmut_N, module.xǁClassǁmethod__mutmut_N
-FUNCTIONS = ["ddaepp.scores.*", "ddaepp.significance.*", "ddaepp.transport.*", "ddaepp.linear_probe.*",
-             "ddaepp.sample.x_noise_and_labels__mutmut_*", "ddaepp.objectives.x_draw_step__mutmut_*",
-             "ddaepp.objectives.csd.xǁContrastiveSelfDistillationǁdraw__mutmut_*"]
+# The functions that compute the numbers (mutmut's names: module.x_function__mutmut_N,
+# module.xǁClassǁmethod__mutmut_N); chosen so that a run takes minutes on two busy cores.
+FUNCTIONS = ["ddaepp.scores.x_inception_score_splits__*", "ddaepp.scores.xǁFrechetToReferenceǁdistance__*",
+             "ddaepp.scores.x_bootstrap_indices__*", "ddaepp.scores.x_percentile_interval__*",
+             "ddaepp.significance.x_mcnemar_exact__*", "ddaepp.significance.x_bootstrap_test__*",
+             "ddaepp.significance.x_across_seeds__*",
+             "ddaepp.transport.x_sample_t__*", "ddaepp.transport.x_interpolate__*", "ddaepp.transport.x_velocity_loss__*",
+             "ddaepp.linear_probe.xǁBatchedLinearProbeǁforward__*", "ddaepp.linear_probe.x_epoch_batches__*",
+             "ddaepp.sample.x_noise_and_labels__*", "ddaepp.objectives.x_draw_step__*",
+             "ddaepp.objectives.csd.xǁContrastiveSelfDistillationǁdraw__*"]
 # The fast tests of those functions (seconds each; nothing that trains a diffusion model).
 TESTS = ["tests/test_transport.py",
          "tests/test_metrics.py::test_scores_agree_with_adm_on_wide_features",
