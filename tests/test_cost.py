@@ -84,3 +84,23 @@ def test_encode_shards_follow_the_declared_images_not_the_rates(paper):
     assert [cost.encode_shards(other, split) for split in ("train", "val")] == shards  # an operational key
     with pytest.raises(config.ConfigError, match="tokenizer.shards.*dataset.images"):
         config.validate(config.merge(paper, {"dataset": {"images": None}}), check_paths=False)
+
+
+def test_the_large_grid_is_costed_per_node_and_by_its_model(repo, paper):
+    """DiT-L trains on 2 nodes x 8 GPUs: a segment's GPU-hours are the B/1 rates scaled by the model's
+    cost per image (parameters x tokens, 3.5x for L/1), spread over 16 GPUs; memory is per node."""
+    large = config.load(f"{repo}/config/imagenet-dit-l.yaml", check_paths=False)
+    first = {name: next(j for j in cost.jobs(cfg) if j.rule == "train" and {"epoch": "20"}.items() <= j.wildcards[0].items())
+             for name, cfg in (("B", paper), ("L", large))}
+    assert (first["B"].nodes, first["L"].nodes) == (1, 2) and first["L"].gpus == 8
+    ratio = cost.model_cost(config.run_config(large, "cond", "baseline"), large, cost.load_rates("h100"))
+    assert ratio == pytest.approx(24 * 1024**2 / (12 * 768**2))  # 3.56
+    startup = cost.load_rates("h100")["assumed"]["job_startup_s"]
+    b_work, l_work = first["B"].expected_s - startup, first["L"].expected_s - startup
+    assert l_work == pytest.approx(b_work * ratio / 2)  # twice the GPUs
+    assert first["L"].gpu_hours == pytest.approx(first["L"].count * 16 * first["L"].expected_s / 3600)
+    assert first["L"].mem_mb > first["B"].mem_mb  # L's larger state, per node
+    searched = [j for j in cost.jobs(large) if j.rule == "layer_search_run"]
+    assert sum(j.count for j in searched) == 2 * 23 and all(j.nodes == 2 for j in searched)  # self_cond_layer: auto
+    for j in cost.jobs(large):
+        assert j.runtime <= large["jobs"]["max_runtime"]

@@ -99,20 +99,41 @@ class Job:
     cpus: int = 0
     local: bool = False
     wildcards: list = field(default_factory=list)  # each job's wildcards this group's size fits (see `job_size`)
+    nodes: int = 1  # `gpus`, memory and CPUs are per node (train.nodes for training)
 
     @property
     def gpu_hours(self) -> float | None:
-        return None if self.expected_s is None else self.count * max(self.gpus, 1) * self.expected_s / 3600
+        return None if self.expected_s is None else self.count * self.nodes * max(self.gpus, 1) * self.expected_s / 3600
 
     @property
     def limit_gpu_hours(self) -> float:
-        return self.count * max(self.gpus, 1) * self.runtime / 60
+        return self.count * self.nodes * max(self.gpus, 1) * self.runtime / 60
 
 
 def _params(run: dict) -> float:
     """Parameters of the run's model: DiT blocks hold about 18 hidden² each (attention 4, MLP 8, adaLN 6)."""
     hidden, depth, _ = MODEL_SIZES[run["model"]["size"].split("/")[0]]
     return 18 * depth * hidden**2
+
+
+def _tokens(size: str, latent_hw) -> int:
+    patch = int(size.split("/")[1])
+    return (latent_hw[0] // patch) * (latent_hw[1] // patch)
+
+
+def model_cost(run: dict, config: dict, rates: dict | None) -> float:
+    """The run's model's cost per image relative to the model the rates were measured on
+    (rates' measured_on): parameters x tokens, the matmul FLOPs that dominate a DiT's step and
+    sampling (L/1 against B/1: 3.5x). Rates without measured_on are taken as the run's own model."""
+    measured = (rates or {}).get("measured_on")
+    if not measured:
+        return 1.0
+    from .tokenizers import latent_shape
+
+    hw = latent_shape(config["tokenizer"], config["dataset"])[1:]
+    ours = _params(run) * _tokens(run["model"]["size"], hw)
+    theirs = _params({"model": {"size": measured["model"]}}) * _tokens(measured["model"], measured["latent"][1:])
+    return ours / theirs
 
 
 def _latent_bytes(config: dict, split: str) -> float:
@@ -136,7 +157,7 @@ class _Plan:
     def __init__(self, config: dict):
         self.config, self.groups = config, {}
         rates = load_rates(config["jobs"]["rates"])
-        self.known = rates is not None
+        self.rates, self.known = rates, rates is not None
         self.rate = (rates or {}).get("images_per_s", {})
         assumed = (rates or {}).get("assumed", {})
         self.startup, self.worker = assumed.get("job_startup_s", 0), assumed.get("worker_gb", 0) * GB
@@ -144,17 +165,18 @@ class _Plan:
         self.n = {split: split_images(config, split) for split in ("train", "val")}
         self.latents = {split: _latent_bytes(config, split) for split in ("train", "val")}
 
-    def seconds(self, images: float | None, rate_key: str, gpus: int = 1) -> float | None:
+    def seconds(self, images: float | None, rate_key: str, gpus: int = 1, cost: float = 1.0) -> float | None:
+        """Seconds of a job that processes `images` on `gpus` GPUs at `cost` x the measured model's work."""
         if not self.known or images is None:
             return None
-        return self.startup + images / (self.rate[rate_key] * max(gpus, 1))
+        return self.startup + images * cost / (self.rate[rate_key] * max(gpus, 1))
 
     def held(self, nbytes: float) -> float | None:
         return nbytes if self.known else None
 
-    def add(self, rule, gpus, seconds, mem, count=1, **wildcards):
-        key = (rule, gpus, None if seconds is None else round(seconds), None if mem is None else round(mem))
-        group = self.groups.setdefault(key, Job(rule, 0, gpus, seconds, mem))
+    def add(self, rule, gpus, seconds, mem, count=1, nodes=1, **wildcards):
+        key = (rule, gpus, nodes, None if seconds is None else round(seconds), None if mem is None else round(mem))
+        group = self.groups.setdefault(key, Job(rule, 0, gpus, seconds, mem, nodes=nodes))
         group.count += count
         group.wildcards.append({k: str(v) for k, v in wildcards.items()})
 
@@ -189,11 +211,13 @@ def _data_jobs(plan: _Plan) -> None:
 
 def _run_jobs(plan: _Plan, run: dict, seed: int, epochs: list[int]) -> None:
     """One run and seed's jobs: a training segment per budget, its samples, metrics and probe."""
+    from . import layer_search
     from .devices import stage_gpus
 
     config, n_train, n_val = plan.config, plan.n["train"], plan.n["val"]
     name = run_name(run["setting"], run["variant"])
     gpus, one = stage_gpus(config, "train", run), stage_gpus(config, "sample", run)
+    nodes, model = run["train"]["nodes"], model_cost(run, config, plan.rates)
     state = _params(run) * 16  # fp32 weights, EMA, Adam's two moments
     pixels = 3 * config["dataset"]["image_size"] ** 2
     sample, probe = run["sample"], run["probe"]
@@ -202,23 +226,29 @@ def _run_jobs(plan: _Plan, run: dict, seed: int, epochs: list[int]) -> None:
     selection = probe["selection_per_class"] * _classes(config)
     probe_images = (None if n_train is None or n_val is None  # features of every t, then the final probe's
                     else (selection + n_val) * len(probe["t"]) + n_train + n_val)
+    # per node: every node maps the latents and holds its own GPUs' processes
+    held = plan.latents["train"] + max(gpus, 1) * (plan.process + state + workers * plan.worker)
+    if layer_search.is_auto(run):  # one short run per candidate block, on the training jobs' nodes
+        search_images = run["layer_search"]["steps"] * run["train"]["batch_size"]
+        for layer in layer_search.candidates(run):
+            plan.add("layer_search_run", gpus, plan.seconds(search_images, train_rate, gpus * nodes, model),
+                     plan.held(held), nodes=nodes, run=name, seed=seed, layer=layer)
     for prev, epoch in zip([0] + epochs[:-1], epochs):
         train_images = None if n_train is None else (epoch - prev) * n_train
-        held = plan.latents["train"] + max(gpus, 1) * (plan.process + state + workers * plan.worker)
-        plan.add("train", gpus, plan.seconds(train_images, train_rate, gpus), plan.held(held),
-                 run=name, seed=seed, epoch=epoch)
+        plan.add("train", gpus, plan.seconds(train_images, train_rate, gpus * nodes, model), plan.held(held),
+                 nodes=nodes, run=name, seed=seed, epoch=epoch)
         for guide in ["nocfg", "cfg"] if run["conditional"] else ["nocfg"]:
-            plan.add("sample_shard", one, plan.seconds(per_shard, f"sample_{guide}"),
+            plan.add("sample_shard", one, plan.seconds(per_shard, f"sample_{guide}", cost=model),
                      plan.held(plan.process + state + per_shard * pixels), sample["shards"],
                      run=name, seed=seed, epoch=epoch, guide=guide)
             plan.add("metrics", stage_gpus(config, "metrics", run), None, plan.held(plan.process + sample["n"] * pixels))
         mapped = plan.latents["train"] + plan.latents["val"]
-        plan.add("probe", one, plan.seconds(probe_images, "probe_features"),
+        plan.add("probe", one, plan.seconds(probe_images, "probe_features", cost=model),
                  plan.held(plan.process + state + mapped + probe["max_memory_gb"] * GB))
 
 
 _ORDER = ["index", "encode_shard", "merge_train_latents", "merge_val_latents", "reference_stats", "real_grid",
-          "probe_floor", "train", "sample_shard", "metrics", "probe", "table"]
+          "probe_floor", "layer_search_run", "train", "sample_shard", "metrics", "probe", "table"]
 
 
 def _classes(config: dict) -> int:
@@ -273,7 +303,8 @@ def format_plan(config: dict, planned: list[Job]) -> str:
     for j in planned:
         gpu_h = "-" if j.gpu_hours is None else f"{j.gpu_hours:.1f}"
         where = " (local)" if j.local else ""
-        lines.append(f"{j.rule + where:<28}{j.count:>6}{j.gpus:>6}{_minutes(j.expected_s):>14}"
+        gpus = f"{j.nodes}x{j.gpus}" if j.nodes > 1 else str(j.gpus)
+        lines.append(f"{j.rule + where:<28}{j.count:>6}{gpus:>6}{_minutes(j.expected_s):>14}"
                      f"{_minutes(j.runtime * 60):>11}{j.mem_mb / 1000:>8.0f}GB{j.cpus:>6}{gpu_h:>9}")
     cluster = [j for j in planned if not j.local]
     total = sum(j.gpu_hours or 0 for j in cluster if j.gpus)
