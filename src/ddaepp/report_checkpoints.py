@@ -71,7 +71,8 @@ def _header(config: dict, frame: pd.DataFrame) -> str:
             f"{data['image_size']}×{data['image_size']} px, {latents}, each with its own latent statistics. "
             f"FID/IS: {counts} samples per checkpoint, {features} features, reference statistics {refs}. "
             f"LP Acc.: top-1 % on val of a linear probe ({'/'.join(sorted(set(frame['probe_protocol'])))} protocol) "
-            f"at the (block, t) chosen on held-out train images, t ∈ {{{', '.join(f'{t:g}' for t in probe['t'])}}}. ")
+            f"at the (block, t) chosen on {'val' if probe['protocol'] == 'ddae' else 'held-out train images'}, "
+            f"t ∈ {{{', '.join(f'{t:g}' for t in probe['t'])}}}. ")
     if "cfg_scale" in frame and frame["cfg_scale"].notna().any():
         scales = "/".join(f"{s:g}" for s in sorted(set(frame["cfg_scale"].dropna())))
         channels = "/".join(sorted(set(frame["cfg_channels"].dropna())))
