@@ -1,6 +1,6 @@
 """How many generated digits come out mirrored, measured against real digits of the same quality.
 
-    python benchmarks/mirrored.py --classifier results/data/digits16/digits-net.pt \
+    python benchmarks/mirrored.py --classifier results/data/digits16-random/digits-net.pt \
         --samples results/runs/cond-selfcond/s0/ep40/samples-nocfg/shard*.npz
     python benchmarks/mirrored.py              # references only, with a digits-net trained here
 
@@ -74,7 +74,7 @@ def real_digits(dataset_cfg: dict) -> tuple[np.ndarray, np.ndarray]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(REPO / "config.yaml"), help="config whose dataset the samples are of")
-    parser.add_argument("--classifier", help="digits-net .pt of the run (results/data/digits16/digits-net.pt); "
+    parser.add_argument("--classifier", help="digits-net .pt of the run (results/data/digits16-random/digits-net.pt); "
                                              "default: train one here")
     parser.add_argument("--samples", nargs="*", default=[], help="sample .npz files or globs (one run's shards)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the half-mirrored and noisy references")

@@ -124,9 +124,9 @@ def test_default_dag_dry_run():
 def test_every_table_reads_the_floor_and_each_probes_val_predictions():
     out = snakemake("-n", "--forceall", "-p", "results/tables/uncond.md").stdout
     floor_jobs = out.split("rule probe_floor:")[1:]
-    assert len(floor_jobs) == 1 and "output: results/data/digits16/pixel2/floor.json" in floor_jobs[0]
+    assert len(floor_jobs) == 1 and "output: results/data/digits16-random/pixel2/floor.json" in floor_jobs[0]
     table_job = out.split("rule table:")[1].split("\n\n")[0]
-    assert "results/data/digits16/pixel2/floor.json" in table_job
+    assert "results/data/digits16-random/pixel2/floor.json" in table_job
     assert "results/runs/uncond-selfcond/s0/ep40/probe-val.parquet" in table_job
 
 
