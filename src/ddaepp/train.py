@@ -327,7 +327,8 @@ def _train(run_cfg, latent_files, seed, epoch, out_state, init_state, wip_dir, m
         progress.advance()
         if not read_back_due(step, train_cfg["log_every"], steps_per_epoch, target_step):
             continue
-        values, stop, save_due = read_back(accelerator, pending, time.time() - last_ckpt > 60 * train_cfg["checkpoint_minutes"])
+        timer_up = time.time() - last_ckpt > 60 * train_cfg["checkpoint_minutes"]
+        values, stop, save_due = read_back(accelerator, pending, timer_up)
         pending = []
         for k, value in enumerate(values):  # the host's per-step bookkeeping, in step order
             done = step - len(values) + k + 1  # steps done after this value's step
