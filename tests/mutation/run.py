@@ -45,6 +45,7 @@ FUNCTIONS = ["ddaepp.scores.x_inception_score_splits__*", "ddaepp.scores.xǁFrec
 TESTS = ["tests/test_transport.py",
          "tests/test_metrics.py::test_scores_agree_with_adm_on_wide_features",
          "tests/test_metrics.py::test_bootstrap_replicates_are_paired_and_recompute_from_features",
+         "tests/test_metrics.py::test_bootstrap_indices_cover_every_sample_and_the_interval_is_the_central_one",
          "tests/test_report.py::test_mcnemar_exact_and_bootstrap_interval",
          "tests/test_report.py::test_clear_differences_are_marked_null_ones_are_not",
          "tests/test_report.py::test_no_mark_without_replicates_and_it_says_so",
