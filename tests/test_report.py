@@ -372,6 +372,7 @@ def test_across_seeds_needs_every_seed_beyond_noise_in_one_direction_and_the_t_t
     untestable = significance.untestable("no file")
     assert significance.across_seeds([clear, untestable], [1.0, 1.0]) == (None, "no file")
     assert significance.across_seeds([clear, null, clear], [1.0, 0.1, 1.0]) == (False, None)
+    assert significance.across_seeds([clear, null, clear], [1.0, 1.0, 1.01]) == (False, None)  # t-test alone is not enough
     assert significance.across_seeds([clear, clear, clear], [1.0, 1.0, -1.0]) == (False, None)  # directions differ
     assert significance.across_seeds([clear] * 3, [1.0, 1.0, 1.0]) == (True, None)  # no spread
     assert significance.across_seeds([clear] * 3, [1.0, 1.1, 1.2]) == (True, None)  # t-test p = 0.005
