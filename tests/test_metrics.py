@@ -207,6 +207,17 @@ def test_bootstrap_replicates_are_paired_and_recompute_from_features():
     assert none["fid_bootstrap"] == [] and none["fid_ci95"] is None and none["fid"] == result["fid"]
 
 
+def test_bootstrap_indices_cover_every_sample_and_the_interval_is_the_central_one():
+    n = 50
+    assert np.array_equal(scores.bootstrap_indices(3, n), np.random.default_rng([3, n]).integers(0, n, size=n))
+    drawn = np.concatenate([scores.bootstrap_indices(b, n) for b in range(40)])
+    assert drawn.min() == 0 and drawn.max() == n - 1 and len(np.unique(drawn)) == n  # with replacement, all of [0, n)
+    values = list(range(1001))
+    assert scores.percentile_interval(values) == pytest.approx([25.0, 975.0])  # 2.5% in each tail
+    assert scores.percentile_interval(values, 0.9) == pytest.approx([50.0, 950.0])
+    assert scores.percentile_interval([]) is None
+
+
 def test_too_few_samples_fail_before_feature_extraction(tmp_path, classifier, reference, monkeypatch):
     with pytest.raises(ConfigError, match="more than 64 images"):
         metrics.check_ready(DATASET, METRICS, 64)

@@ -110,6 +110,9 @@ def test_step_draws_are_the_global_batchs_rows(default_config):
     drop, p = draw_step(torch.Generator().manual_seed(1), cond, n, slice(0, n), shape)["label_drop"], \
         cond["model"]["class_dropout_prob"]
     assert p > 0 and drop.dtype == torch.bool and abs(float(drop.float().mean()) - p) < 0.02
+    gen = torch.Generator().manual_seed(1)  # after x0 and t, from the same generator
+    torch.randn((n, *shape), generator=gen), sample_t(n, cond["train"]["t_mean"], cond["train"]["t_std"], gen)
+    assert torch.equal(drop, torch.rand(n, generator=gen) < p)
     assert "label_drop" not in every  # the csd run is unconditional: no labels to drop
     no_drop = copy.deepcopy(cond)
     no_drop["model"]["class_dropout_prob"] = 0.0

@@ -177,6 +177,16 @@ def test_batched_probe_equals_independent_probes():
         assert acc[p] == pytest.approx(expect)
 
 
+def test_epoch_batches_shuffle_every_row_once_by_seed_and_epoch():
+    batches = probe.epoch_batches(40, 16, 5, 2)
+    assert [len(b) for b in batches] == [16, 16, 8] and [len(b) for b in probe.epoch_batches(49, 16, 5, 2)] == [16, 16, 17]
+    assert np.array_equal(np.concatenate(batches), np.random.default_rng([5, 2]).permutation(40))
+    assert all(np.array_equal(a, b) for a, b in zip(batches, probe.epoch_batches(40, 16, 2**32 + 5, 2)))
+    merged = probe.epoch_batches(49, 16, 5, 2)  # the single trailing row joins the batch before it
+    assert np.array_equal(np.concatenate(merged), np.random.default_rng([5, 2]).permutation(49))
+    assert [len(b) for b in probe.epoch_batches(17, 16, 5, 2)] == [17] and len(probe.epoch_batches(1, 16, 5, 2)) == 1
+
+
 def test_separable_features_reach_full_accuracy():
     rng = np.random.default_rng(0)
     n, classes, dim = 400, 5, 8

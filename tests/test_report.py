@@ -331,6 +331,9 @@ def test_bootstrap_interval_is_the_central_95_percent_of_the_paired_differences(
         shifted = significance.bootstrap_test({"n": 80, "fid": (base + diffs + shift).tolist()},
                                               {"n": 80, "fid": base.tolist()}, "fid", "m.json")
         assert shifted.beyond is beyond and (shifted.lo > 0) == (shift > 0) and (shifted.hi < 0) == (shift < 0)
+    for edge in ([0.0] * 20 + [1.0] * 380, [-1.0] * 380 + [0.0] * 20):  # an interval that ends at 0 holds 0
+        touching = significance.bootstrap_test({"n": 80, "fid": edge}, {"n": 80, "fid": [0.0] * 400}, "fid", "m.json")
+        assert 0.0 in (touching.lo, touching.hi) and touching.beyond is False
     absent = significance.bootstrap_test({"n": 80}, {"n": 80, "fid": [1.0]}, "fid", "metrics-cfg.json")
     assert absent.beyond is None and absent.why == "no 'fid' in the variant's `metrics-cfg.json` (an older metrics file)"
     uneven = significance.bootstrap_test({"n": 80, "fid": [1.0, 2.0]}, {"n": 80, "fid": [1.0]}, "fid", "m.json")
@@ -372,6 +375,7 @@ def test_across_seeds_needs_every_seed_beyond_noise_in_one_direction_and_the_t_t
     untestable = significance.untestable("no file")
     assert significance.across_seeds([clear, untestable], [1.0, 1.0]) == (None, "no file")
     assert significance.across_seeds([clear, null, clear], [1.0, 0.1, 1.0]) == (False, None)
+    assert significance.across_seeds([clear, null, clear], [1.0, 1.0, 1.01]) == (False, None)  # t-test alone is not enough
     assert significance.across_seeds([clear, clear, clear], [1.0, 1.0, -1.0]) == (False, None)  # directions differ
     assert significance.across_seeds([clear] * 3, [1.0, 1.0, 1.0]) == (True, None)  # no spread
     assert significance.across_seeds([clear] * 3, [1.0, 1.1, 1.2]) == (True, None)  # t-test p = 0.005
