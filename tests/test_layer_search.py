@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from dag import planned
-from ddaepp import config, layer_search
+from ddaepp import config, layer_search, states
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -148,11 +148,11 @@ def test_resolve_reads_the_choice_and_refuses_without_one(tmp_path):
     assert layer_search.resolve(fixed, None) is fixed
 
 
-def test_resolve_from_state_uses_the_fingerprint():
+def test_resolve_layer_uses_the_fingerprint():
     run = auto_run()
-    assert layer_search.resolve_from_state(run, {"fingerprint": {"model": {"self_cond_layer": 1}}})["model"]["self_cond_layer"] == 1
+    assert states.resolve_layer(run, {"fingerprint": {"model": {"self_cond_layer": 1}}})["model"]["self_cond_layer"] == 1
     with pytest.raises(ValueError, match="retrain"):
-        layer_search.resolve_from_state(run, {"fingerprint": {"model": {"self_cond_layer": "auto"}}})
+        states.resolve_layer(run, {"fingerprint": {"model": {"self_cond_layer": "auto"}}})
 
 
 def test_an_unresolved_model_is_refused():

@@ -161,6 +161,21 @@ def _check_semantics(config: dict) -> None:
                 raise ConfigError(f"config key 'train.precision' ({where}): bf16 needs GPUs (train.gpus > 0); use auto")
 
 
+AUTO = "auto"  # model.self_cond_layer chosen by the layer search (ddaepp.layer_search)
+
+
+def is_auto(run_cfg: dict) -> bool:
+    """Whether this run self-conditions on a layer the search has to choose."""
+    return bool(run_cfg["model"]["self_cond"]) and run_cfg["model"]["self_cond_layer"] == AUTO
+
+
+def with_layer(run_cfg: dict, layer: int) -> dict:
+    """The run config with model.self_cond_layer set to `layer`."""
+    out = copy.deepcopy(run_cfg)
+    out["model"]["self_cond_layer"] = int(layer)
+    return out
+
+
 def train_nodes(config: dict) -> int:
     """train.nodes, one value for every run: the train rule's Slurm resources (one node, or a step
     across several) are the rule's, not a run's."""

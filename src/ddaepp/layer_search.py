@@ -13,38 +13,24 @@ where each curve has got to. Ties go to the shallower block.
 The choice (every candidate's curve, score, the margin to the runner-up) is written once per
 (run, seed) to choice.json; the real training reads it (`resolve`), and the states it writes
 record the resolved layer in their fingerprint, from which sampling and probing rebuild the
-same model (`resolve_from_state`).
+same model (`ddaepp.states.resolve_layer`).
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 
 import numpy as np
 
-from .config import MODEL_SIZES
+from .config import MODEL_SIZES, is_auto, with_layer  # noqa: F401  (is_auto, with_layer: used through this module too)
 from .io import atomic_path, read_json, write_json
-
-AUTO = "auto"
-
-
-def is_auto(run_cfg: dict) -> bool:
-    """Whether this run self-conditions on a layer the search has to choose."""
-    return bool(run_cfg["model"]["self_cond"]) and run_cfg["model"]["self_cond_layer"] == AUTO
 
 
 def candidates(run_cfg: dict) -> list[int]:
     """The configured candidate blocks, or every block that leaves a later one to condition."""
     depth = MODEL_SIZES[run_cfg["model"]["size"].split("/")[0]][1]
     return sorted(run_cfg["layer_search"]["candidates"] or range(depth - 1))
-
-
-def with_layer(run_cfg: dict, layer: int) -> dict:
-    out = copy.deepcopy(run_cfg)
-    out["model"]["self_cond_layer"] = int(layer)
-    return out
 
 
 def describe(choice: dict) -> str:
@@ -190,16 +176,6 @@ def resolve(run_cfg: dict, choice_path=None) -> dict:
     # The model checks the block against its depth; run_cfg may lack the layer_search section
     # (the train stage's params leave it out, so editing it reruns only the search).
     return with_layer(run_cfg, choice["chosen_layer"])
-
-
-def resolve_from_state(run_cfg: dict, state: dict) -> dict:
-    """The run config with `auto` replaced by the layer a training state was made with (its fingerprint)."""
-    if not is_auto(run_cfg):
-        return run_cfg
-    layer = state["fingerprint"]["model"]["self_cond_layer"]
-    if not isinstance(layer, int) or isinstance(layer, bool):
-        raise ValueError(f"the state's fingerprint names self_cond_layer {layer!r}, not a block; retrain it")
-    return with_layer(run_cfg, layer)
 
 
 def table_note(config: dict, table_name: str, records: list[dict]) -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ddaepp import io
+from ddaepp.config import is_auto, with_layer
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +84,14 @@ def load_weights(module: torch.nn.Module, weights: dict, path) -> None:
 
 
 def resolve_layer(run_cfg: dict, state: dict) -> dict:
-    """The run config with `self_cond_layer: auto` replaced by the layer a ddaepp state was trained with."""
-    from ddaepp import layer_search
-
-    return layer_search.resolve_from_state(run_cfg, state)
+    """The run config with `self_cond_layer: auto` replaced by the layer a ddaepp state was trained with
+    (its fingerprint)."""
+    if not is_auto(run_cfg):
+        return run_cfg
+    layer = state["fingerprint"]["model"]["self_cond_layer"]
+    if not isinstance(layer, int) or isinstance(layer, bool):
+        raise ValueError(f"the state's fingerprint names self_cond_layer {layer!r}, not a block; retrain it")
+    return with_layer(run_cfg, layer)
 
 
 def load_ema(state_path: str | os.PathLike, run_cfg: dict, latent_shape, n_classes: int):
