@@ -74,7 +74,7 @@ def test_missing_required_sections():
 
 
 def test_missing_imagenet_root_says_where(default, tmp_path):
-    bad = config.merge(default, {"dataset": {"name": "imagefolder", "root": str(tmp_path / "imagenet")}})
+    bad = config.merge(default, {"dataset": {"name": "imagefolder", "placement": "fill", "root": str(tmp_path / "imagenet")}})
     with pytest.raises(config.ConfigError, match=r"dataset.root.*train"):
         config.validate(bad)
 
