@@ -251,6 +251,12 @@ def _unreadable(path: Path, what: str) -> str | None:
     return None
 
 
+def _file_problem(key: str, path, what: str, fix: str) -> list[str]:
+    """[the problem with config key `key`'s file, and its fix], or [] when the file is in place."""
+    why = _unreadable(Path(path), what) if path else "not set"
+    return [f"config key '{key}': {why}; {fix}"] if why else []
+
+
 def missing_inputs(config: dict) -> list[str]:
     """Every input of `config` that is not in place, each with its config key and what goes there."""
     data, tok, metrics = config["dataset"], config["tokenizer"], config["metrics"]
@@ -271,27 +277,21 @@ def missing_inputs(config: dict) -> list[str]:
                             "(config.json + weights), e.g. stabilityai/sd-vae-ft-ema saved with save_pretrained; "
                             "`ddaepp fetch-assets` downloads it where the machine is online")
     if tok["name"] == "va-vae":
-        why = _unreadable(Path(tok["path"]), "torch checkpoint") if tok["path"] else "not set"
-        if why:
-            problems.append(f"config key 'tokenizer.path': {why}; put LightningDiT's VA-VAE f16d32 checkpoint "
-                            "(vavae-imagenet256-f16d32-dinov2.pt) there")
+        problems += _file_problem("tokenizer.path", tok["path"], "torch checkpoint",
+                                  "put LightningDiT's VA-VAE f16d32 checkpoint (vavae-imagenet256-f16d32-dinov2.pt) there")
     if metrics["inception_weights"]:
-        why = _unreadable(Path(metrics["inception_weights"]), "torch checkpoint")
-        if why:
-            problems.append(f"config key 'metrics.inception_weights': {why}; put torch-fidelity's "
-                            "weights-inception-2015-12-05-6726825d.pth there (`ddaepp fetch-assets`)")
+        problems += _file_problem("metrics.inception_weights", metrics["inception_weights"], "torch checkpoint",
+                                  "put torch-fidelity's weights-inception-2015-12-05-6726825d.pth there "
+                                  "(`ddaepp fetch-assets`)")
     for name, spec in config["checkpoints"].items():
         for key in ("path", "latent_stats"):
-            why = _unreadable(Path(spec[key]), "torch checkpoint") if spec[key] else "not set"
-            if why:
-                problems.append(f"config key 'checkpoints.{name}.{key}': {why}; put the checkpoint (e.g. "
-                                "lightningdit-xl-imagenet256-800ep.pt) and its latents_stats.pt there")
+            problems += _file_problem(f"checkpoints.{name}.{key}", spec[key], "torch checkpoint",
+                                      "put the checkpoint (e.g. lightningdit-xl-imagenet256-800ep.pt) and its "
+                                      "latents_stats.pt there")
     if metrics["reference"]:
-        why = _unreadable(Path(metrics["reference"]), "npz file")
-        if why:
-            problems.append(f"config key 'metrics.reference': {why}; put the ADM reference batch (e.g. "
-                            "VIRTUAL_imagenet256_labeled.npz) there (`ddaepp fetch-assets`), or set it to null "
-                            "to compute one")
+        problems += _file_problem("metrics.reference", metrics["reference"], "npz file",
+                                  "put the ADM reference batch (e.g. VIRTUAL_imagenet256_labeled.npz) there "
+                                  "(`ddaepp fetch-assets`), or set it to null to compute one")
     return problems
 
 
