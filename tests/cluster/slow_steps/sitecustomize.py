@@ -12,10 +12,10 @@ if os.environ.get("DDAEPP_TEST_STEP_SLEEP"):
     except ImportError:  # a Python without ddaepp (e.g. a system tool): nothing to slow down
         train = None
     if train is not None:
-        seconds, step = float(os.environ["DDAEPP_TEST_STEP_SLEEP"]), train.Progress.step
+        seconds, advance = float(os.environ["DDAEPP_TEST_STEP_SLEEP"]), train.Progress.advance
 
-        def slow_step(self, *args, **kwargs):
+        def slow_advance(self, *args, **kwargs):  # Progress.advance: once per training step
             time.sleep(seconds)
-            return step(self, *args, **kwargs)
+            return advance(self, *args, **kwargs)
 
-        train.Progress.step = slow_step
+        train.Progress.advance = slow_advance
