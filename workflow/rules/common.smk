@@ -267,7 +267,7 @@ def _default_resource(name):
 
 
 def train_resources(rule):
-    """The `resources` of a rule that trains (train, layer_search_run). On train.nodes > 1: that many nodes with train.gpus GPUs each
+    """The `resources` of the training rules (train, layer_search_run). On train.nodes > 1: that many nodes with train.gpus GPUs each
     (`--gres=gpu:G` is per node; the `gpu` resource would be `--gpus`, a total Slurm may place
     unevenly), one task per node, and the `mpi` resource. Why `mpi`: without it Snakemake's jobstep
     runs the job's command as `srun -n1 ...`, a one-task step on the first node holding that
