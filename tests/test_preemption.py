@@ -135,17 +135,25 @@ def test_the_train_rule_resumes_a_stopped_by_hand_run(default_config, small_late
 
 
 def test_the_job_log_keeps_every_attempt_of_a_requeued_job(tmp_path, monkeypatch):
+    """Snakemake removes a job's log before each attempt (a SLURM requeue runs the job again); the
+    log still holds every attempt, and a finished job leaves no `.attempts` file behind."""
     log = tmp_path / "train.log"
     try:
-        for restart in (0, 1):
+        for restart in (0, 1, 2):
             monkeypatch.setenv("SLURM_JOB_ID", "42")
             monkeypatch.setenv("SLURM_RESTART_COUNT", str(restart))
-            with pytest.raises(SystemExit), io.job_log(log) as logger:
-                logger.info("attempt %d trains", restart)
-                raise SystemExit(preemption.PREEMPTED_EXIT)  # saved, to be resumed
+            log.unlink(missing_ok=True)  # as Snakemake does before running the job
+            if restart < 2:
+                with pytest.raises(SystemExit), io.job_log(log) as logger:
+                    logger.info("attempt %d trains", restart)
+                    raise SystemExit(preemption.PREEMPTED_EXIT)  # saved, to be resumed
+            else:
+                with io.job_log(log) as logger:
+                    logger.info("attempt %d finishes", restart)
     finally:  # job_log points logging at the closed log file: give later tests theirs back
         io.setup_logging()
     text = log.read_text()
-    assert re.findall(r"===== attempt: SLURM job 42 restart (\d), host ", text) == ["0", "1"]
-    assert "attempt 0 trains" in text and "attempt 1 trains" in text
+    assert re.findall(r"===== attempt: SLURM job 42 restart (\d), host ", text) == ["0", "1", "2"]
+    assert "attempt 0 trains" in text and "attempt 1 trains" in text and "attempt 2 finishes" in text
     assert "job failed" not in text  # a planned stop is not reported as a failure
+    assert not log.with_name("train.log.attempts").exists()

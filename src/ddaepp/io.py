@@ -145,29 +145,44 @@ def _restart_count(job_id: str) -> str:
 def job_log(log_file: str | os.PathLike, threads: int | None = None) -> Iterator[logging.Logger]:
     """Run a workflow job with its stdout, stderr (progress bars) and logging going to `log_file`.
 
-    The log is appended to, each attempt under its `attempt_header`: a requeued job keeps what
-    its earlier attempts wrote."""
-    Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+    Every attempt of a job is kept, each under its `attempt_header`. Snakemake removes a job's log
+    before it runs the job again (a SLURM requeue, a retry), so an attempt that stops without
+    finishing -- saved to be resumed, or failed -- leaves the log so far in `<log>.attempts` (not a
+    declared file), and the next attempt starts its log with it. A finished job removes it."""
+    log_file = Path(log_file)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    earlier = log_file.with_name(log_file.name + ".attempts")
     if threads:
         import torch
 
         torch.set_num_threads(threads)
     with open(log_file, "a") as stream, contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
+        if earlier.is_file() and earlier.read_text(errors="replace") not in log_file.read_text(errors="replace"):
+            stream.write(earlier.read_text(errors="replace"))
         print(attempt_header(), file=stream, flush=True)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                             handlers=[logging.StreamHandler(stream)], force=True)
         logger = logging.getLogger("ddaepp")
+        finished = False
         try:
             yield logger
+            finished = True
         except SystemExit as stop:
             from .preemption import PREEMPTED_EXIT
 
+            finished = stop.code in (0, None)
             if stop.code not in (0, None, PREEMPTED_EXIT):  # saved, to be resumed: not a failure
                 logger.exception("job failed")
             raise
         except BaseException:
             logger.exception("job failed")
             raise
+        finally:
+            stream.flush()
+            if finished:
+                earlier.unlink(missing_ok=True)
+            else:
+                earlier.write_text(log_file.read_text(errors="replace"))
 
 
 def wip_dir(out_path: str | os.PathLike, job: str = "") -> Path:
