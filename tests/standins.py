@@ -120,3 +120,17 @@ def write_upstream_checkpoint(ddaepp_state, out, keys=("ema",)) -> Path:
     upstream["args"] = {"model": "LightningDiT", "note": "written by tests/standins.py"}
     torch.save(upstream, out)
     return out
+
+
+def awake_tiny_dit(seed: int = 0):
+    """A 2-block LightningDiT on 4x8x8 latents, 10 classes, every weight perturbed (adaLN-zero would
+    otherwise start its blocks as identities), in eval mode: for comparing two sampling paths."""
+    from ddaepp.models import LightningDiT
+
+    torch.manual_seed(seed)
+    model = LightningDiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
+                         num_classes=10, use_swiglu=True, use_rope=True, use_rmsnorm=True).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
