@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
-from ddaepp import probe
+from ddaepp import probe, probe_selection
 from ddaepp.models import LightningDiT
 
 
@@ -147,7 +147,7 @@ def main():
     with tempfile.TemporaryDirectory() as work:
         ours = grid_ours(model, data, cfg, fit, holdout, copy.deepcopy(init), work, args.device)
         theirs = grid_one_job_per_pair(model, data, cfg, fit, holdout, init, work, args.device)
-        best = probe.choose_pair(ours[0], ours[1])
+        best = probe_selection.choose_pair(ours[0], ours[1])
         t, block = cfg["t"][best // 12], best % 12
         final_s, lp_acc = final_probe(model, data, cfg, t, block, work, args.device)
     forwards = (cfg["noise_draws"] * len(fit) + len(holdout) + len(data[3])) * len(cfg["t"])  # ours
@@ -165,7 +165,7 @@ def main():
     fresh = ours[2] * (cfg["epochs"] * len(fit) + len(holdout) + len(data[3])) / (forwards / len(cfg["t"]))
     print(f"DDAE's fresh noise every epoch (backbone inside the probe loop), estimated from our forward rate: "
           f"{fresh + ours[3]:.2f} s = {(fresh + ours[3]) / ours_s:.1f}x ours with {cfg['noise_draws']} stored draws")
-    print(f"same pair chosen: {best == probe.choose_pair(theirs[0], theirs[1])}; selection accuracy max |diff| "
+    print(f"same pair chosen: {best == probe_selection.choose_pair(theirs[0], theirs[1])}; selection accuracy max |diff| "
           f"{np.abs(ours[0] - theirs[0]).max():.2f} points; chosen block {block}, t {t}")
     print(f"final probe (chosen pair, full train {len(data[1])} images, {cfg['final_epochs']} epochs): "
           f"{final_s:.2f} s = {final_s / ours_s:.2f}x our grid search; its val top-1 {lp_acc:.1f}%")

@@ -5,7 +5,7 @@ features (selection fit subset, its noise draws, the holdout) and prints the cho
 holdout accuracy and the top three at each length. Example (the digits default):
 
     python benchmarks/probe_grid_steps.py --config config.yaml --run uncond-baseline \
-        --state results/runs/uncond-baseline/s0/ep10/state.pt --latents results/data/digits16/pixel2
+        --state results/runs/uncond-baseline/s0/ep10/state.pt --latents results/data/digits16-random/pixel2
 """
 
 import argparse
@@ -15,7 +15,8 @@ import numpy as np
 
 from ddaepp import config, latents as store, states
 from ddaepp.linear_probe import epoch_batches, evaluate, train_probes
-from ddaepp.probe import _load_sources, _train_kw, choose_pair, distinct_draws, selection_split
+from ddaepp.probe import _train_kw, selection_split
+from ddaepp.probe_selection import choose_pair, distinct_draws, load_sources
 from ddaepp.probe_features import extract_features
 
 
@@ -48,9 +49,9 @@ def main() -> None:
     depth = np.load(hold_path, mmap_mode="r").shape[2]
     for factor in args.factors:
         epochs, start = cfg["epochs"] * factor, time.time()
-        probes = train_probes(_load_sources(fit_paths, noise_draws=cfg["noise_draws"]), np.arange(len(fit)), lab[fit],
+        probes = train_probes(load_sources(fit_paths, noise_draws=cfg["noise_draws"]), np.arange(len(fit)), lab[fit],
                               epochs=epochs, **train_kw)
-        sel = evaluate(probes, _load_sources([hold_path])[0], np.arange(len(hold)), lab[hold], **eval_kw)
+        sel = evaluate(probes, load_sources([hold_path])[0], np.arange(len(hold)), lab[hold], **eval_kw)
         best = choose_pair(sel.acc, sel.loss)
         top = [(int(p % depth), t_grid[p // depth], round(float(sel.acc[p]), 2)) for p in np.argsort(-sel.acc)[:3]]
         print(f"grid {epochs} epochs = {epochs * per_epoch} steps: chosen block {best % depth}, t "

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ddaepp import probe, probe_features
+from ddaepp import probe, probe_features, probe_selection
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
@@ -199,7 +199,7 @@ def test_separable_features_reach_full_accuracy():
     acc, loss, pred = probe.evaluate(trained, source, np.arange(300, n), y, 64, 1.0)
     assert pred.shape == (2, 100) and (pred[0] == y[300:]).mean() * 100 == pytest.approx(acc[0])
     assert acc[0] >= 99 and acc[1] < 40  # the informative pair vs pure noise
-    assert probe.choose_pair(acc, loss) == 0
+    assert probe_selection.choose_pair(acc, loss) == 0
 
 
 def test_memory_budget_does_not_change_results(tmp_path):
@@ -242,7 +242,7 @@ def test_run_probe_outputs_and_determinism(tmp_path):
     assert list(predictions.columns) == ["index", "label", "pred"] and len(predictions) == 32
     assert (predictions.pred == predictions.label).mean() * 100 == pytest.approx(result["lp_acc"])
     assert result["n_selection_holdout"] == 4 * 4 and result["noise_draws"] == 2
-    assert result["selection_se"] == pytest.approx(probe.binomial_se(result["selection_acc"], 16))
+    assert result["selection_se"] == pytest.approx(probe_selection.binomial_se(result["selection_acc"], 16))
     runner = result["runner_up"]
     assert (runner["block"], runner["t"]) != (result["block"], result["t"])
     assert result["selection_margin"] == pytest.approx(result["selection_acc"] - runner["selection_acc"])
@@ -373,7 +373,7 @@ def test_selection_stats_margin_and_paired_se():
     pred = np.ones((3, 100), np.int64)
     pred[0, :80], pred[1, :70], pred[2, :75] = 0, 0, 0  # pair 0: 80 %, pair 2 runner-up at 75 %
     scores = probe.Scores(np.array([80.0, 70.0, 75.0]), np.array([0.5, 0.6, 0.55]), pred)
-    stats = probe.selection_stats(scores, labels, 0, [(0, 0.5), (1, 0.5), (2, 0.9)])
+    stats = probe_selection.selection_stats(scores, labels, 0, [(0, 0.5), (1, 0.5), (2, 0.9)])
     assert stats["runner_up"] == {"block": 2, "t": 0.9, "selection_acc": 75.0}
     assert stats["selection_margin"] == 5.0 and stats["selection_se"] == pytest.approx(4.0)
     diff = np.r_[np.zeros(75), np.ones(5), np.zeros(20)]  # images 75..79: only pair 0 right
@@ -388,12 +388,12 @@ def test_floor_probe_same_recipe_and_converges(tmp_path):
     assert result == json.loads((tmp_path / "floor.json").read_text())
     assert result["floor_acc"] > 80 and result["converged"] and result["views"] == "random"
     assert result["dim"] == 4 * 8 * 8 and result["epochs"] == 10
-    assert result["se"] == pytest.approx(probe.binomial_se(result["floor_acc"], 32))
+    assert result["se"] == pytest.approx(probe_selection.binomial_se(result["floor_acc"], 32))
 
 
 def test_noise_free_draws_are_extracted_once_per_view(tmp_path, monkeypatch):
-    assert probe.distinct_draws([1.0], 1, 4) == 1 and probe.distinct_draws([1.0], 2, 4) == 2
-    assert probe.distinct_draws([0.9, 1.0], 1, 4) == 4 and probe.distinct_draws([1.0], 2, 1) == 1
+    assert probe_selection.distinct_draws([1.0], 1, 4) == 1 and probe_selection.distinct_draws([1.0], 2, 4) == 2
+    assert probe_selection.distinct_draws([0.9, 1.0], 1, 4) == 4 and probe_selection.distinct_draws([1.0], 2, 1) == 1
     names = []
     real = probe.extract_features
     monkeypatch.setattr(probe, "extract_features", lambda *a, **kw: (names.append(a[6]), real(*a, **kw))[1])

@@ -25,7 +25,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn as nn
 
@@ -34,7 +33,10 @@ from ddaepp.data import num_classes as dataset_num_classes
 # The probe's building blocks, importable from here as one API (tests and benchmarks use them so).
 from ddaepp.linear_probe import (BatchedLinearProbe, FeatureSource, Scores, array_source, epoch_batches,  # noqa: F401
                                  evaluate, latent_source, train_probes)
+from ddaepp.probe_ddae import run_ddae_probe
 from ddaepp.probe_features import choose_views, extract_features
+from ddaepp.probe_selection import (binomial_se, distinct_draws, load_sources, pair_table, remove_features,
+                                    selection_stats, write_outputs)
 
 log = logging.getLogger("ddaepp.probe")
 
@@ -52,74 +54,6 @@ def selection_split(labels, per_class: int, holdout_fraction: float, seed: int) 
         holdout.append(members[:n_hold])
         fit.append(members[n_hold:])
     return np.sort(np.concatenate(fit)), np.sort(np.concatenate(holdout))
-
-
-def choose_pair(selection_acc: np.ndarray, selection_loss: np.ndarray) -> int:
-    """The best holdout accuracy; ties (common on small holdouts) go to the lower holdout loss."""
-    best = selection_acc == selection_acc.max()
-    return int(np.flatnonzero(best)[np.argmin(selection_loss[best])])
-
-
-def plot_heatmap(table, chosen_block: int, chosen_t: float, path) -> None:
-    """Selection accuracy over blocks (rows) and t (columns), the chosen cell outlined."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    grid = table.pivot(index="block", columns="t", values="selection_acc")
-    fig, ax = plt.subplots(figsize=(1.2 * grid.shape[1] + 2.5, 0.45 * grid.shape[0] + 1.8))
-    image = ax.imshow(grid.to_numpy(), aspect="auto", cmap="viridis")
-    ax.set_xticks(range(grid.shape[1]), [f"{t:g}" for t in grid.columns])
-    ax.set_yticks(range(grid.shape[0]), [str(b) for b in grid.index])
-    ax.set_xlabel("t (1 = data)")
-    ax.set_ylabel("block")
-    middle = np.nanmean(grid.to_numpy())
-    for (i, j), acc in np.ndenumerate(grid.to_numpy()):  # dark text on viridis' light upper half
-        ax.text(j, i, f"{acc:.1f}", ha="center", va="center", fontsize=7, color="k" if acc > middle else "w")
-    i, j = list(grid.index).index(chosen_block), list(grid.columns).index(chosen_t)
-    ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
-    fig.colorbar(image, ax=ax, label="selection (holdout) top-1 %")
-    ax.set_title(f"linear probe selection: block {chosen_block}, t = {chosen_t:g}")
-    fig.tight_layout()
-    with io.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-
-
-def binomial_se(acc_percent: float, n: int) -> float:
-    """Standard error (points) of an accuracy measured on n independent images."""
-    p = acc_percent / 100
-    return 100 * math.sqrt(p * (1 - p) / n)
-
-
-def selection_stats(scores: Scores, labels, best: int, pair_names: list[tuple[int, float]]) -> dict:
-    """How sure the choice is: the chosen pair's holdout accuracy and its standard error, the
-    runner-up, the margin between them and the margin's paired standard error (both pairs are
-    scored on the same holdout images)."""
-    n, acc = len(labels), scores.acc
-    stats = dict(selection_acc=float(acc[best]), selection_se=binomial_se(float(acc[best]), n))
-    if len(acc) < 2:
-        return {**stats, "runner_up": None, "selection_margin": None, "selection_margin_se": None}
-    others = np.flatnonzero(np.arange(len(acc)) != best)
-    second = int(others[choose_pair(acc[others], scores.loss[others])])
-    diff = (scores.pred[best] == labels).astype(float) - (scores.pred[second] == labels)
-    block, t = pair_names[second]
-    return {**stats, "runner_up": dict(block=block, t=t, selection_acc=float(acc[second])),
-            "selection_margin": float(acc[best] - acc[second]),
-            "selection_margin_se": float(100 * diff.std(ddof=1) / math.sqrt(n)) if n > 1 else None}
-
-
-def distinct_draws(t_values, num_views: int, noise_draws: int) -> int:
-    """How many of the noise draws differ. At t = 1 there is no noise, so draws differ only by view
-    (draw d shows view (coin + d) mod V): draw d equals draw d mod min(K, V)."""
-    return min(noise_draws, num_views) if all(float(t) == 1.0 for t in t_values) else noise_draws
-
-
-def _load_sources(paths, pair: int | None = None, noise_draws: int | None = None) -> list[FeatureSource]:
-    """One source per file; with `noise_draws` = K, K sources, draw d reading file d mod len(paths)
-    (the distinct draws, see distinct_draws), so epochs cycle exactly as over K stored draws."""
-    sources = [array_source(np.load(p, mmap_mode="r"), pair=pair) for p in paths]
-    return sources if noise_draws is None else [sources[d % len(sources)] for d in range(noise_draws)]
 
 
 def grid_epochs(cfg: dict, n_fit: int) -> int:
@@ -146,15 +80,11 @@ def _grid_search(model, latents, labels, val_latents, val_labels, mean, std, cfg
     val_path = extract_features(model, val_latents, mean, std, t_grid, work_dir, "val", views="first", **extract_kw)
     depth = np.load(holdout_path, mmap_mode="r").shape[2]
     epochs = grid_epochs(cfg, len(fit))
-    probes = train_probes(_load_sources(fit_paths, noise_draws=cfg["noise_draws"]), np.arange(len(fit)), labels[fit],
+    probes = train_probes(load_sources(fit_paths, noise_draws=cfg["noise_draws"]), np.arange(len(fit)), labels[fit],
                           epochs=epochs, desc="probes (all pairs)", **train_kw)
-    sel = evaluate(probes, _load_sources([holdout_path])[0], np.arange(len(holdout)), labels[holdout], **eval_kw)
-    val_acc = evaluate(probes, _load_sources([val_path])[0], np.arange(len(val_labels)), val_labels, **eval_kw).acc
-    best, pairs = choose_pair(sel.acc, sel.loss), np.arange(len(sel.acc))
-    names = [(int(p % depth), t_grid[p // depth]) for p in pairs]
-    table = pd.DataFrame({"block": pairs % depth, "t": np.asarray(t_grid)[pairs // depth],
-                          "selection_acc": sel.acc, "selection_loss": sel.loss, "val_acc": val_acc,
-                          "chosen": pairs == best}).sort_values(["block", "t"], ignore_index=True)
+    sel = evaluate(probes, load_sources([holdout_path])[0], np.arange(len(holdout)), labels[holdout], **eval_kw)
+    val_acc = evaluate(probes, load_sources([val_path])[0], np.arange(len(val_labels)), val_labels, **eval_kw).acc
+    table, best, names = pair_table(sel, val_acc, t_grid, depth)
     stats = dict(n_selection_fit=len(fit), n_selection_holdout=len(holdout), grid_epochs=epochs,
                  grid_steps=epochs * len(epoch_batches(len(fit), cfg["batch_size"], cfg["seed"], 0)),
                  **selection_stats(sel, labels[holdout], best, names))
@@ -175,14 +105,6 @@ def _train_kw(cfg: dict, num_classes: int, device) -> tuple[dict, dict]:
                     batch_size=cfg["batch_size"], seed=cfg["seed"], max_memory_gb=cfg["max_memory_gb"], device=device)
     eval_kw = dict(batch_size=cfg["feature_batch_size"], max_memory_gb=cfg["max_memory_gb"], device=device)
     return train_kw, eval_kw
-
-
-def write_predictions(path, labels, pred) -> None:
-    """Per-image val predictions (`index`, `label`, `pred`): what the tables' paired tests read."""
-    frame = pd.DataFrame({"index": np.arange(len(labels)), "label": np.asarray(labels, np.int64),
-                          "pred": np.asarray(pred, np.int64)})
-    with io.atomic_path(path) as tmp:
-        frame.to_parquet(tmp, index=False)
 
 
 def run_probe(model: nn.Module, train_latents, train_labels, val_latents, val_labels, mean, std, probe_cfg: dict,
@@ -206,8 +128,6 @@ def run_probe(model: nn.Module, train_latents, train_labels, val_latents, val_la
     train_kw, eval_kw = _train_kw(cfg, num_classes, device)
     model = model.to(device)
     if cfg.get("protocol", "ddaepp") == "ddae":
-        from ddaepp.probe_ddae import run_ddae_probe
-
         return run_ddae_probe(model, train_latents, train_labels, val_latents, val_labels, mean, std, cfg, out_parquet,
                               out_json, out_png, out_predictions, work_dir, views, train_kw, eval_kw, keep_features)
     table, best, (best_block, best_t), stats, paths = _grid_search(
@@ -218,24 +138,18 @@ def run_probe(model: nn.Module, train_latents, train_labels, val_latents, val_la
                                     blocks=[best_block], batch_size=cfg["feature_batch_size"], seed=cfg["seed"],
                                     device=device, draw=d)
                    for d in range(distinct_draws([best_t], train_latents.shape[1], cfg["noise_draws"]))]
-    final = train_probes(_load_sources(final_paths, noise_draws=cfg["noise_draws"]), np.arange(len(train_labels)),
+    final = train_probes(load_sources(final_paths, noise_draws=cfg["noise_draws"]), np.arange(len(train_labels)),
                          train_labels,
                          epochs=cfg["final_epochs"], desc="final probe", **train_kw)
-    val_pair = _load_sources([paths[-1]], pair=best)[0]
+    val_pair = load_sources([paths[-1]], pair=best)[0]
     scores = evaluate(final, val_pair, np.arange(len(val_labels)), val_labels, **eval_kw)
 
-    with io.atomic_path(out_parquet) as tmp:
-        table.to_parquet(tmp, index=False)
-    write_predictions(out_predictions, val_labels, scores.pred[0])
-    plot_heatmap(table, best_block, best_t, out_png)
     result = dict(block=best_block, t=best_t, lp_acc=float(scores.acc[0]), n_train=len(train_labels),
                   n_val=len(val_labels), n_pairs=len(table), num_classes=num_classes,
                   noise_draws=cfg["noise_draws"], views=views, protocol="ddaepp", **stats)
-    io.write_json(out_json, result)
+    write_outputs(table, result, val_labels, scores.pred[0], out_parquet, out_json, out_png, out_predictions)
     if not keep_features:
-        for path in paths + final_paths:
-            path.unlink()
-            path.with_suffix(".json").unlink()
+        remove_features(paths + final_paths)
         with contextlib.suppress(OSError):
             (work_dir / "_wip").rmdir()
     log.info("linear probe: block %d, t %g, selection %.2f%% ± %.2f (runner-up margin %s), val %.2f%%", best_block,

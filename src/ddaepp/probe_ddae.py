@@ -21,12 +21,11 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import pandas as pd
 import torch
 
-from ddaepp import io
 from ddaepp.linear_probe import BatchedLinearProbe, evaluate, train_probes
 from ddaepp.probe_features import extract_features
+from ddaepp.probe_selection import distinct_draws, load_sources, pair_table, remove_features, selection_stats, write_outputs
 
 log = logging.getLogger("ddaepp.probe")
 
@@ -34,26 +33,20 @@ log = logging.getLogger("ddaepp.probe")
 def ddae_grid(model, latents, labels, val_latents, val_labels, mean, std, cfg, work_dir, views, train_kw, eval_kw):
     """Every pair's DDAE probe trained on all of train and scored on val. Returns the table, the
     chosen pair's index and (block, t), the val scores and the feature files."""
-    from ddaepp.probe import _load_sources, choose_pair, distinct_draws, selection_stats
-
     extract_kw = dict(batch_size=cfg["feature_batch_size"], seed=cfg["seed"], device=train_kw["device"])
     t_grid, epochs = [float(t) for t in cfg["t"]], cfg["epochs"]
     train_paths = [extract_features(model, latents, mean, std, t_grid, work_dir, f"ddae-train-d{d}", views=views,
                                     draw=d, **extract_kw)
                    for d in range(distinct_draws(t_grid, latents.shape[1], epochs))]
     val_path = extract_features(model, val_latents, mean, std, t_grid, work_dir, "val", views="first", **extract_kw)
-    sources = _load_sources(train_paths, noise_draws=epochs)  # epoch e: draw e, fresh noise
+    sources = load_sources(train_paths, noise_draws=epochs)  # epoch e: draw e, fresh noise
     depth = np.load(val_path, mmap_mode="r").shape[2]
     head = BatchedLinearProbe(sources[0].num_pairs, sources[0].dim, train_kw["num_classes"],
                               torch.Generator().manual_seed(cfg["seed"]), normalize=False)
     probes = train_probes(sources, np.arange(len(labels)), labels, epochs=epochs, probe=head, optimizer="adam",
                           cosine_per="epoch", desc="DDAE probes (all pairs)", **train_kw)
-    val = evaluate(probes, _load_sources([val_path])[0], np.arange(len(val_labels)), val_labels, **eval_kw)
-    best, pairs = choose_pair(val.acc, val.loss), np.arange(len(val.acc))
-    names = [(int(p % depth), t_grid[p // depth]) for p in pairs]
-    table = pd.DataFrame({"block": pairs % depth, "t": np.asarray(t_grid)[pairs // depth],
-                          "selection_acc": val.acc, "selection_loss": val.loss, "val_acc": val.acc,
-                          "chosen": pairs == best}).sort_values(["block", "t"], ignore_index=True)
+    val = evaluate(probes, load_sources([val_path])[0], np.arange(len(val_labels)), val_labels, **eval_kw)
+    table, best, names = pair_table(val, val.acc, t_grid, depth)
     stats = dict(n_selection_fit=len(labels), n_selection_holdout=len(val_labels),
                  **selection_stats(val, val_labels, best, names))
     return table, best, names[best], val, stats, train_paths + [val_path]
@@ -62,21 +55,13 @@ def ddae_grid(model, latents, labels, val_latents, val_labels, mean, std, cfg, w
 def run_ddae_probe(model, train_latents, train_labels, val_latents, val_labels, mean, std, cfg, out_parquet, out_json,
                    out_png, out_predictions, work_dir, views, train_kw, eval_kw, keep_features=False) -> dict:
     """probe.run_probe's outputs under DDAE's protocol; lp_acc is the chosen pair's val accuracy."""
-    from ddaepp.probe import plot_heatmap, write_predictions
-
     table, best, (block, t), val, stats, paths = ddae_grid(model, train_latents, train_labels, val_latents, val_labels,
                                                            mean, std, cfg, work_dir, views, train_kw, eval_kw)
-    with io.atomic_path(out_parquet) as tmp:
-        table.to_parquet(tmp, index=False)
-    write_predictions(out_predictions, val_labels, val.pred[best])
-    plot_heatmap(table, block, t, out_png)
     result = dict(block=block, t=t, lp_acc=float(val.acc[best]), n_train=len(train_labels), n_val=len(val_labels),
                   n_pairs=len(table), num_classes=train_kw["num_classes"], noise_draws=cfg["epochs"], views=views,
                   protocol="ddae", **stats)
-    io.write_json(out_json, result)
+    write_outputs(table, result, val_labels, val.pred[best], out_parquet, out_json, out_png, out_predictions)
     if not keep_features:
-        for path in paths:
-            path.unlink()
-            path.with_suffix(".json").unlink()
+        remove_features(paths)
     log.info("DDAE linear probe: block %d, t %g, val %.2f%% (chosen on val)", block, t, result["lp_acc"])
     return result
