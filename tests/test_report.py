@@ -520,6 +520,29 @@ def test_a_second_probe_protocol_gets_its_own_lp_column(tmp_path):
     assert (last["lp_acc_compare"] == 90.0).all() and frame[frame["epoch"] < 20]["lp_acc_compare"].isna().all()
 
 
+def test_precision_and_recall_columns_follow_fid_and_are_never_marked(tmp_path):
+    """metrics.precision_recall: Precision and Recall columns after FID, read from metrics-nocfg.json,
+    their k and reference count in the caption; a file without them is a dash with the reason."""
+    config = digits_config(metrics={"precision_recall": True})
+    records = fake_records(tmp_path, ["baseline", "selfcond"], [0], [5, 10, 20], conditional=True)
+    for r in records:
+        data = read_json(r["metrics_nocfg"])
+        if (r["variant"], r["epoch"]) != ("selfcond", 5):  # one older file without them
+            far = 0.5 if r["variant"] == "selfcond" else 0.0  # a large gap: still no mark (no test)
+            data.update(precision=0.25 + far, recall=0.1 + r["epoch"] / 100, pr_k=3, pr_reference_n=1000)
+        write_json(r["metrics_nocfg"], data)
+    md, _, parquet = write(tmp_path, config, "cond", records)
+    header, rows, text = read_md_table(md)
+    assert header[1:5] == ["baseline FID_500 (digits-net)", "baseline Precision_500 (digits-net)",
+                           "baseline Recall_500 (digits-net)", "baseline LP Acc."]
+    assert rows["20"][2:4] == ["0.25", "0.30"] and rows["20"][8:10] == ["0.75", "0.30"]
+    assert rows["5"][8].startswith("—") and "no 'precision' in `metrics-nocfg.json`" in text
+    assert "ADM's (k = 3 nearest neighbours" in text and "against 1,000 reference images" in text
+    assert "Precision and recall are not tested, so never marked." in text
+    frame = pd.read_parquet(parquet)
+    assert "precision_beyond_noise" not in frame and frame["recall"].notna().sum() == 5
+
+
 def test_checkpoints_table_rows_and_provenance(tmp_path):
     from ddaepp import report_checkpoints
 

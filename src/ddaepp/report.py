@@ -21,7 +21,8 @@ import pandas as pd
 from ddaepp import config as config_lib, layer_search
 from ddaepp.io import atomic_path, read_json
 from ddaepp.report_frame import (METRICS, PAPER_COLUMNS, PAPER_FEATURES, PAPER_N, _collect, _protocol, _with_notes,
-                                 baseline_variant, has_compare, paper_protocol_mismatch, paper_values, table_metrics)
+                                 baseline_variant, has_compare, has_precision_recall, paper_protocol_mismatch,
+                                 paper_values, table_metrics)
 
 MARK = "†"  # beyond noise at 95% against the table's baseline
 DASH = "—"
@@ -99,7 +100,7 @@ def _grid(cfg: dict, table_name: str, frame: pd.DataFrame, notes: dict, tests: t
     for variant, run in runs.items():
         ours, paper = frame[frame.variant == variant], paper_values(run)
         compare = has_compare(frame)
-        for metric in table_metrics(setting["conditional"], compare):
+        for metric in table_metrics(setting["conditional"], compare, has_precision_recall(frame)):
             label = metric_label(metric, *_protocol(ours, run, metric))
             if compare and metric.startswith("lp_acc"):  # two probes: each column names its protocol
                 probe = run["probe"] if metric == "lp_acc" else config_lib.compare_run_config(run)["probe"]
@@ -128,7 +129,8 @@ def legend(cfg: dict, table_name: str) -> str | None:
     return (f"{MARK} differs from `{baseline_variant(table['variants'])}` at the same epoch beyond noise "
             "(95%, two-sided): LP Acc. by an exact McNemar test on the two probes' per-image val predictions; "
             "FID and IS by a paired bootstrap over samples (the 95% interval of variant − baseline excludes 0)."
-            f"{seeds} No mark: no difference shown.")
+            f"{seeds} No mark: no difference shown."
+            + (" Precision and recall are not tested, so never marked." if cfg["metrics"]["precision_recall"] else ""))
 
 
 def _probe_caption(frame: pd.DataFrame, probe: dict, floor: dict | None) -> str:
@@ -178,6 +180,11 @@ def _header(cfg: dict, table_name: str, frame: pd.DataFrame, floor: dict | None 
     line += (f"{'FID/IS' if setting['conditional'] else 'FID'}: {_counts(counts, '?')} samples per run, {net}"
              f"{', reference statistics ' + refs if refs else ''}. ")
 
+    if has_precision_recall(frame):
+        k = sorted({int(k) for k in frame.get("pr_k", pd.Series(dtype=float)).dropna()})
+        refs_n = sorted({int(n) for n in frame.get("pr_reference_n", pd.Series(dtype=float)).dropna()})
+        line += (f"Precision and recall: ADM's (k = {_counts(k, '3')} nearest neighbours, on the same features, "
+                 f"without CFG) against {_counts(refs_n, 'the')} reference images. ")
     line += _probe_caption(frame, runs[0]["probe"], floor)
     if has_compare(frame):
         line += "Second LP column: " + _probe_caption(frame, config_lib.compare_run_config(runs[0])["probe"], None)

@@ -23,7 +23,10 @@ METRICS = {
     "fid_cfg": ("metrics_cfg", "fid", "FID"),
     "is_cfg": ("metrics_cfg", "is_mean", "IS"),
     "lp_acc_compare": ("probe_compare", "lp_acc", "LP Acc."),  # the second probe (probe.compare)
+    "precision": ("metrics_nocfg", "precision", "Precision"),  # metrics.precision_recall
+    "recall": ("metrics_nocfg", "recall", "Recall"),
 }
+UNTESTED = ("precision", "recall")  # no paired test between variants: these cells carry no mark
 PAPER_COLUMNS = {"fid": "fid_10k", "lp_acc": "lp_acc", "fid_cfg": "fid_10k_cfg", "is_cfg": "is_10k_cfg"}
 PAPER_N, PAPER_FEATURES = 10_000, "inception"  # how the paper measured FID and IS
 # The paper's sampling and evaluation, as recorded in metrics-{guide}.json: LightningDiT's sampler
@@ -35,10 +38,14 @@ PAPER_GUIDANCE = {"scale": 10.0, "interval_start": 0.11, "channels": 3}
 # Bootstrap replicates of each FID/IS column: (record key of the JSON file, key inside it)
 BOOTSTRAP = {"fid": ("metrics_nocfg", "fid_bootstrap"), "fid_cfg": ("metrics_cfg", "fid_bootstrap"),
              "is_cfg": ("metrics_cfg", "is_bootstrap")}
-def table_metrics(conditional: bool, compare: bool = False) -> list[str]:
-    """The columns of a table; `compare`: the second probe's LP Acc. (probe.compare) after the first's."""
+
+
+def table_metrics(conditional: bool, compare: bool = False, precision_recall: bool = False) -> list[str]:
+    """The columns of a table; `compare`: the second probe's LP Acc. (probe.compare) after the first's;
+    `precision_recall`: ADM's precision and recall (without CFG) after FID."""
     lp = ["lp_acc", "lp_acc_compare"] if compare else ["lp_acc"]
-    return ["fid", *lp, "fid_cfg", "is_cfg"] if conditional else ["fid", *lp]
+    pr = ["precision", "recall"] if precision_recall else []
+    return ["fid", *pr, *lp, "fid_cfg", "is_cfg"] if conditional else ["fid", *pr, *lp]
 
 
 @functools.lru_cache(maxsize=1)
@@ -106,7 +113,8 @@ def _value(data: dict | None, key: str, path, seed: int) -> tuple[float, str | N
     return float(value), None
 
 
-def _read_record(record: dict, conditional: bool, compare: bool = False) -> tuple[dict, dict, dict]:
+def _read_record(record: dict, conditional: bool, compare: bool = False,
+                 precision_recall: bool = False) -> tuple[dict, dict, dict]:
     missing = [k for k in ("variant", "seed", "epoch", "metrics_nocfg", "probe") if k not in record]
     if missing:
         raise ValueError(f"report record {record!r} lacks {', '.join(missing)}; each record needs "
@@ -125,7 +133,7 @@ def _read_record(record: dict, conditional: bool, compare: bool = False) -> tupl
     seed = int(record["seed"])
     row = {"variant": str(record["variant"]), "seed": seed, "epoch": int(record["epoch"])}
     notes = {}
-    for metric in table_metrics(conditional, compare):
+    for metric in table_metrics(conditional, compare, precision_recall):
         source, key, _ = METRICS[metric]
         row[metric], note = _value(data[source], key, files[source], seed)
         if metric == "lp_acc_compare" and data[source] is None:
@@ -134,6 +142,8 @@ def _read_record(record: dict, conditional: bool, compare: bool = False) -> tupl
             notes[metric] = note
     nocfg, cfg_data, probe = data["metrics_nocfg"], data["metrics_cfg"] or {}, data["probe"]
     row.update(n=nocfg.get("n"), features=nocfg.get("features"), reference=nocfg.get("reference"))
+    if precision_recall:
+        row.update(pr_k=nocfg.get("pr_k"), pr_reference_n=nocfg.get("pr_reference_n"))
     if conditional:
         guidance = cfg_data.get("guidance") if isinstance(cfg_data.get("guidance"), dict) else {}
         row.update(n_cfg=cfg_data.get("n"), features_cfg=cfg_data.get("features"),
@@ -163,7 +173,8 @@ def _collect(config: dict, table_name: str, records: list[dict]) -> tuple[dict, 
     rows, notes, raw = [], {}, {}
     compare = any(record.get("probe_compare") for record in records)
     for record in records:
-        row, row_notes, raw_data = _read_record(record, setting["conditional"], compare)
+        row, row_notes, raw_data = _read_record(record, setting["conditional"], compare,
+                                                cfg["metrics"]["precision_recall"])
         key = (row["variant"], row["seed"], row["epoch"])
         if row["variant"] not in table["variants"]:
             raise ValueError(f"record variant '{row['variant']}' is not in table '{table_name}' "
@@ -185,14 +196,20 @@ def _collect(config: dict, table_name: str, records: list[dict]) -> tuple[dict, 
             frame[column] = frame[column].astype("Int64")
     order = {v: i for i, v in enumerate(table["variants"])}
     frame = frame.sort_values(["variant", "epoch", "seed"], key=lambda c: c.map(order) if c.name == "variant" else c)
+    tested = [m for m in table_metrics(setting["conditional"], has_compare(frame)) if m not in UNTESTED]
     frame, verdicts = significance.compare(frame.reset_index(drop=True), raw, baseline_variant(table["variants"]),
-                                           BOOTSTRAP, table_metrics(setting["conditional"], has_compare(frame)))
+                                           BOOTSTRAP, tested)
     return cfg, frame, notes, (verdicts, raw)
 
 
 def has_compare(frame: pd.DataFrame) -> bool:
     """Whether the table shows a second probe (probe.compare)."""
     return "lp_acc_compare" in frame
+
+
+def has_precision_recall(frame: pd.DataFrame) -> bool:
+    """Whether the table shows precision and recall (metrics.precision_recall)."""
+    return "precision" in frame
 
 
 def _with_notes(frame: pd.DataFrame, notes: dict) -> pd.DataFrame:
