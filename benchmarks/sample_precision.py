@@ -1,6 +1,6 @@
 """FID/IS of bf16 against tf32 sampling on paired noise, for one state of the digits default.
 
-    snakemake -c2 results/runs/cond-baseline/s0/ep10/state.pt results/data/digits16/digits-net.pt
+    snakemake -c2 results/runs/cond-baseline/s0/ep10/state.pt results/data/digits16-random/digits-net.pt
     python benchmarks/sample_precision.py --epoch 10
 
 Samples sample.n images of the conditional baseline without and with CFG in sample.precision tf32
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddaepp import config, metrics
+from ddaepp import config, cost, metrics
 from ddaepp.sample import sample_shard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def main():
     torch.set_num_threads(1)
     cfg = config.load(REPO / "config.yaml")
     run = config.run_config(cfg, "cond", "baseline")
-    data = Path(args.results) / "data/digits16"
+    data = Path(args.results).parent / cost.dataset_dir(cfg)  # the workflow's dataset folder
     state = Path(args.results) / f"runs/cond-baseline/s0/ep{args.epoch}/state.pt"
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
