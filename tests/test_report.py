@@ -543,6 +543,21 @@ def test_precision_and_recall_columns_follow_fid_and_are_never_marked(tmp_path):
     assert "precision_beyond_noise" not in frame and frame["recall"].notna().sum() == 5
 
 
+def test_a_reason_several_seeds_share_is_marked_once(tmp_path):
+    """Two seeds without a second probe at 5 epochs: the cell is '—[1]', not '—[1][1]'."""
+    config = digits_config(seeds=[0, 1], probe={"compare": {"protocol": "ddae", "epochs": 30, "lr": 1.0e-3,
+                                                            "batch_size": 128}})
+    records = fake_records(tmp_path, ["baseline", "selfcond"], [0, 1], [5, 10, 20], conditional=False)
+    for r in (r for r in records if r["epoch"] == 20):
+        d = Path(r["probe"]).parent
+        write_json(d / "probe-compare.json", {"block": 1, "t": 0.7, "lp_acc": 70.0, "protocol": "ddae",
+                                              "n_train": 1437, "n_val": 360, "n_pairs": 16})
+        r.update(probe_compare=d / "probe-compare.json")
+    md, _, _ = write(tmp_path, config, "uncond", records)
+    _, rows, _ = read_md_table(md)
+    assert rows["5"][3] == "—[1]" and rows["5"][6] == "—[1]", rows["5"]
+
+
 def test_checkpoints_table_rows_and_provenance(tmp_path):
     from ddaepp import report_checkpoints
 

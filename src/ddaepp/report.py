@@ -48,8 +48,8 @@ def _ours(cells: pd.DataFrame, metric: str, notes: dict, mark, sign: str = "") -
         return DASH + mark("no result: no run of this variant at this epoch was given"), math.nan
     values = cells[metric].to_numpy(dtype=float)
     finite = values[np.isfinite(values)]
-    why = "".join(mark(notes[(v, s, e, metric)]) for v, s, e in zip(cells.variant, cells.seed, cells.epoch)
-                  if (v, s, e, metric) in notes)
+    why = "".join(dict.fromkeys(mark(notes[(v, s, e, metric)]) for v, s, e in zip(cells.variant, cells.seed, cells.epoch)
+                                if (v, s, e, metric) in notes))  # one mark per reason, however many seeds give it
     if len(finite) == 0:
         return DASH + why, math.nan
     mean = float(finite.mean())
