@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -132,6 +133,29 @@ def test_the_train_rule_resumes_a_stopped_by_hand_run(default_config, small_late
                    init_globals={"snakemake": job})
     assert json.loads((tmp_path / "summary.json").read_text())["steps_this_job"] == 2 * 4 - 3
     assert state.exists() and not state.with_name("train.json").exists()  # the summary goes where the rule says
+
+
+def test_a_job_that_requeues_itself_keeps_its_log_before_the_requeue(tmp_path, monkeypatch):
+    """`scontrol requeue` ends the running job, which SLURM may kill before job_log's exit path
+    runs (seen on a loaded machine): the log so far is in `.attempts` before scontrol is called."""
+    log, seen = tmp_path / "train.log", []
+
+    def fake_scontrol(command, **kwargs):  # what a kill right after the requeue would leave
+        seen.append(log.with_name("train.log.attempts").read_text())
+        return SimpleNamespace(returncode=0, stderr="")
+
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    monkeypatch.setattr(preemption.subprocess, "run", fake_scontrol)
+    monkeypatch.setattr(preemption, "_received", [signal.SIGUSR1])
+    try:
+        with pytest.raises(SystemExit), io.job_log(log) as logger:
+            logger.info("attempt 0 trains")
+            preemption.exit_to_resume(tmp_path / "state.pt", 7)
+    finally:
+        io.setup_logging()
+    assert len(seen) == 1 and "restart 0" in seen[0] and "attempt 0 trains" in seen[0], seen
+    assert "stopped after step 7" in seen[0] and preemption.before_requeue == []
 
 
 def test_the_job_log_keeps_every_attempt_of_a_requeued_job(tmp_path, monkeypatch):

@@ -156,6 +156,8 @@ def job_log(log_file: str | os.PathLike, threads: int | None = None) -> Iterator
         import torch
 
         torch.set_num_threads(threads)
+    from . import preemption
+
     with open(log_file, "a") as stream, contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
         if earlier.is_file() and earlier.read_text(errors="replace") not in log_file.read_text(errors="replace"):
             stream.write(earlier.read_text(errors="replace"))
@@ -163,12 +165,18 @@ def job_log(log_file: str | os.PathLike, threads: int | None = None) -> Iterator
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                             handlers=[logging.StreamHandler(stream)], force=True)
         logger = logging.getLogger("ddaepp")
+
+        def keep_log_so_far():
+            stream.flush()
+            earlier.write_text(log_file.read_text(errors="replace"))
+
+        preemption.before_requeue.append(keep_log_so_far)
         finished = False
         try:
             yield logger
             finished = True
         except SystemExit as stop:
-            from .preemption import PREEMPTED_EXIT
+            PREEMPTED_EXIT = preemption.PREEMPTED_EXIT
 
             finished = stop.code in (0, None)
             if stop.code not in (0, None, PREEMPTED_EXIT):  # saved, to be resumed: not a failure
@@ -178,11 +186,12 @@ def job_log(log_file: str | os.PathLike, threads: int | None = None) -> Iterator
             logger.exception("job failed")
             raise
         finally:
+            preemption.before_requeue.remove(keep_log_so_far)
             stream.flush()
             if finished:
                 earlier.unlink(missing_ok=True)
             else:
-                earlier.write_text(log_file.read_text(errors="replace"))
+                keep_log_so_far()
 
 
 def wip_dir(out_path: str | os.PathLike, job: str = "") -> Path:
