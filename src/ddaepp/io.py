@@ -176,10 +176,8 @@ def job_log(log_file: str | os.PathLike, threads: int | None = None) -> Iterator
             yield logger
             finished = True
         except SystemExit as stop:
-            PREEMPTED_EXIT = preemption.PREEMPTED_EXIT
-
             finished = stop.code in (0, None)
-            if stop.code not in (0, None, PREEMPTED_EXIT):  # saved, to be resumed: not a failure
+            if stop.code not in (0, None, preemption.PREEMPTED_EXIT):  # saved, to be resumed: not a failure
                 logger.exception("job failed")
             raise
         except BaseException:
