@@ -181,3 +181,23 @@ def test_the_job_log_keeps_every_attempt_of_a_requeued_job(tmp_path, monkeypatch
     assert "attempt 0 trains" in text and "attempt 1 trains" in text and "attempt 2 finishes" in text
     assert "job failed" not in text  # a planned stop is not reported as a failure
     assert not log.with_name("train.log.attempts").exists()
+
+
+def test_the_log_of_an_attempt_killed_outright_is_kept(tmp_path):
+    """An attempt killed with no exit path at all (SIGKILL: the launcher of a multi-process job, when
+    its rank 0's `scontrol requeue` ends the job) still reaches the next attempt's log."""
+    log = tmp_path / "train.log"
+    attempt = ("import os, signal, sys; from ddaepp import io\n"
+               f"with io.job_log({str(log)!r}) as logger:\n"
+               "    logger.info('attempt %s trains', sys.argv[1])\n"
+               "    print('step 3/8', flush=True)\n"
+               "    if sys.argv[1] == '0': os.kill(os.getpid(), signal.SIGKILL)\n")
+    env = dict(os.environ, SLURM_JOB_ID="42")
+    for restart in ("0", "1"):
+        log.unlink(missing_ok=True)  # as Snakemake does before running the job
+        proc = subprocess.run([sys.executable, "-c", attempt, restart], env=dict(env, SLURM_RESTART_COUNT=restart))
+        assert proc.returncode == (-signal.SIGKILL if restart == "0" else 0)
+    text = log.read_text()
+    assert re.findall(r"===== attempt: SLURM job 42 restart (\d), host ", text) == ["0", "1"], text
+    assert "attempt 0 trains" in text and "attempt 1 trains" in text and text.count("step 3/8") == 2, text
+    assert not log.with_name("train.log.attempts").exists()

@@ -283,6 +283,10 @@ def test_two_node_training_runs_on_two_nodes_and_resumes(two_node_run):
                for line in text.splitlines() if "SIGUSR1 received: stopped after step" in line}
     assert stopped == {"0": str(usr1_at), "1": str(usr1_at)}, text[-3000:]  # both nodes, the same step
     assert not (two_node_run["slurm"] / WIP_STATE).exists()
+    # the log keeps both attempts, though rank 0's `scontrol requeue` ended the launching process too
+    final_log = (two_node_run["slurm"] / TRAIN_LOG).read_text(errors="replace")
+    headers = re.findall(rf"===== attempt: SLURM job {job} restart (\d+), host ", final_log)
+    assert headers == ["0", "1"] and "SIGUSR1 received" in final_log, final_log[-3000:]
 
 
 def test_two_node_training_equals_one_process(two_node_run):

@@ -146,9 +146,13 @@ def job_log(log_file: str | os.PathLike, threads: int | None = None) -> Iterator
     """Run a workflow job with its stdout, stderr (progress bars) and logging going to `log_file`.
 
     Every attempt of a job is kept, each under its `attempt_header`. Snakemake removes a job's log
-    before it runs the job again (a SLURM requeue, a retry), so an attempt that stops without
-    finishing -- saved to be resumed, or failed -- leaves the log so far in `<log>.attempts` (not a
-    declared file), and the next attempt starts its log with it. A finished job removes it."""
+    before it runs the job again (a SLURM requeue, a retry), so while a job runs its log has a second
+    name, `<log>.attempts` (a hard link, not a declared file), and the next attempt starts its log
+    with what that holds. A second name rather than a copy at exit: `scontrol requeue` ends the job
+    at once, and the process that holds this context may be killed before any exit path runs (the
+    launcher of an `accelerate launch` job, whose rank 0 asked for the requeue). A finished job
+    removes it; where the file system has no hard links, the copy is made at exit and before a
+    requeue."""
     log_file = Path(log_file)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     earlier = log_file.with_name(log_file.name + ".attempts")
@@ -158,17 +162,23 @@ def job_log(log_file: str | os.PathLike, threads: int | None = None) -> Iterator
         torch.set_num_threads(threads)
     from . import preemption
 
-    with open(log_file, "a") as stream, contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
-        if earlier.is_file() and earlier.read_text(errors="replace") not in log_file.read_text(errors="replace"):
-            stream.write(earlier.read_text(errors="replace"))
+    # line-buffered: what a killed attempt had written is in the file (progress bars flush themselves)
+    with open(log_file, "a", buffering=1) as stream, contextlib.redirect_stdout(stream), \
+            contextlib.redirect_stderr(stream):
+        if earlier.is_file() and not os.path.samefile(earlier, log_file):
+            text = earlier.read_text(errors="replace")
+            if text not in log_file.read_text(errors="replace"):
+                stream.write(text)
         print(attempt_header(), file=stream, flush=True)
+        linked = _second_name(log_file, earlier)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                             handlers=[logging.StreamHandler(stream)], force=True)
         logger = logging.getLogger("ddaepp")
 
         def keep_log_so_far():
             stream.flush()
-            earlier.write_text(log_file.read_text(errors="replace"))
+            if not linked:
+                earlier.write_text(log_file.read_text(errors="replace"))
 
         preemption.before_requeue.append(keep_log_so_far)
         finished = False
@@ -185,11 +195,23 @@ def job_log(log_file: str | os.PathLike, threads: int | None = None) -> Iterator
             raise
         finally:
             preemption.before_requeue.remove(keep_log_so_far)
-            stream.flush()
             if finished:
                 earlier.unlink(missing_ok=True)
             else:
                 keep_log_so_far()
+
+
+def _second_name(path: Path, name: Path) -> bool:
+    """Make `name` a hard link to `path`, replacing what was there only once the link exists;
+    False where the file system cannot link."""
+    new = name.with_name(name.name + ".new")
+    new.unlink(missing_ok=True)
+    try:
+        os.link(path, new)
+    except OSError:
+        return False
+    os.replace(new, name)
+    return True
 
 
 def wip_dir(out_path: str | os.PathLike, job: str = "") -> Path:
