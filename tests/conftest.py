@@ -56,3 +56,18 @@ def default_config():
     from ddaepp import config
 
     return config.load(os.path.join(REPO, "config.yaml"))
+
+
+# Under pytest-xdist (pyproject's `-n`): a test file runs whole in one worker, so its module and
+# session fixtures (the smoke DAG, the SLURM runs) are made once. What mostly waits starts first,
+# so that its waits overlap the CPU-bound files: the requeue test (it sleeps through several SLURM
+# time limits), on its own, then the rest of the SLURM tests, then the smoke DAG's.
+STARTS_FIRST = ["slurm-requeue", "test_slurm", "test_e2e"]
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    order = {name: i for i, name in enumerate(STARTS_FIRST)}
+    items.sort(key=lambda item: order.get(item.get_closest_marker("xdist_group").args[0], len(order)))

@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -56,7 +57,10 @@ def slurm():
         missing("SLURM is not installed")
     if os.geteuid() != 0:
         missing("tests/cluster/slurm-up needs root")
-    proc = subprocess.run([str(REPO / "tests/cluster/slurm-up")], capture_output=True, text=True, timeout=600)
+    import filelock
+
+    with filelock.FileLock(Path(tempfile.gettempdir()) / "ddaepp-slurm-up.lock"):  # one start, from any worker
+        proc = subprocess.run([str(REPO / "tests/cluster/slurm-up")], capture_output=True, text=True, timeout=600)
     if proc.returncode:
         missing(f"tests/cluster/slurm-up failed:\n{proc.stderr[-3000:]}")
     return dict(pair.split("=") for pair in proc.stdout.strip().splitlines()[-1].split())
@@ -332,6 +336,7 @@ def attempt_seconds(job: str) -> list[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("slurm-requeue")  # its own worker: it mostly sleeps (tests/conftest.py)
 def test_a_segment_longer_than_its_time_limit_finishes_through_requeues(slurm, tmp_path):
     """A 2-minute time limit, a segment of 264 steps of more than 1.4 s each: only SLURM's SIGUSR1
     warning, the job's save and its own `scontrol requeue`, again and again, get it done."""
