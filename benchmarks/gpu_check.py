@@ -37,7 +37,7 @@ from accelerate import Accelerator
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import time_steps, upstream_model  # noqa: E402
 
-from ddaepp import config as config_mod, cost, objectives, tokenizers, vavae  # noqa: E402
+from ddaepp import config as config_mod, cost, tokenizers, vavae  # noqa: E402
 from ddaepp.devices import driver_version  # noqa: E402
 from ddaepp.models import build_model, count_flops  # noqa: E402
 from ddaepp.processes import accelerate_command  # noqa: E402

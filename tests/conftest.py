@@ -1,4 +1,8 @@
 import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a model hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -58,16 +62,33 @@ def default_config():
     return config.load(os.path.join(REPO, "config.yaml"))
 
 
-# Under pytest-xdist (pyproject's `-n`): a test file runs whole in one worker, so its module and
-# session fixtures (the smoke DAG, the SLURM runs) are made once. What mostly waits starts first,
-# so that its waits overlap the CPU-bound files: the requeue test (it sleeps through several SLURM
-# time limits), on its own, then the rest of the SLURM tests, then the smoke DAG's.
-STARTS_FIRST = ["slurm-requeue", "test_slurm", "test_e2e"]
+@pytest.fixture(scope="session")
+def slurm():
+    """{'partition': ..., 'account': ...} of the running test SLURM."""
+    def missing(reason):
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but {reason}: .ci/run starts SLURM with tests/cluster/slurm-up")
+        pytest.skip(f"{reason}; to run these tests: sudo tests/cluster/slurm-up")
+
+    if shutil.which("sinfo") is None:
+        missing("SLURM is not installed")
+    if os.geteuid() != 0:
+        missing("tests/cluster/slurm-up needs root")
+    import filelock
+
+    with filelock.FileLock(Path(tempfile.gettempdir()) / "ddaepp-slurm-up.lock"):  # one start, from any worker
+        proc = subprocess.run([os.path.join(REPO, "tests/cluster/slurm-up")], capture_output=True, text=True, timeout=600)
+    if proc.returncode:
+        missing(f"tests/cluster/slurm-up failed:\n{proc.stderr[-3000:]}")
+    return dict(pair.split("=") for pair in proc.stdout.strip().splitlines()[-1].split())
+
+# Under pytest-xdist (pyproject's `-n 3 --dist loadfile`) a test file runs whole in one worker, so
+# its module and session fixtures (the smoke DAG, the SLURM runs) are made once. What mostly waits
+# starts first, so that its waits overlap the CPU-bound files: the requeue test (it sleeps through
+# several SLURM time limits), the other SLURM tests, then the smoke DAG's (the longest file).
+STARTS_FIRST = ["test_slurm_requeue.py", "test_slurm.py", "test_e2e.py"]
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
     order = {name: i for i, name in enumerate(STARTS_FIRST)}
-    items.sort(key=lambda item: order.get(item.get_closest_marker("xdist_group").args[0], len(order)))
+    items.sort(key=lambda item: order.get(item.path.name, len(order)))

@@ -21,7 +21,6 @@ def cond_state(small_latents, tmp_path_factory):
 
 def _sample(run, state, latents, tmp_path, name, guidance="cfg", **sample):
     run = {**run, "sample": {**run["sample"], "n": 24, "steps": 4, **sample}}
-    out = tmp_path / f"{name}.npz"
     for shard in range(run["sample"]["shards"]):
         sample_shard(run, state, latents, guidance, shard, tmp_path / f"{name}-{shard}.npz", seed=0)
     parts = [np.load(tmp_path / f"{name}-{shard}.npz") for shard in range(run["sample"]["shards"])]

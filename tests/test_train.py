@@ -109,7 +109,6 @@ def test_a_second_writer_of_the_same_state_is_refused(default_config, small_late
 
 
 def test_a_checkpoint_with_a_malicious_pickle_is_refused(tmp_path):
-    import pickle
 
     class Evil:
         def __reduce__(self):

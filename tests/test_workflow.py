@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from dag import planned
 from standins import make_imagefolder, make_vavae_checkpoint

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from tqdm import tqdm
 
 from . import devices, io, latents as latent_store, objectives, preemption, states
 from .data import num_classes as dataset_num_classes
 from .models import model_from_run_config
+from .progress import LossRecord, Progress
 from .processes import accelerate_command, require_slurm_nodes, run_streaming, slurm_nodes
 from .reruns import result_config
 
@@ -260,45 +260,21 @@ def forward_backward(step_module, accelerator, micro_batch: int, x1, x1_other, y
 
 def _train(run_cfg, latent_files, seed, epoch, out_state, init_state, wip_dir, max_steps, device, out_summary) -> dict:
     train_cfg = run_cfg["train"]
-    out_state = Path(out_state)
     wip_path = wip_dir / "state.pt"
     accelerator = _accelerator(train_cfg, device, wip_dir)
     latents, labels = latent_store.load_latents(latent_files, "train")
     mean, std = (s.to(accelerator.device) for s in latent_store.load_stats(latent_files))
-    latent_shape, n_classes = tuple(latents.shape[2:]), dataset_num_classes(run_cfg["dataset"])
+    latent_shape = tuple(latents.shape[2:])
     batch_size, world, rank = train_cfg["batch_size"], accelerator.num_processes, accelerator.process_index
-    if batch_size % world:
-        raise ValueError(f"train.batch_size {batch_size} is not divisible by {world} processes")
-    steps_per_epoch = len(labels) // batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"train.batch_size {batch_size} exceeds the {len(labels)} training images")
+    steps_per_epoch, micro_batch = _batch_layout(train_cfg, len(labels), world)
     target_step = epoch * steps_per_epoch if max_steps is None else max_steps
-    micro_batch = train_cfg["micro_batch"] or batch_size // world
-    if (batch_size // world) % micro_batch:
-        raise ValueError(f"train.micro_batch {micro_batch} does not divide the {batch_size // world} rows of each of "
-                         f"{world} processes (train.batch_size {batch_size}); pick a divisor of it, or null")
 
     expected = fingerprint(run_cfg, seed)
-    torch.manual_seed(seed)  # a fresh start's initial weights (the same on every process)
-    model = model_from_run_config(run_cfg, latent_shape, n_classes)
-    model.activation_checkpointing = train_cfg["activation_checkpointing"]
-    heads = objectives.build_heads(run_cfg, model)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = build_optimizer(list(model.parameters()) + list(heads.parameters()), train_cfg, accelerator.device.type)
-    state = _resume_state(init_state, wip_path, expected) or {"step": 0, "epoch_losses": []}
-    if "external" in state:
-        states.load_weights(model, state["external"]["model"], init_state)
-        states.load_weights(ema, state["external"]["ema"], init_state)
-    elif "model" in state:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        heads.load_state_dict(state["heads"])
-        load_optimizer_state(opt, state["opt"])
-    ema.to(accelerator.device).eval()
+    model, heads, ema, opt, state = _build(run_cfg, seed, latent_shape, accelerator, init_state, wip_path, expected)
     step_module, opt = build_step(run_cfg, model, heads, ema, opt, accelerator)
     params = [p for group in opt.param_groups for p in group["params"]]
 
-    start_step, epoch_losses = state["step"], list(state["epoch_losses"])
+    start_step = step = state["step"]
     if start_step > target_step:
         raise ValueError(f"the starting state is at step {start_step}, past the {target_step} steps of {epoch} epochs")
     batches = torch.utils.data.DataLoader(
@@ -308,7 +284,8 @@ def _train(run_cfg, latent_files, seed, epoch, out_state, init_state, wip_dir, m
     gen = torch.Generator(accelerator.device)  # one generator, reseeded per step: see objectives.draw_step
     rows = slice(rank * (batch_size // world), (rank + 1) * (batch_size // world))
     progress = Progress(accelerator, train_cfg, epoch, start_step, target_step, batch_size)
-    running, step_losses, last_ckpt, step, pending = [], [], time.time(), start_step, []
+    record = LossRecord(state["epoch_losses"], steps_per_epoch, keep_steps=max_steps is not None)
+    last_ckpt, pending = time.time(), []
     for x, x_other, y in batches:
         # latents come as the memmap's float16 (pinned on CUDA): half the bytes to copy, cast on the device
         x1 = (x.to(accelerator.device, non_blocking=True).float() - mean) / std
@@ -330,39 +307,28 @@ def _train(run_cfg, latent_files, seed, epoch, out_state, init_state, wip_dir, m
         timer_up = time.time() - last_ckpt > 60 * train_cfg["checkpoint_minutes"]
         values, stop, save_due = read_back(accelerator, pending, timer_up)
         pending = []
-        for k, value in enumerate(values):  # the host's per-step bookkeeping, in step order
-            done = step - len(values) + k + 1  # steps done after this value's step
-            if not np.isfinite(value):
-                raise FloatingPointError(f"loss is {value} at step {done - 1}; the last good state is kept "
-                                         f"({wip_path if wip_path.exists() else init_state or 'none yet'})")
-            running.append(value)
-            if max_steps is not None:  # the layer search's curves
-                step_losses.append(value)
-            if done % steps_per_epoch == 0:
-                epoch_losses.append(float(np.mean(running)))
-                running = []
+        record.add(values, step, last_good=wip_path if wip_path.exists() else init_state or "none yet")
         progress.losses(step, values)
-        if save_due and step < target_step:
-            _save(accelerator, wip_path, model, ema, heads, opt, step, epoch_losses, expected)
+        if (save_due or stop) and step < target_step:
+            _save(accelerator, wip_path, model, ema, heads, opt, step, record.epoch_losses, expected)
             progress.checkpoint(step, wip_path)
             last_ckpt = time.time()
-        if step < target_step and stop:  # any process preempted or warned by SLURM: all stop here
-            _save(accelerator, wip_path, model, ema, heads, opt, step, epoch_losses, expected)
+        if stop and step < target_step:  # any process preempted or warned by SLURM: all stop here
             progress.close()
             if accelerator.is_main_process and world > 1:  # for launch(), behind accelerate launch
                 preemption.mark_stopped(wip_dir, step)
             accelerator.end_training()  # leaves the process group: without it a rank aborts at exit
             preemption.exit_to_resume(wip_path, step, accelerator.is_main_process)
     wall = progress.close()
-    _save(accelerator, out_state, model, ema, heads, opt, step, epoch_losses, expected)
+    _save(accelerator, out_state, model, ema, heads, opt, step, record.epoch_losses, expected)
     progress.checkpoint(step, out_state)
     summary = {"epoch": epoch, "steps": step, "steps_this_job": step - start_step,
-               "steps_per_epoch": steps_per_epoch, "batch_size": batch_size, "epoch_losses": epoch_losses,
+               "steps_per_epoch": steps_per_epoch, "batch_size": batch_size, "epoch_losses": record.epoch_losses,
                "wall_s": wall, "images_per_s": (step - start_step) * batch_size / max(wall, 1e-9),
                "processes": world, "device": accelerator.device.type,
                "mixed_precision": accelerator.mixed_precision, "compiled": bool(train_cfg["compile"])}
     if max_steps is not None:
-        summary.update(first_step=start_step, step_losses=step_losses)
+        summary.update(first_step=start_step, step_losses=record.step_losses)
     if "init_sha256" in state:
         summary.update(init=str(init_state), init_sha256=state["init_sha256"])
     if accelerator.is_main_process:
@@ -371,6 +337,44 @@ def _train(run_cfg, latent_files, seed, epoch, out_state, init_state, wip_dir, m
         Path(str(wip_path) + ".sha256").unlink(missing_ok=True)
     accelerator.end_training()
     return summary
+
+
+def _batch_layout(train_cfg: dict, n_images: int, world: int) -> tuple[int, int]:
+    """(steps per epoch, micro-batch rows) of train.batch_size over `world` processes, or why not."""
+    batch_size = train_cfg["batch_size"]
+    if batch_size % world:
+        raise ValueError(f"train.batch_size {batch_size} is not divisible by {world} processes")
+    steps_per_epoch = n_images // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"train.batch_size {batch_size} exceeds the {n_images} training images")
+    micro_batch = train_cfg["micro_batch"] or batch_size // world
+    if (batch_size // world) % micro_batch:
+        raise ValueError(f"train.micro_batch {micro_batch} does not divide the {batch_size // world} rows of each of "
+                         f"{world} processes (train.batch_size {batch_size}); pick a divisor of it, or null")
+    return steps_per_epoch, micro_batch
+
+
+def _build(run_cfg, seed, latent_shape, accelerator, init_state, wip_path, expected):
+    """Model, heads, EMA and optimizer, fresh (seeded: the same on every process) or from the state
+    to resume (`_wip`, else `init_state`), and that state ({"step": 0, ...} for a fresh start)."""
+    train_cfg = run_cfg["train"]
+    torch.manual_seed(seed)
+    model = model_from_run_config(run_cfg, latent_shape, dataset_num_classes(run_cfg["dataset"]))
+    model.activation_checkpointing = train_cfg["activation_checkpointing"]
+    heads = objectives.build_heads(run_cfg, model)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = build_optimizer(list(model.parameters()) + list(heads.parameters()), train_cfg, accelerator.device.type)
+    state = _resume_state(init_state, wip_path, expected) or {"step": 0, "epoch_losses": []}
+    if "external" in state:
+        states.load_weights(model, state["external"]["model"], init_state)
+        states.load_weights(ema, state["external"]["ema"], init_state)
+    elif "model" in state:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        heads.load_state_dict(state["heads"])
+        load_optimizer_state(opt, state["opt"])
+    ema.to(accelerator.device).eval()
+    return model, heads, ema, opt, state
 
 
 def read_back_due(step: int, log_every: int, steps_per_epoch: int, target_step: int) -> bool:
@@ -391,56 +395,6 @@ def read_back(accelerator, pending: list, checkpoint_due: bool) -> tuple[list[fl
     *sums, stops, checkpoints = accelerator.reduce(local, "sum").tolist()
     world = accelerator.num_processes
     return [loss_sum / world for loss_sum in sums], stops > 0, checkpoints > 0
-
-
-class Progress:
-    """The training bar (loss, img/s), a log line every train.log_every steps and at each
-    checkpoint, and accelerate's TensorBoard tracker when tensorboard is installed."""
-
-    def __init__(self, accelerator, train_cfg, epoch, start, total, batch_size):
-        self.accelerator, self.every, self.batch_size = accelerator, train_cfg["log_every"], batch_size
-        self.start, self.total, self.epoch = start, total, epoch
-        self.t0 = self.t_last = self.t_line = time.time()
-        self.last_step, self.window = start, []
-        self.bar = tqdm(initial=start, total=total, desc=f"train ep{epoch}", disable=not accelerator.is_main_process,
-                        unit="step", dynamic_ncols=True)
-        if accelerator.log_with:
-            accelerator.init_trackers(f"ep{epoch}")
-
-    def advance(self) -> None:
-        self.bar.update(1)
-
-    def losses(self, step: int, values: list[float]) -> None:
-        """The losses of the steps up to `step`, read back together (see read_back)."""
-        self.window.extend(values)
-        now = time.time()
-        rate = len(values) * self.batch_size / max(now - self.t_last, 1e-9)
-        self.bar.set_postfix(loss=f"{values[-1]:.4f}", img_s=f"{rate:.1f}", refresh=False)
-        self.t_last = now
-        if self.accelerator.log_with:
-            for k, loss in enumerate(values):
-                self.accelerator.log({"loss": loss}, step=step - len(values) + k + 1)
-        if self.every and step % self.every == 0:
-            self._line(step)
-
-    def checkpoint(self, step: int, path) -> None:
-        if self.window:
-            self._line(step)
-        if self.accelerator.is_main_process:
-            log.info("ep%d step %d/%d: saved %s", self.epoch, step, self.total, path)
-
-    def _line(self, step: int) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        now = time.time()
-        rate = (step - self.last_step) * self.batch_size / max(now - self.t_line, 1e-9)
-        log.info("ep%d step %d/%d: loss %.4f (mean of %d steps), %.1f img/s", self.epoch, step, self.total,
-                 np.mean(self.window), len(self.window), rate)
-        self.window, self.last_step, self.t_line = [], step, now
-
-    def close(self) -> float:
-        self.bar.close()
-        return time.time() - self.t0
 
 
 def _save(accelerator, path, model, ema, heads, opt, step, epoch_losses, fp):

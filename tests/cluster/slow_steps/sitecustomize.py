@@ -8,14 +8,14 @@ if os.environ.get("DDAEPP_TEST_STEP_SLEEP"):
     import time
 
     try:
-        from ddaepp import train
+        from ddaepp import progress
     except ImportError:  # a Python without ddaepp (e.g. a system tool): nothing to slow down
-        train = None
-    if train is not None:
-        seconds, advance = float(os.environ["DDAEPP_TEST_STEP_SLEEP"]), train.Progress.advance
+        progress = None
+    if progress is not None:
+        seconds, advance = float(os.environ["DDAEPP_TEST_STEP_SLEEP"]), progress.Progress.advance
 
         def slow_advance(self, *args, **kwargs):  # Progress.advance: once per training step
             time.sleep(seconds)
             return advance(self, *args, **kwargs)
 
-        train.Progress.advance = slow_advance
+        progress.Progress.advance = slow_advance
