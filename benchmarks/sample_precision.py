@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddaepp import config, cost, metrics
+from ddaepp import config, io, metrics
 from ddaepp.sample import sample_shard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def main():
     torch.set_num_threads(1)
     cfg = config.load(REPO / "config.yaml")
     run = config.run_config(cfg, "cond", "baseline")
-    data = Path(args.results).parent / cost.dataset_dir(cfg)  # the workflow's dataset folder
+    data = Path(args.results).parent / io.dataset_dir(cfg)  # the workflow's dataset folder
     state = Path(args.results) / f"runs/cond-baseline/s0/ep{args.epoch}/state.pt"
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from . import io
 from .config import ConfigError, MODEL_SIZES, run_config, run_name
 
 RATES_DIR = Path(__file__).parent / "rates"
@@ -51,16 +52,9 @@ def load_rates(spec: str | None) -> dict | None:
     return rates
 
 
-def dataset_dir(config: dict) -> str:
-    """Where the workflow keeps the dataset's index and latents (common.smk's DATASET_DIR)."""
-    data = config["dataset"]
-    # digits on a canvas are other images than the upsampled ones
-    return f"results/data/{data['name']}{data['image_size']}" + ("-random" if data["placement"] == "random" else "")
-
-
 def split_images(config: dict, split: str) -> int | None:
     """Images of `split`: the index's rows when it exists, else dataset.images, else None."""
-    index = Path(dataset_dir(config)) / f"index-{split}.parquet"
+    index = Path(io.dataset_dir(config)) / f"index-{split}.parquet"
     if index.is_file():
         import pyarrow.parquet as pq
 

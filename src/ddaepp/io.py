@@ -214,6 +214,13 @@ def _second_name(path: Path, name: Path) -> bool:
     return True
 
 
+def dataset_dir(config: dict) -> str:
+    """Where the workflow keeps the dataset's index and latents (common.smk's DATASET_DIR)."""
+    data = config["dataset"]
+    # digits on a canvas are other images than the upsampled ones
+    return f"results/data/{data['name']}{data['image_size']}" + ("-random" if data["placement"] == "random" else "")
+
+
 def wip_dir(out_path: str | os.PathLike, job: str = "") -> Path:
     """The in-progress folder of the job that writes `out_path`: `_wip/<job><its folder's name>` beside
     the output's folder, e.g. results/runs/R/s0/ep10/state.pt -> results/runs/R/s0/_wip/ep10.

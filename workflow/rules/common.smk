@@ -6,6 +6,7 @@ from ddaepp import reruns as ddaepp_reruns
 from ddaepp import layer_search as ddaepp_layer_search
 from ddaepp import devices as ddaepp_devices
 from ddaepp import processes as ddaepp_processes
+from ddaepp import io as ddaepp_io
 
 from ddaepp import cost as ddaepp_cost
 
@@ -20,7 +21,7 @@ except ddaepp_config.ConfigError as err:
     raise WorkflowError(f"invalid config: {err}") from None
 
 _dataset, _tokenizer = CONFIG["dataset"], CONFIG["tokenizer"]
-DATASET_DIR = ddaepp_cost.dataset_dir(CONFIG)
+DATASET_DIR = ddaepp_io.dataset_dir(CONFIG)
 _tok_tag = (
     f"pixel{_tokenizer['factor']}"
     if _tokenizer["name"] == "pixel"
