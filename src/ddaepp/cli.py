@@ -144,10 +144,11 @@ def _dispatch(args) -> int:
         return 0
     if args.stage == "plan":
         from . import cost
+        from .inputs import missing_inputs
 
         cfg = config_mod.load(args.config, check_paths=False)
         print(cost.format_plan(cfg, cost.jobs(cfg)))
-        missing = config_mod.missing_inputs(cfg)
+        missing = missing_inputs(cfg)
         if missing:  # a plan is for before staging: say what a run would still need, do not refuse
             print(f"\nnot yet in place ({len(missing)}; a run refuses to start without them):\n  - "
                   + "\n  - ".join(missing))
