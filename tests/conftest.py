@@ -82,6 +82,7 @@ def slurm():
         missing(f"tests/cluster/slurm-up failed:\n{proc.stderr[-3000:]}")
     return dict(pair.split("=") for pair in proc.stdout.strip().splitlines()[-1].split())
 
+
 # Under pytest-xdist (pyproject's `-n 3 --dist loadfile`) a test file runs whole in one worker, so
 # its module and session fixtures (the smoke DAG, the SLURM runs) are made once. What mostly waits
 # starts first, so that its waits overlap the CPU-bound files: the requeue test (it sleeps through

@@ -55,7 +55,7 @@ def test_tables_hold_finite_numbers_or_explained_blanks(smoke_run):
                 else:
                     assert math.isfinite(float(re.match(r"-?\d+\.\d+", cell).group())), cell  # then marks, notes
         assert "digits-net" in md and "FID_80" in md
-        frame = pd.read_parquet(smoke_run / "results/tables/cond.parquet")
+        frame = pd.read_parquet(smoke_run / f"results/tables/{name}.parquet")
         # 10 classes, chance 10%: three times chance (the smoke runs' 1-2 epochs reach 43-74%; a probe
         # on misaligned labels stays near 10-20%)
         assert frame["lp_acc"].between(30, 100).all(), frame["lp_acc"].tolist()

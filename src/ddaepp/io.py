@@ -151,8 +151,7 @@ def job_log(log_file: str | os.PathLike, threads: int | None = None) -> Iterator
     with what that holds. A second name rather than a copy at exit: `scontrol requeue` ends the job
     at once, and the process that holds this context may be killed before any exit path runs (the
     launcher of an `accelerate launch` job, whose rank 0 asked for the requeue). A finished job
-    removes it; where the file system has no hard links, the copy is made at exit and before a
-    requeue."""
+    removes it; where the file system has no hard links, a copy is made at exit instead."""
     log_file = Path(log_file)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     earlier = log_file.with_name(log_file.name + ".attempts")
@@ -160,7 +159,7 @@ def job_log(log_file: str | os.PathLike, threads: int | None = None) -> Iterator
         import torch
 
         torch.set_num_threads(threads)
-    from . import preemption
+    from .preemption import PREEMPTED_EXIT
 
     # line-buffered: what a killed attempt had written is in the file (progress bars flush themselves)
     with open(log_file, "a", buffering=1) as stream, contextlib.redirect_stdout(stream), \
@@ -174,31 +173,24 @@ def job_log(log_file: str | os.PathLike, threads: int | None = None) -> Iterator
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                             handlers=[logging.StreamHandler(stream)], force=True)
         logger = logging.getLogger("ddaepp")
-
-        def keep_log_so_far():
-            stream.flush()
-            if not linked:
-                earlier.write_text(log_file.read_text(errors="replace"))
-
-        preemption.before_requeue.append(keep_log_so_far)
         finished = False
         try:
             yield logger
             finished = True
         except SystemExit as stop:
             finished = stop.code in (0, None)
-            if stop.code not in (0, None, preemption.PREEMPTED_EXIT):  # saved, to be resumed: not a failure
+            if stop.code not in (0, None, PREEMPTED_EXIT):  # saved, to be resumed: not a failure
                 logger.exception("job failed")
             raise
         except BaseException:
             logger.exception("job failed")
             raise
         finally:
-            preemption.before_requeue.remove(keep_log_so_far)
+            stream.flush()
             if finished:
                 earlier.unlink(missing_ok=True)
-            else:
-                keep_log_so_far()
+            elif not linked:
+                earlier.write_text(log_file.read_text(errors="replace"))
 
 
 def _second_name(path: Path, name: Path) -> bool:

@@ -61,11 +61,6 @@ def requested() -> int | None:
     return _received[0] if _received else None
 
 
-# Called just before a job requeues itself (ddaepp.io.job_log registers its log's copy here):
-# `scontrol requeue` ends the running job, which may be killed before its own exit path runs.
-before_requeue: list = []
-
-
 def exit_to_resume(saved_to, step: int, main_process: bool = True) -> None:
     """After the in-progress state is saved: requeue a SLURM job warned of its time limit, then exit."""
     signum = requested() or signal.SIGTERM
@@ -76,8 +71,6 @@ def exit_to_resume(saved_to, step: int, main_process: bool = True) -> None:
                 name, step, saved_to, PREEMPTED_EXIT)
     if main_process and signum == signal.SIGUSR1 and job_id:
         # The time-limit warning: nothing else will bring the job back, so requeue it.
-        for keep in before_requeue:
-            keep()
         result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
         log.warning("scontrol requeue %s: %s", job_id,
                     "done" if result.returncode == 0 else f"failed ({result.stderr.strip()})")

@@ -15,20 +15,21 @@ log = logging.getLogger("ddaepp.train")
 class LossRecord:
     """The losses of the steps read back so far: each checked finite, averaged per epoch into
     `epoch_losses` (continuing those of the state resumed from) and, for the layer search's curves
-    (`keep_steps`), kept step by step in `step_losses`."""
+    (`keep_steps`), kept step by step in `step_losses`. `last_good()` names the state a rerun
+    resumes from, for the message of a non-finite loss (asked only then)."""
 
-    def __init__(self, epoch_losses: list[float], steps_per_epoch: int, keep_steps: bool = False):
-        self.epoch_losses, self.steps_per_epoch = list(epoch_losses), steps_per_epoch
+    def __init__(self, epoch_losses: list[float], steps_per_epoch: int, last_good, keep_steps: bool = False):
+        self.epoch_losses, self.steps_per_epoch, self.last_good = list(epoch_losses), steps_per_epoch, last_good
         self.step_losses: list[float] | None = [] if keep_steps else None
         self._running: list[float] = []
 
-    def add(self, values: list[float], step: int, last_good) -> None:
-        """The losses of the len(values) steps up to `step`, in step order; a non-finite one stops
-        training (`last_good`: the state a rerun resumes from, for the message)."""
+    def add(self, values: list[float], step: int) -> None:
+        """The losses of the len(values) steps up to `step`, in step order; a non-finite one stops training."""
         for k, value in enumerate(values):
             done = step - len(values) + k + 1  # steps done after this value's step
             if not np.isfinite(value):
-                raise FloatingPointError(f"loss is {value} at step {done - 1}; the last good state is kept ({last_good})")
+                raise FloatingPointError(f"loss is {value} at step {done - 1}; "
+                                         f"the last good state is kept ({self.last_good()})")
             self._running.append(value)
             if self.step_losses is not None:
                 self.step_losses.append(value)

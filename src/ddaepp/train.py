@@ -284,7 +284,8 @@ def _train(run_cfg, latent_files, seed, epoch, out_state, init_state, wip_dir, m
     gen = torch.Generator(accelerator.device)  # one generator, reseeded per step: see objectives.draw_step
     rows = slice(rank * (batch_size // world), (rank + 1) * (batch_size // world))
     progress = Progress(accelerator, train_cfg, epoch, start_step, target_step, batch_size)
-    record = LossRecord(state["epoch_losses"], steps_per_epoch, keep_steps=max_steps is not None)
+    record = LossRecord(state["epoch_losses"], steps_per_epoch, keep_steps=max_steps is not None,
+                        last_good=lambda: wip_path if wip_path.exists() else init_state or "none yet")
     last_ckpt, pending = time.time(), []
     for x, x_other, y in batches:
         # latents come as the memmap's float16 (pinned on CUDA): half the bytes to copy, cast on the device
@@ -307,7 +308,7 @@ def _train(run_cfg, latent_files, seed, epoch, out_state, init_state, wip_dir, m
         timer_up = time.time() - last_ckpt > 60 * train_cfg["checkpoint_minutes"]
         values, stop, save_due = read_back(accelerator, pending, timer_up)
         pending = []
-        record.add(values, step, last_good=wip_path if wip_path.exists() else init_state or "none yet")
+        record.add(values, step)
         progress.losses(step, values)
         if (save_due or stop) and step < target_step:
             _save(accelerator, wip_path, model, ema, heads, opt, step, record.epoch_losses, expected)
