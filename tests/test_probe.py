@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ddaepp import probe, probe_features, probe_selection
+from ddaepp import probe, probe_features, probe_selection, reruns
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
@@ -479,8 +479,10 @@ def test_ddae_protocol_equals_ddae_loop(tmp_path):
     epochs, seed = 3, 0
     train_lat, train_y = make_latents(96, 2)
     val_lat, val_y = make_latents(32, 1, seed=1)
-    result = probe.run_probe(StandIn(), train_lat, train_y, val_lat, val_y, MEAN, STD,
-                             probe_cfg(protocol="ddae", epochs=epochs, lr=1e-2), tmp_path / "probe.parquet",
+    cfg = probe_cfg(protocol="ddae", epochs=epochs, lr=1e-2)
+    for key in reruns.PROTOCOL_IGNORES["ddae"]:  # not read by this protocol, so not recorded for its reruns
+        cfg.pop(key, None)
+    result = probe.run_probe(StandIn(), train_lat, train_y, val_lat, val_y, MEAN, STD, cfg, tmp_path / "probe.parquet",
                              tmp_path / "probe.json", tmp_path / "probe.png", tmp_path / "val.parquet",
                              tmp_path / "work", keep_features=True)
     table = pd.read_parquet(tmp_path / "probe.parquet")

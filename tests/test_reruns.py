@@ -17,6 +17,7 @@ from ddaepp import config, reruns
 REPO = Path(__file__).resolve().parents[1]
 TABLE = "results/tables/uncond.md"
 
+COMPARE = {"protocol": "ddae", "epochs": 2, "lr": 1.0e-3}  # DDAE's probe beside ours, at the last budget
 # One setting, one variant, one budget, 80 samples (> the 64 feature dims of digits-net).
 TINY = {
     "dataset": {"name": "digits", "image_size": 16},
@@ -26,7 +27,7 @@ TINY = {
     "sample": {"n": 80, "steps": 4, "batch_size": 80},
     "metrics": {"features": "digits-net", "classifier_epochs": 2, "reference": "ref/a.npz"},
     "probe": {"t": [1.0], "selection_per_class": 10, "epochs": 3, "final_epochs": 3, "lr": 1.0e-2,
-              "batch_size": 128},
+              "batch_size": 128, "compare": COMPARE},
     "settings": {"uncond": {"conditional": False, "epochs": [1]}},
     "variants": {"baseline": {}},
     "tables": {"uncond": {"setting": "uncond", "variants": ["baseline"]}},
@@ -62,6 +63,28 @@ def test_result_config_drops_operational_keys_only(default_config):
                if reruns.result_config(flipped, stage) != reruns.result_config(run, stage)}
     assert {"encode", "train"} <= changed and not changed & {"index", "classifier", "reference"}  # images only
 
+
+
+def test_a_probe_reruns_only_for_the_keys_its_protocol_reads(default_config):
+    """The DDAE compare probe (probe.protocol: ddae) ignores the selection split, the stored draws and
+    the final probe's epochs: editing them reruns the first probe only. (test_probe's DDAE test runs
+    that protocol without these keys, so the list cannot name one it reads.)"""
+    run = config.run_config(default_config, "uncond", "selfcond")
+    assert run["probe"]["compare"]["protocol"] == "ddae"
+
+    def recorded(edit):
+        edited = config.merge(run, {"probe": edit})
+        return (reruns.result_config(edited, "probe"),
+                reruns.result_config(config.compare_run_config(edited), "probe"))
+
+    first, compare = recorded({})
+    for key, value in [("final_epochs", 7), ("selection_per_class", 3), ("holdout_fraction", 0.1),
+                       ("noise_draws", 5), ("grid_steps", 11)]:
+        edited_first, edited_compare = recorded({key: value})
+        assert edited_first != first and edited_compare == compare, key
+    for key, value in [("t", [0.5]), ("weight_decay", 0.1), ("seed", 3)]:  # read by both protocols
+        edited_first, edited_compare = recorded({key: value})
+        assert edited_first != first and edited_compare != compare, key
 
 def test_resume_fingerprint_ignores_operational_keys_only(default_config):
     from ddaepp.train import fingerprint
@@ -140,8 +163,10 @@ def test_operational_edit_reruns_nothing(finished_run, edit):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("edit, jobs", [
-    ("train={lr: 0.002}", {"train": 1, "sample_shard": 1, "metrics": 1, "probe": 1, "table": 1}),
+    ("train={lr: 0.002}", {"train": 1, "sample_shard": 1, "metrics": 1, "probe": 1, "probe_compare": 1, "table": 1}),
     ("probe={lr: 0.02}", {"probe": 1, "probe_floor": 1, "table": 1}),  # the floor uses the final probe's recipe
+    ("probe={final_epochs: 4}", {"probe": 1, "probe_floor": 1, "table": 1}),  # the DDAE protocol has no final probe
+    ("probe={compare: {protocol: ddae, epochs: 3, lr: 0.001}}", {"probe_compare": 1, "table": 1}),
     ("sample={steps: 5}", {"sample_shard": 1, "metrics": 1, "table": 1}),
     ("metrics={reference: ref/other.npz}", {"reference_stats": 1, "metrics": 1, "table": 1}),
 ])

@@ -75,17 +75,24 @@ STAGE_IGNORES = {stage: {"dataset": ("hflip",)} for stage in ("index", "classifi
 STAGE_IGNORES["classifier"]["metrics"] = ("precision_recall", "pr_reference_n")
 # A run's first probe does not read the second's settings (probe.compare: rule probe_compare).
 STAGE_IGNORES["probe"] = {"probe": ("compare",)}
+# Probe keys a protocol never reads (probe.protocol): DDAE's trains every pair on all of train for
+# probe.epochs, a fresh noise draw each epoch, and chooses on val (ddaepp.probe_ddae), so the
+# selection split, the stored draws and the final probe's epochs are not its settings.
+PROTOCOL_IGNORES = {"ddae": ("selection_per_class", "holdout_fraction", "noise_draws", "final_epochs", "grid_steps")}
 
 
 def result_config(cfg: dict, stage: str) -> dict:
     """The part of `cfg` (a run config, or the validated config for the data stages) that decides
-    what `stage` computes: its STAGE_SECTIONS without the OPERATIONAL_KEYS (nor its STAGE_IGNORES)."""
+    what `stage` computes: its STAGE_SECTIONS without the OPERATIONAL_KEYS (nor its STAGE_IGNORES,
+    nor the probe keys its probe.protocol does not read)."""
     if stage not in STAGE_SECTIONS:
         raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(STAGE_SECTIONS)})")
     out = {}
     for section in STAGE_SECTIONS[stage]:
         skip = OPERATIONAL_KEYS.get(section, ()) + STAGE_IGNORES.get(stage, {}).get(section, ())
         value = cfg[section]
+        if section == "probe":
+            skip += PROTOCOL_IGNORES.get(value.get("protocol"), ())
         out[section] = {k: v for k, v in value.items() if k not in skip} if isinstance(value, dict) else value
     return copy.deepcopy(out)
 
