@@ -368,6 +368,23 @@ def test_run_probe_extracts_each_draw_of_the_fit_subset_only(tmp_path, monkeypat
     assert [names[f"final-d{d}"] for d in range(3)] == [(0, None), (1, None), (2, None)]
 
 
+
+def test_final_probe_is_checked_at_twice_its_epochs(tmp_path, monkeypatch):
+    """probe.json's lp_acc_double_epochs is what final_epochs x 2 reads, trained on the same features
+    (none extracted again); `converged` compares the two by two standard errors."""
+    epochs, extracted = [], []
+    real_train, real_extract = probe.train_probes, probe.extract_features
+    monkeypatch.setattr(probe, "train_probes", lambda *a, **kw: (epochs.append(kw["epochs"]), real_train(*a, **kw))[1])
+    monkeypatch.setattr(probe, "extract_features", lambda *a, **kw: (extracted.append(a[6]), real_extract(*a, **kw))[1])
+    result, _, _ = run(tmp_path, "a", final_epochs=2, lr=1e-3)
+    assert epochs == [4, 2, 4] and [n for n in extracted if n.startswith("final")] == ["final-d0", "final-d1"]
+    doubled, _, _ = run(tmp_path, "b", final_epochs=4, lr=1e-3)
+    assert result["lp_acc_double_epochs"] == doubled["lp_acc"]
+    assert result["converged"] == probe.converged(result["lp_acc"], doubled["lp_acc"], 32)
+    se = probe_selection.binomial_se(50.0, 100)  # 5 points
+    assert probe.converged(50.0, 50.0 + 2 * se, 100) and probe.converged(50.0, 50.0 - 2 * se, 100)
+    assert not probe.converged(50.0, 50.0 + 2 * se + 0.01, 100)
+
 def test_selection_stats_margin_and_paired_se():
     labels = np.zeros(100, np.int64)
     pred = np.ones((3, 100), np.int64)

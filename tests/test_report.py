@@ -2,6 +2,7 @@
 blanks, the paper's columns only where the setup matches, parquet, figures, captions."""
 
 import itertools
+import json
 import math
 import os
 import re
@@ -488,6 +489,22 @@ def test_floor_in_the_caption(tmp_path):
     assert "not converged (95.00% at twice the epochs)" in out[0].read_text()
 
 
+
+def test_an_unconverged_final_probe_is_marked_on_its_cell(tmp_path):
+    config = digits_config()
+    records = fake_records(tmp_path, ["baseline", "selfcond"], [0], [5, 10], conditional=False)
+    for record in records:  # probe.json as run_probe writes it: the check at twice the epochs
+        data = json.loads(Path(record["probe"]).read_text())
+        moved = record["variant"] == "selfcond" and record["epoch"] == 10
+        write_json(record["probe"], {**data, "lp_acc_double_epochs": data["lp_acc"] + (9.5 if moved else 0.5),
+                                     "converged": not moved})
+    md, _, parquet = write(tmp_path, config, "uncond", records)
+    _, rows, text = read_md_table(md)
+    assert re.fullmatch(r"62\.00\[\d\]", rows["10"][4]) and rows["10"][2] == "61.00" and rows["5"][4] == "61.50"
+    assert "not converged: trained for twice probe.final_epochs, the final probe reads 71.50%" in text
+    assert "Each is trained again for twice the epochs" in text.splitlines()[0]
+    assert pd.read_parquet(parquet)["probe_converged"].tolist() == [True, True, True, False]
+
 def test_no_lp_mark_without_stored_predictions(tmp_path):
     config = digits_config()
     records = [{k: v for k, v in r.items() if k != "probe_val"}  # records from before probe-val.parquet
@@ -590,4 +607,8 @@ def test_checkpoints_table_rows_and_provenance(tmp_path):
     for fact in ("scikit-learn digits", "500 samples", "digits-net features", "`ref.npz`", "ddaepp protocol",
                  "CFG: scale 3", "Seeds: 0"):
         assert fact in text.splitlines()[0], fact
-    assert len(pd.read_parquet(tmp_path / "checkpoints.parquet")) == 2
+    assert len(pd.read_parquet(tmp_path / "checkpoints.parquet")) == 2 and "Not converged" not in text
+    write_json(tmp_path / "up_uncond/probe.json", {**json.loads((tmp_path / "up_uncond/probe.json").read_text()),
+                                                   "lp_acc_double_epochs": 95.0, "converged": False})
+    report_checkpoints.write_table(config, records, tmp_path / "checkpoints.md", tmp_path / "checkpoints.parquet")
+    assert "raise probe.final_epochs): `up_uncond` seed 0." in (tmp_path / "checkpoints.md").read_text()

@@ -14,7 +14,8 @@ batched probes and their memory budget work unchanged. K = epochs is DDAE's fres
 
 Costs: the grid search takes features of the selection fit subset (K draws) and of its holdout
 and val (one draw each), T forwards per image; the full train split is then passed K times, at
-the chosen t only, for the final probe.
+the chosen t only, for the final probe (trained twice on them, for final_epochs and for twice
+that: the second says whether the first converged).
 """
 
 from __future__ import annotations
@@ -119,7 +120,9 @@ def run_probe(model: nn.Module, train_latents, train_labels, val_latents, val_la
     (top-1 % on val of that same probe, trained on the selection fit subset only; shown, never used
     to choose) and `chosen`. probe.json's `lp_acc` is the chosen pair's probe retrained on the full
     train split for final_epochs, top-1 % on val, whose per-image predictions go to
-    `out_predictions`; `selection_*` and `runner_up` say how clear the choice was. Feature files
+    `out_predictions`; it is trained again for twice the epochs on the same features
+    (`lp_acc_double_epochs`), and `converged` says whether that moved it by at most two standard
+    errors. `selection_*` and `runner_up` say how clear the choice was. Feature files
     live in work_dir, so a killed run resumes; they are deleted at the end unless keep_features.
     """
     cfg, device, work_dir = probe_cfg, torch.device(device), Path(work_dir)
@@ -138,16 +141,21 @@ def run_probe(model: nn.Module, train_latents, train_labels, val_latents, val_la
                                     blocks=[best_block], batch_size=cfg["feature_batch_size"], seed=cfg["seed"],
                                     device=device, draw=d)
                    for d in range(distinct_draws([best_t], train_latents.shape[1], cfg["noise_draws"]))]
-    final = train_probes(load_sources(final_paths, noise_draws=cfg["noise_draws"]), np.arange(len(train_labels)),
-                         train_labels,
-                         epochs=cfg["final_epochs"], desc="final probe", **train_kw)
     val_pair = load_sources([paths[-1]], pair=best)[0]
-    scores = evaluate(final, val_pair, np.arange(len(val_labels)), val_labels, **eval_kw)
-
-    result = dict(block=best_block, t=best_t, lp_acc=float(scores.acc[0]), n_train=len(train_labels),
+    scores = []
+    for epochs in (cfg["final_epochs"], 2 * cfg["final_epochs"]):  # the second only says whether it converged
+        final = train_probes(load_sources(final_paths, noise_draws=cfg["noise_draws"]), np.arange(len(train_labels)),
+                             train_labels, epochs=epochs, desc=f"final probe, {epochs} epochs", **train_kw)
+        scores.append(evaluate(final, val_pair, np.arange(len(val_labels)), val_labels, **eval_kw))
+    lp_acc, lp_acc_double = float(scores[0].acc[0]), float(scores[1].acc[0])
+    result = dict(block=best_block, t=best_t, lp_acc=lp_acc, lp_acc_double_epochs=lp_acc_double,
+                  converged=converged(lp_acc, lp_acc_double, len(val_labels)), n_train=len(train_labels),
                   n_val=len(val_labels), n_pairs=len(table), num_classes=num_classes,
                   noise_draws=cfg["noise_draws"], views=views, protocol="ddaepp", **stats)
-    write_outputs(table, result, val_labels, scores.pred[0], out_parquet, out_json, out_png, out_predictions)
+    if not result["converged"]:
+        log.warning("final probe not converged: %.2f%% after %d epochs, %.2f%% after %d; raise probe.final_epochs",
+                    lp_acc, cfg["final_epochs"], lp_acc_double, 2 * cfg["final_epochs"])
+    write_outputs(table, result, val_labels, scores[0].pred[0], out_parquet, out_json, out_png, out_predictions)
     if not keep_features:
         remove_features(paths + final_paths)
         with contextlib.suppress(OSError):
@@ -155,6 +163,12 @@ def run_probe(model: nn.Module, train_latents, train_labels, val_latents, val_la
     log.info("linear probe: block %d, t %g, selection %.2f%% ± %.2f (runner-up margin %s), val %.2f%%", best_block,
              best_t, result["selection_acc"], result["selection_se"], result["selection_margin"], result["lp_acc"])
     return result
+
+
+def converged(acc: float, acc_double_epochs: float, n_val: int) -> bool:
+    """Whether a probe trained for twice the epochs moved val accuracy (top-1 %) by at most two
+    binomial standard errors of `acc` on `n_val` images: the check of every final and floor probe."""
+    return abs(acc_double_epochs - acc) <= 2 * binomial_se(acc, n_val)
 
 
 def run_floor(train_latents, train_labels, val_latents, val_labels, mean, std, probe_cfg: dict, out_json,
@@ -178,15 +192,15 @@ def run_floor(train_latents, train_labels, val_latents, val_labels, mean, std, p
         raw = train_probes(sources, np.arange(len(train_labels)), train_labels, epochs=epochs,
                            desc=f"floor probe, {epochs} epochs", **train_kw)
         accs.append(float(evaluate(raw, val_source, np.arange(len(val_labels)), val_labels, **eval_kw).acc[0]))
-    se = binomial_se(accs[0], len(val_labels))
     result = dict(floor_acc=accs[0], epochs=cfg["final_epochs"], floor_acc_double_epochs=accs[1],
-                  se=se, converged=abs(accs[1] - accs[0]) <= 2 * se, dim=sources[0].dim, views=views,
+                  se=binomial_se(accs[0], len(val_labels)), converged=converged(accs[0], accs[1], len(val_labels)),
+                  dim=sources[0].dim, views=views,
                   n_train=len(train_labels), n_val=len(val_labels), num_classes=num_classes)
     if not result["converged"]:
         log.warning("floor probe not converged: %.2f%% after %d epochs, %.2f%% after %d; raise probe.final_epochs",
                     accs[0], cfg["final_epochs"], accs[1], 2 * cfg["final_epochs"])
     io.write_json(out_json, result)
-    log.info("raw-latent floor: %.2f%% ± %.2f on val (%.2f%% at twice the epochs)", accs[0], se, accs[1])
+    log.info("raw-latent floor: %.2f%% ± %.2f on val (%.2f%% at twice the epochs)", accs[0], result["se"], accs[1])
     return result
 
 

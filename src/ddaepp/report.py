@@ -151,6 +151,9 @@ def _probe_caption(frame: pd.DataFrame, probe: dict, floor: dict | None) -> str:
                 "selection")
         se = frame["probe_selection_se"].dropna()
         line += f"; standard error of that score at most {se.max():.2f} points). " if len(se) else "). "
+        if frame["probe_converged"].notna().any():
+            line += ("Each is trained again for twice the epochs; a note marks a probe that this moved by more than "
+                     "two standard errors. ")
     if floor is not None:
         line += (f"Floor: the same probe on the raw latents reaches {floor['floor_acc']:.2f}% (± {floor['se']:.2f})"
                  + ("" if floor["converged"] else

@@ -42,7 +42,8 @@ def collect(config: dict, records: list[dict]) -> pd.DataFrame:
         nocfg, probe = data["metrics_nocfg"], data["probe"]
         row.update(n=nocfg.get("n"), features=nocfg.get("features"), reference=nocfg.get("reference"),
                    probe_block=probe.get("block"), probe_t=probe.get("t"), probe_protocol=probe.get("protocol", "ddaepp"),
-                   probe_n_train=probe.get("n_train"), probe_n_val=probe.get("n_val"))
+                   probe_n_train=probe.get("n_train"), probe_n_val=probe.get("n_val"),
+                   probe_converged=probe.get("converged"))
         guidance = (data["metrics_cfg"] or {}).get("guidance") or {}
         if guidance:
             row.update(cfg_scale=guidance.get("scale"), cfg_channels=str(guidance.get("channels")))
@@ -73,6 +74,11 @@ def _header(config: dict, frame: pd.DataFrame) -> str:
             f"LP Acc.: top-1 % on val of a linear probe ({'/'.join(sorted(set(frame['probe_protocol'])))} protocol) "
             f"at the (block, t) chosen on {'val' if probe['protocol'] == 'ddae' else 'held-out train images'}, "
             f"t ∈ {{{', '.join(f'{t:g}' for t in probe['t'])}}}. ")
+    unconverged = frame[frame["probe_converged"].map(lambda c: c is False)]
+    if len(unconverged):
+        line += ("Not converged (trained for twice probe.final_epochs, the final probe moved by more than two "
+                 "standard errors; raise probe.final_epochs): "
+                 + ", ".join(f"`{c}` seed {s}" for c, s in zip(unconverged["checkpoint"], unconverged["seed"])) + ". ")
     if "cfg_scale" in frame and frame["cfg_scale"].notna().any():
         scales = "/".join(f"{s:g}" for s in sorted(set(frame["cfg_scale"].dropna())))
         channels = "/".join(sorted(set(frame["cfg_channels"].dropna())))

@@ -141,6 +141,10 @@ def _read_record(record: dict, conditional: bool, compare: bool = False,
         if note:
             notes[metric] = note
     nocfg, cfg_data, probe = data["metrics_nocfg"], data["metrics_cfg"] or {}, data["probe"]
+    if probe.get("converged") is False and "lp_acc" not in notes:
+        notes["lp_acc"] = (f"not converged: trained for twice probe.final_epochs, the final probe reads "
+                           f"{probe['lp_acc_double_epochs']:.2f}% (more than two standard errors away); raise "
+                           "probe.final_epochs")
     row.update(n=nocfg.get("n"), features=nocfg.get("features"), reference=nocfg.get("reference"))
     if precision_recall:
         row.update(pr_k=nocfg.get("pr_k"), pr_reference_n=nocfg.get("pr_reference_n"))
@@ -152,6 +156,7 @@ def _read_record(record: dict, conditional: bool, compare: bool = False,
         row.update(probe_protocol_compare=data["probe_compare"].get("protocol"),
                    probe_block_compare=data["probe_compare"].get("block"), probe_t_compare=data["probe_compare"].get("t"))
     row.update(probe_protocol=probe.get("protocol", "ddaepp"), probe_block=probe.get("block"), probe_t=probe.get("t"),
+               probe_converged=probe.get("converged"),
                probe_n_train=probe.get("n_train"), probe_n_val=probe.get("n_val"), probe_n_pairs=probe.get("n_pairs"),
                probe_selection_n=probe.get("n_selection_holdout"), probe_selection_se=probe.get("selection_se"),
                probe_selection_margin=probe.get("selection_margin"))
