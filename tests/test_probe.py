@@ -368,7 +368,6 @@ def test_run_probe_extracts_each_draw_of_the_fit_subset_only(tmp_path, monkeypat
     assert [names[f"final-d{d}"] for d in range(3)] == [(0, None), (1, None), (2, None)]
 
 
-
 def test_final_probe_is_checked_at_twice_its_epochs(tmp_path, monkeypatch):
     """probe.json's lp_acc_double_epochs is what final_epochs x 2 reads, trained on the same features
     (none extracted again); `converged` compares the two by two standard errors."""
@@ -384,6 +383,30 @@ def test_final_probe_is_checked_at_twice_its_epochs(tmp_path, monkeypatch):
     se = probe_selection.binomial_se(50.0, 100)  # 5 points
     assert probe.converged(50.0, 50.0 + 2 * se, 100) and probe.converged(50.0, 50.0 - 2 * se, 100)
     assert not probe.converged(50.0, 50.0 + 2 * se + 0.01, 100)
+
+
+def test_a_ram_cache_reads_features_once_for_several_trainings():
+    """The final and floor probes train twice on the same features: a shared ram_cache reads them
+    once, with the same weights as two separate reads, and refuses other rows."""
+    from ddaepp.linear_probe import array_source, train_probes
+
+    feats = np.random.default_rng(0).standard_normal((64, 3, 8)).astype(np.float16)
+    labels, reads = np.arange(64) % 4, []
+    plain = array_source(feats)
+    counted = plain._replace(read=lambda rows: (reads.append(len(rows)), plain.read(rows))[1])
+    kw = dict(num_classes=4, lr=1e-2, weight_decay=0.0, batch_size=16, seed=0, max_memory_gb=1.0)
+    alone = [train_probes(counted, np.arange(64), labels, epochs=e, **kw) for e in (2, 4)]
+    assert reads == [64, 64]
+    reads.clear()
+    cache = {}
+    shared = [train_probes(counted, np.arange(64), labels, epochs=e, ram_cache=cache, **kw) for e in (2, 4)]
+    assert reads == [64]
+    for a, b in zip(alone, shared):
+        for key, value in a.state_dict().items():
+            assert torch.equal(value, b.state_dict()[key]), key
+    with pytest.raises(ValueError, match="other rows"):
+        train_probes(counted, np.arange(32), labels, epochs=1, ram_cache=cache, **kw)
+
 
 def test_selection_stats_margin_and_paired_se():
     labels = np.zeros(100, np.int64)

@@ -489,7 +489,6 @@ def test_floor_in_the_caption(tmp_path):
     assert "not converged (95.00% at twice the epochs)" in out[0].read_text()
 
 
-
 def test_an_unconverged_final_probe_is_marked_on_its_cell(tmp_path):
     config = digits_config()
     records = fake_records(tmp_path, ["baseline", "selfcond"], [0], [5, 10], conditional=False)
@@ -504,6 +503,7 @@ def test_an_unconverged_final_probe_is_marked_on_its_cell(tmp_path):
     assert "not converged: trained for twice probe.final_epochs, the final probe reads 71.50%" in text
     assert "Each is trained again for twice the epochs" in text.splitlines()[0]
     assert pd.read_parquet(parquet)["probe_converged"].tolist() == [True, True, True, False]
+
 
 def test_no_lp_mark_without_stored_predictions(tmp_path):
     config = digits_config()

@@ -64,7 +64,6 @@ def test_result_config_drops_operational_keys_only(default_config):
     assert {"encode", "train"} <= changed and not changed & {"index", "classifier", "reference"}  # images only
 
 
-
 def test_a_probe_reruns_only_for_the_keys_its_protocol_reads(default_config):
     """The DDAE compare probe (probe.protocol: ddae) ignores the selection split, the stored draws and
     the final probe's epochs: editing them reruns the first probe only. (test_probe's DDAE test runs
@@ -85,6 +84,7 @@ def test_a_probe_reruns_only_for_the_keys_its_protocol_reads(default_config):
     for key, value in [("t", [0.5]), ("weight_decay", 0.1), ("seed", 3)]:  # read by both protocols
         edited_first, edited_compare = recorded({key: value})
         assert edited_first != first and edited_compare != compare, key
+
 
 def test_resume_fingerprint_ignores_operational_keys_only(default_config):
     from ddaepp.train import fingerprint

@@ -123,13 +123,14 @@ OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
 def train_probes(sources: FeatureSource | Sequence[FeatureSource], rows, labels, num_classes: int, epochs: int,
                  lr: float, weight_decay: float, batch_size: int, seed: int, max_memory_gb: float, device="cpu",
                  probe: BatchedLinearProbe | None = None, desc: str = "probes", optimizer: str = "adamw",
-                 cosine_per: str = "step") -> BatchedLinearProbe:
+                 cosine_per: str = "step", ram_cache: dict | None = None) -> BatchedLinearProbe:
     """Train one probe per pair on `rows` (sorted row ids; `labels` aligned with the sources' rows):
     `optimizer` (AdamW, or DDAE's Adam), cosine schedule stepped per `cosine_per` ('step', or
     DDAE's 'epoch'), cross-entropy summed over pairs. `sources` is one source or one per noise draw
     (one source may stand for several equal draws); epoch e reads draw e mod K. Features are held
     in RAM when all distinct draws fit in `max_memory_gb`, else streamed; the result is the same
-    either way."""
+    either way. `ram_cache`: a dict passed to every call that trains on the same sources and rows
+    (a probe trained twice), so that the features held in RAM are read once for all of them."""
     draws, rows = _as_draws(sources), np.asarray(rows, np.int64)
     if len(rows) < 2:
         raise ValueError(f"{desc}: need at least 2 training rows, got {len(rows)}")
@@ -139,7 +140,9 @@ def train_probes(sources: FeatureSource | Sequence[FeatureSource], rows, labels,
         probe = BatchedLinearProbe(draws[0].num_pairs, draws[0].dim, num_classes, generator)
     probe = probe.to(device).train()
     y_all = torch.as_tensor(np.asarray(labels)[rows], dtype=torch.long, device=device)
-    in_ram: dict[int, np.ndarray | None] = {}  # id of a distinct source -> its rows, read on first use
+    in_ram: dict[int, np.ndarray | None] = {} if ram_cache is None else ram_cache  # id(source) -> its rows
+    if ram_cache is not None and not np.array_equal(ram_cache.setdefault("rows", rows), rows):
+        raise ValueError(f"{desc}: ram_cache holds other rows; pass it only to calls on the same rows")
     per_draw_gb = max_memory_gb / len({id(s) for s in draws})  # a draw listed twice is held once
     opt = OPTIMIZERS[optimizer](probe.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * len(epoch_batches(len(rows), batch_size, seed, 0))

@@ -141,11 +141,12 @@ def run_probe(model: nn.Module, train_latents, train_labels, val_latents, val_la
                                     blocks=[best_block], batch_size=cfg["feature_batch_size"], seed=cfg["seed"],
                                     device=device, draw=d)
                    for d in range(distinct_draws([best_t], train_latents.shape[1], cfg["noise_draws"]))]
+    final_sources = load_sources(final_paths, noise_draws=cfg["noise_draws"])
     val_pair = load_sources([paths[-1]], pair=best)[0]
-    scores = []
+    scores, in_ram = [], {}  # features read into RAM once for both trainings
     for epochs in (cfg["final_epochs"], 2 * cfg["final_epochs"]):  # the second only says whether it converged
-        final = train_probes(load_sources(final_paths, noise_draws=cfg["noise_draws"]), np.arange(len(train_labels)),
-                             train_labels, epochs=epochs, desc=f"final probe, {epochs} epochs", **train_kw)
+        final = train_probes(final_sources, np.arange(len(train_labels)), train_labels, epochs=epochs,
+                             desc=f"final probe, {epochs} epochs", ram_cache=in_ram, **train_kw)
         scores.append(evaluate(final, val_pair, np.arange(len(val_labels)), val_labels, **eval_kw))
     lp_acc, lp_acc_double = float(scores[0].acc[0]), float(scores[1].acc[0])
     result = dict(block=best_block, t=best_t, lp_acc=lp_acc, lp_acc_double_epochs=lp_acc_double,
@@ -187,10 +188,10 @@ def run_floor(train_latents, train_labels, val_latents, val_labels, mean, std, p
     sources = [distinct[d % len(distinct)] for d in range(cfg["noise_draws"])]
     val_source = latent_source(val_latents, mean, std, np.zeros(len(val_latents), np.int64))
     train_kw, eval_kw = _train_kw(cfg, num_classes, device)
-    accs = []
+    accs, in_ram = [], {}
     for epochs in (cfg["final_epochs"], 2 * cfg["final_epochs"]):
         raw = train_probes(sources, np.arange(len(train_labels)), train_labels, epochs=epochs,
-                           desc=f"floor probe, {epochs} epochs", **train_kw)
+                           desc=f"floor probe, {epochs} epochs", ram_cache=in_ram, **train_kw)
         accs.append(float(evaluate(raw, val_source, np.arange(len(val_labels)), val_labels, **eval_kw).acc[0]))
     result = dict(floor_acc=accs[0], epochs=cfg["final_epochs"], floor_acc_double_epochs=accs[1],
                   se=binomial_se(accs[0], len(val_labels)), converged=converged(accs[0], accs[1], len(val_labels)),
