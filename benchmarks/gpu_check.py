@@ -74,7 +74,10 @@ def paper_run(paper: dict, size: str, conditional: bool) -> dict:
     return run
 
 
-def measure_training(args, sizes, paper, accelerator) -> dict:
+def measure_training(sizes, paper, accelerator, upstream_repo: str | None = None) -> dict:
+    """Synthetic-step img/s and FLOPs per image of our model, eager and compiled; with upstream_repo,
+    of hustvl's model instead (its blocks carry @torch.compile, so its "eager" is how hustvl's
+    train.py runs it)."""
     run = paper_run(paper, sizes["size"], True)
     latent, batch, dev = sizes["latent"], sizes["train_batch"], accelerator.device
     x1, y = torch.randn(batch, *latent, device=dev), torch.randint(0, sizes["classes"], (batch,), device=dev)
@@ -82,16 +85,20 @@ def measure_training(args, sizes, paper, accelerator) -> dict:
     for compile_ in (False, True):
         run["train"]["compile"] = compile_
         torch.manual_seed(0)
-        model = build_model(sizes["size"], latent, sizes["classes"],
-                            **{k: v for k, v in run["model"].items() if k != "size"})
+        ours = build_model(sizes["size"], latent, sizes["classes"],
+                           **{k: v for k, v in run["model"].items() if k != "size"})
+        model = upstream_model(upstream_repo, sizes["size"], latent, sizes["classes"]).to(dev) if upstream_repo else ours
         sec = time_steps(run, model, nn.ModuleDict(), x1, y, accelerator, sizes["steps"], compile=compile_)
-        out[f"ours {'compiled' if compile_ else 'eager'}"] = (batch / sec, count_flops(model))
-        if args.lightningdit_repo:
-            upstream = upstream_model(args.lightningdit_repo, sizes["size"], latent, sizes["classes"]).to(dev)
-            sec = time_steps(run, upstream, nn.ModuleDict(), x1, y, accelerator, sizes["steps"], compile=compile_)
-            # upstream's blocks carry @torch.compile, so its "eager" is how hustvl's train.py runs it
-            out[f"hustvl {'compiled' if compile_ else 'as shipped'}"] = (batch / sec, count_flops(model))
+        label = (f"hustvl {'compiled' if compile_ else 'as shipped'}" if upstream_repo
+                 else f"ours {'compiled' if compile_ else 'eager'}")
+        out[label] = (batch / sec, count_flops(ours))  # the same architecture: our count for both
     return out
+
+
+def print_training(training: dict, ours_eager: float, peak_tflops: float, cuda: bool) -> None:
+    for label, (rate, flops) in training.items():
+        mfu = f"{100 * 3 * flops * rate / (peak_tflops * 1e12):.1f}%" if cuda else "-"
+        print(f"{label:<22}{rate:>10.1f}{mfu:>8}{rate / ours_eager:>15.3f}")
 
 
 def measure_encode(sizes, device) -> float:
@@ -415,14 +422,37 @@ def main() -> None:
     print(f"{context}; {sizes['size']} on {sizes['latent']}, {accelerator.mixed_precision}"
           f"{'; tiny sizes, figures meaningless' if args.tiny else ''}")
 
-    training = measure_training(args, sizes, paper, accelerator)
+    # what the grid estimate needs first, so that a session cut short still has it; comparisons after
+    training = measure_training(sizes, paper, accelerator)
     print(f"\n{'training (per GPU)':<22}{'img/s':>10}{'MFU':>8}{'vs ours eager':>15}")
-    for label, (rate, flops) in training.items():
-        mfu = f"{100 * 3 * flops * rate / (args.peak_tflops * 1e12):.1f}%" if cuda else "-"
-        print(f"{label:<22}{rate:>10.1f}{mfu:>8}{rate / training['ours eager'][0]:>15.3f}")
+    print_training(training, training["ours eager"][0], args.peak_tflops, cuda)
+    guarded("real training loop", report_real_training, sizes, paper, device, training, context)
+    report_grid(args, sizes, paper, device, training, context)
+    print(f"(the estimate's measurements took {time.perf_counter() - started:.0f} s)")
+
+    if args.lightningdit_repo:
+        guarded("hustvl's model", report_upstream, args, sizes, paper, accelerator, training, cuda)
     guarded("attention backends and profiler split", report_sdpa_and_profile, sizes, paper, device, accelerator,
             context)
-    guarded("real training loop", report_real_training, sizes, paper, device, training, context)
+    if cuda and torch.cuda.device_count() >= 2:
+        two = guarded("2 processes", measure_two_processes, sizes)
+        print("2 processes: " + (f"{two:.1f} img/s, {two / training['ours eager'][0] / 2:.3f} of linear scaling"
+                                 if two else "failed (above)"))
+    else:
+        print("2 processes: skipped (fewer than 2 visible GPUs)")
+    print(f"\ngpu_check took {time.perf_counter() - started:.0f} s [{context}]")
+
+
+def report_upstream(args, sizes, paper, accelerator, training, cuda) -> None:
+    upstream = measure_training(sizes, paper, accelerator, args.lightningdit_repo)
+    print(f"\n{'training, same config':<22}{'img/s':>10}{'MFU':>8}{'vs ours eager':>15}")
+    print_training(upstream, training["ours eager"][0], args.peak_tflops, cuda)
+
+
+def report_grid(args, sizes, paper, device, training, context) -> None:
+    """Encode, sampling (each precision, eager and compiled) and probe rates, then the paper grid's
+    GPU-hours at them (and --write-rates)."""
+    cuda = device == "cuda"
     encode, decode = measure_encode(sizes, device)
     modes = measure_sampling_modes(sizes, paper, device, decode)
     # the grid samples in the paper's precision, compiled (sample.compile) when that is the faster
@@ -432,12 +462,6 @@ def main() -> None:
     print(f"\nVA-VAE f16d32 at {sizes['image']} px: encode {encode:.1f} img/s, decode {decode:.1f} img/s")
     report_sampling(paper, modes, context)
     print(f"probe features (one t, all blocks, bf16 on GPU): {probe:.1f} img/s")
-    if cuda and torch.cuda.device_count() >= 2:
-        two = guarded("2 processes", measure_two_processes, sizes)
-        print("2 processes: " + (f"{two:.1f} img/s, {two / training['ours eager'][0] / 2:.3f} of linear scaling"
-                                 if two else "failed (above)"))
-    else:
-        print("2 processes: skipped (fewer than 2 visible GPUs)")
     card = torch.cuda.get_device_name() if cuda else "CPU (tiny sizes)"
     rates = measured_rates(card, sizes, training, encode, decode, sampling, probe)
     with tempfile.TemporaryDirectory() as tmp:
@@ -450,8 +474,6 @@ def main() -> None:
     for stage, value in hours.items():
         print(f"  {stage:<8}{value:>12.1f}")
     print(f"  {'total':<8}{sum(hours.values()):>12.1f}")
-    print(f"\ngpu_check took {time.perf_counter() - started:.0f} s [{context}]")
-
 
 if __name__ == "__main__":
     main()

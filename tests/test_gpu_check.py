@@ -23,7 +23,8 @@ def test_gpu_check_tiny_runs_every_measurement(repo, tmp_path, size, grid):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "FAILED" not in out.stdout, out.stdout + out.stderr[-3000:]  # a guarded section broke
-    for line in ("ours eager", "ours compiled", "VA-VAE f16d32", "without CFG", "with CFG", "probe features",
+    for line in ("ours eager", "ours compiled", "the estimate's measurements took", "VA-VAE f16d32", "without CFG",
+                 "with CFG", "probe features",
                  "2 processes: skipped", f"{grid} grid", "train", "sample", "probe", "total",
                  "real training loop (eager", "of the synthetic eager step", "attention forward+backward",
                  "torch's choice", "flash", "cuDNN", "efficient", "torch.profiler", "GEMM", "optimizer", "idle",
