@@ -475,5 +475,6 @@ def report_grid(args, sizes, paper, device, training, context) -> None:
         print(f"  {stage:<8}{value:>12.1f}")
     print(f"  {'total':<8}{sum(hours.values()):>12.1f}")
 
+
 if __name__ == "__main__":
     main()
