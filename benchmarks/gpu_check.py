@@ -31,12 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_step import time_steps, upstream_model  # noqa: E402
+from step_kernels import report_sdpa_and_profile  # noqa: E402
+from train_step import time_steps, timed, upstream_model  # noqa: E402
 
 from ddaepp import config as config_mod, cost, tokenizers, vavae  # noqa: E402
 from ddaepp.devices import driver_version  # noqa: E402
@@ -51,19 +51,6 @@ FULL = dict(size="B/1", latent=(32, 16, 16), image=256, train_batch=128, sample_
 GRIDS = {"B/1": "config/imagenet-dit-b.yaml", "L/1": "config/imagenet-dit-l.yaml"}  # --size: model and grid
 TINY = dict(size="T/1", latent=(4, 8, 8), image=32, train_batch=8, sample_batch=4, vae_batch=2, probe_batch=8,
             steps=2, classes=10)
-
-
-def timed(fn, repeats: int, cuda: bool) -> float:
-    """Seconds per call of fn, after one warm-up call."""
-    fn()
-    if cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if cuda:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
 
 
 def paper_run(paper: dict, size: str, conditional: bool) -> dict:
@@ -217,73 +204,6 @@ def real_training_worker(job: dict, result: str, steps=40, log_every=10) -> None
     Path(result).write_text(json.dumps({"images_per_s": float(np.median(steady))}))
 
 
-def measure_sdpa_backends(sizes, device) -> dict:
-    """Forward + backward ms of one block's attention at the model's shape (bf16 on CUDA) per SDPA
-    backend, and torch's own choice; None where a backend cannot run this shape or device."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    width, _, heads = config_mod.MODEL_SIZES[sizes["size"].split("/")[0]]
-    tokens = (sizes["latent"][1] // int(sizes["size"].split("/")[1])) ** 2
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    q, k, v = (torch.randn(sizes["train_batch"], heads, tokens, width // heads, device=device, dtype=dtype,
-                           requires_grad=True) for _ in range(3))
-
-    def step():
-        F.scaled_dot_product_attention(q, k, v).sum().backward()
-
-    out = {"torch's choice": timed(step, 10, device == "cuda") * 1e3}
-    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cuDNN", SDPBackend.CUDNN_ATTENTION),
-                          ("efficient", SDPBackend.EFFICIENT_ATTENTION), ("math", SDPBackend.MATH)):
-        try:
-            with sdpa_kernel([backend]):
-                out[name] = timed(step, 10, device == "cuda") * 1e3
-        except RuntimeError:
-            out[name] = None
-    return out
-
-
-KERNEL_KINDS = (  # first match wins; names of CUDA kernels and, on the CPU, of aten operators
-    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_generated")),
-    ("optimizer", ("adam", "foreach", "multi_tensor", "lerp")),
-    ("GEMM", ("gemm", "matmul", "cutlass", "xmma", "nvjet", "cublas", "aten::mm", "addmm", "aten::bmm", "linear",
-              "mmbackward", "convolution")),
-)
-
-
-def profile_training_step(sizes, paper, accelerator, steps=3) -> dict:
-    """Milliseconds of one eager training step by kind: GEMM, attention, optimizer (AdamW and the EMA
-    lerp), other kernels, and idle (wall time with no kernel running) from torch.profiler."""
-    from torch.profiler import ProfilerActivity, profile
-
-    run = paper_run(paper, sizes["size"], True)
-    latent, batch, dev = sizes["latent"], sizes["train_batch"], accelerator.device
-    x1, y = torch.randn(batch, *latent, device=dev), torch.randint(0, sizes["classes"], (batch,), device=dev)
-    torch.manual_seed(0)
-    model = build_model(sizes["size"], latent, sizes["classes"], **{k: v for k, v in run["model"].items() if k != "size"})
-    cuda = dev.type == "cuda"
-    time_steps(run, model, nn.ModuleDict(), x1, y, accelerator, 1, warmup=1)
-    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
-    with profile(activities=activities) as prof:
-        wall = time_steps(run, model, nn.ModuleDict(), x1, y, accelerator, steps, warmup=0)
-    totals = dict.fromkeys(("GEMM", "attention", "optimizer", "other kernels"), 0.0)
-    intervals = []
-    for event in prof.events():
-        if cuda and event.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        if not cuda and event.cpu_parent is not None:
-            continue  # top-level operators and backward functions only: their time holds their children's
-        name = event.name.lower()
-        kind = next((k for k, keys in KERNEL_KINDS if any(key in name for key in keys)), "other kernels")
-        totals[kind] += event.time_range.elapsed_us() / 1e3 / steps  # ms per step
-        intervals.append((event.time_range.start, event.time_range.end))
-    busy, end = 0.0, float("-inf")  # union of the kernels' intervals, in us
-    for start, stop in sorted(intervals):
-        busy += max(0.0, stop - max(start, end))
-        end = max(end, stop)
-    totals["idle"] = max(0.0, wall * 1e3 - busy / 1e3 / steps)
-    return {"wall": wall * 1e3, **totals}
-
-
 def device_context(cuda: bool) -> str:
     """Card, driver and torch: printed beside every section's figures."""
     if not cuda:
@@ -375,17 +295,6 @@ def guarded(section: str, fn, *args):
         return None
 
 
-def report_sdpa_and_profile(sizes, paper, device, accelerator, context) -> None:
-    backends = measure_sdpa_backends(sizes, device)
-    print(f"\nattention forward+backward at the {sizes['size']} shape, batch {sizes['train_batch']} [{context}]:")
-    for name, ms in backends.items():
-        print(f"  {name:<16}" + (f"{ms:>9.2f} ms" if ms is not None else "      n/a (not available here)"))
-    split = profile_training_step(sizes, paper, accelerator)
-    print(f"\none eager training step, torch.profiler [{context}]: {split.pop('wall'):.1f} ms wall")
-    for kind, ms in split.items():
-        print(f"  {kind:<16}{ms:>9.2f} ms")
-
-
 def report_sampling(paper, modes, context) -> None:
     print(f"\nsampling ({paper['sample']['steps']} steps + decode, CFG doubling the batch inside its interval) "
           f"[{context}]:")
@@ -432,8 +341,8 @@ def main() -> None:
 
     if args.lightningdit_repo:
         guarded("hustvl's model", report_upstream, args, sizes, paper, accelerator, training, cuda)
-    guarded("attention backends and profiler split", report_sdpa_and_profile, sizes, paper, device, accelerator,
-            context)
+    guarded("attention backends and profiler split", report_sdpa_and_profile, sizes,
+            paper_run(paper, sizes["size"], True), accelerator, context)
     if cuda and torch.cuda.device_count() >= 2:
         two = guarded("2 processes", measure_two_processes, sizes)
         print("2 processes: " + (f"{two:.1f} img/s, {two / training['ours eager'][0] / 2:.3f} of linear scaling"

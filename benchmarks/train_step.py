@@ -70,6 +70,19 @@ class TimmDiT(nn.Module):
         return (out, torch.stack(feats, 1)) if return_features else out
 
 
+def timed(fn, repeats: int, cuda: bool) -> float:
+    """Seconds per call of fn, after one warm-up call."""
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
 def upstream_model(repo: str, size: str, latent, classes: int) -> nn.Module:
     """hustvl/LightningDiT's own model class from a checkout, configured as ours (for a like-for-like ratio).
 
