@@ -74,7 +74,7 @@ def _header(config: dict, frame: pd.DataFrame) -> str:
             f"LP Acc.: top-1 % on val of a linear probe ({'/'.join(sorted(set(frame['probe_protocol'])))} protocol) "
             f"at the (block, t) chosen on {'val' if probe['protocol'] == 'ddae' else 'held-out train images'}, "
             f"t ∈ {{{', '.join(f'{t:g}' for t in probe['t'])}}}. ")
-    unconverged = frame[frame["probe_converged"].map(lambda c: c is False)]
+    unconverged = frame[frame["probe_converged"].eq(False)]  # None: no check (DDAE's protocol)
     if len(unconverged):
         line += ("Not converged (trained for twice probe.final_epochs, the final probe moved by more than two "
                  "standard errors; raise probe.final_epochs): "
