@@ -288,10 +288,7 @@ def _train(run_cfg, latent_files, seed, epoch, out_state, init_state, wip_dir, m
                         last_good=lambda: wip_path if wip_path.exists() else init_state or "none yet")
     last_ckpt, pending = time.time(), []
     for x, x_other, y in batches:
-        # latents come as the memmap's float16 (pinned on CUDA): half the bytes to copy, cast on the device
-        x1 = (x.to(accelerator.device, non_blocking=True).float() - mean) / std
-        x1_other = (x_other.to(accelerator.device, non_blocking=True).float() - mean) / std \
-            if x_other is not None else None
+        x1, x1_other = (_normalized(v, accelerator.device, mean, std) for v in (x, x_other))
         y = y.to(accelerator.device, non_blocking=True) if run_cfg["conditional"] else None
         draws = objectives.draw_step(gen.manual_seed(step_seed(seed, step)), run_cfg, batch_size, rows, latent_shape)
         opt.zero_grad(set_to_none=True)
@@ -315,11 +312,7 @@ def _train(run_cfg, latent_files, seed, epoch, out_state, init_state, wip_dir, m
             progress.checkpoint(step, wip_path)
             last_ckpt = time.time()
         if stop and step < target_step:  # any process preempted or warned by SLURM: all stop here
-            progress.close()
-            if accelerator.is_main_process and world > 1:  # for launch(), behind accelerate launch
-                preemption.mark_stopped(wip_dir, step)
-            accelerator.end_training()  # leaves the process group: without it a rank aborts at exit
-            preemption.exit_to_resume(wip_path, step, accelerator.is_main_process)
+            _stop_to_resume(accelerator, progress, wip_dir, wip_path, step)
     wall = progress.close()
     _save(accelerator, out_state, model, ema, heads, opt, step, record.epoch_losses, expected)
     progress.checkpoint(step, out_state)
@@ -338,6 +331,22 @@ def _train(run_cfg, latent_files, seed, epoch, out_state, init_state, wip_dir, m
         Path(str(wip_path) + ".sha256").unlink(missing_ok=True)
     accelerator.end_training()
     return summary
+
+
+def _normalized(latents, device, mean, std):
+    """A batch of latents (the memmap's float16, pinned on CUDA: half the bytes to copy) on `device`,
+    cast there and normalized; None (no second view) stays None."""
+    return None if latents is None else (latents.to(device, non_blocking=True).float() - mean) / std
+
+
+def _stop_to_resume(accelerator, progress, wip_dir, wip_path, step):
+    """End this job after `step`, its state saved at `wip_path`, with the exit code that makes the
+    workflow (or launch(), behind accelerate launch) resume it."""
+    progress.close()
+    if accelerator.is_main_process and accelerator.num_processes > 1:
+        preemption.mark_stopped(wip_dir, step)
+    accelerator.end_training()  # leaves the process group: without it a rank aborts at exit
+    preemption.exit_to_resume(wip_path, step, accelerator.is_main_process)
 
 
 def _batch_layout(train_cfg: dict, n_images: int, world: int) -> tuple[int, int]:
