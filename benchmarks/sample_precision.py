@@ -14,6 +14,7 @@ TF32 matmuls, which only a GPU has, so a GPU's tf32 rows need not equal the CPU'
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
@@ -32,7 +33,12 @@ def main():
     parser.add_argument("--results", default=str(REPO / "results"))
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to sample (cuda: one GPU)")
     args = parser.parse_args()
-    device = devices.require(int(args.device == "cuda"), "sample_precision --device cuda")
+    try:
+        device = devices.require(int(args.device == "cuda"), "sample_precision --device cuda",
+                                 fix="run it where a GPU is visible, with a torch build whose CUDA version this "
+                                     "driver supports, or leave out --device cuda to sample on the CPU")
+    except devices.DeviceError as error:
+        sys.exit(f"error: {error}")
     torch.set_num_threads(1)
     cfg = config.load(REPO / "config.yaml")
     run = config.run_config(cfg, "cond", "baseline")

@@ -78,6 +78,13 @@ def test_no_cuda_is_refused_with_what_is_seen_and_the_fix(no_cuda):
         assert part in message, (part, message)
 
 
+def test_a_caller_outside_the_workflow_names_its_own_fix(no_cuda):
+    with pytest.raises(devices.DeviceError) as err:
+        devices.require(1, "bench --device cuda", fix="leave out --device cuda")
+    message = str(err.value)
+    assert message.endswith("Fix: leave out --device cuda") and "device: cpu" not in message, message
+
+
 def test_too_few_devices_are_refused(one_gpu, caplog):
     with caplog.at_level("INFO", logger="ddaepp.devices"):
         assert devices.require(1, "rule probe") == "cuda"

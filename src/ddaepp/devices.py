@@ -83,20 +83,23 @@ def describe() -> str:
             f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}")
 
 
-def require(gpus: int, what: str) -> str:
+WORKFLOW_FIX = ("run the job where its GPUs are visible (under Slurm the rule's gpu resource requests them; "
+                "train.gpus counts GPUs of one node, train.nodes the nodes), install a torch build whose CUDA "
+                "version this driver supports, or set `device: cpu` in the config to rehearse the same code on "
+                "the CPU")
+
+
+def require(gpus: int, what: str, fix: str = WORKFLOW_FIX) -> str:
     """The device ('cuda' or 'cpu') of a job that asked for `gpus` GPUs; refuses before any work
-    when fewer are visible. `what` names the job in the message (e.g. 'rule train')."""
+    when fewer are visible. `what` names the job in the message (e.g. 'rule train'), `fix` what to
+    do (a workflow job's fixes unless the caller, e.g. a benchmark, has its own)."""
     if gpus <= 0:
         return "cpu"
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if visible >= gpus:
         log.info("%s: %d GPU(s) of %s", what, gpus, describe())  # the job log says where it ran
         return "cuda"
-    raise DeviceError(
-        f"{what} asks for {gpus} GPU(s) on one node but sees {describe()}. Fix: run the job where its GPUs are "
-        "visible (under Slurm the rule's gpu resource requests them; train.gpus counts GPUs of one node, "
-        "train.nodes the nodes), install a torch build whose CUDA version this driver supports, or set "
-        "`device: cpu` in the config to rehearse the same code on the CPU")
+    raise DeviceError(f"{what} asks for {gpus} GPU(s) on one node but sees {describe()}. Fix: {fix}")
 
 
 def for_job(snakemake, stage: str | None = None) -> str:
