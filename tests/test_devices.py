@@ -1,6 +1,9 @@
 """The one device rule: what each stage asks for, refusals before any work, no silent CPU fallback."""
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -83,6 +86,15 @@ def test_a_caller_outside_the_workflow_names_its_own_fix(no_cuda):
         devices.require(1, "bench --device cuda", fix="leave out --device cuda")
     message = str(err.value)
     assert message.endswith("Fix: leave out --device cuda") and "device: cpu" not in message, message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without a GPU")
+def test_a_benchmark_asked_for_a_missing_gpu_exits_with_its_fix(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks/sample_precision.py"
+    out = subprocess.run([sys.executable, str(script), "--device", "cuda", "--results", str(tmp_path)],
+                         capture_output=True, text=True, env={"CUDA_VISIBLE_DEVICES": "", "PATH": ""})
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "leave out --device cuda" in out.stderr and "device: cpu" not in out.stderr, out.stderr
 
 
 def test_too_few_devices_are_refused(one_gpu, caplog):
