@@ -1,6 +1,7 @@
 """The one device rule: what each stage asks for, refusals before any work, no silent CPU fallback."""
 
 import copy
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -92,7 +93,7 @@ def test_a_caller_outside_the_workflow_names_its_own_fix(no_cuda):
 def test_a_benchmark_asked_for_a_missing_gpu_exits_with_its_fix(tmp_path):
     script = Path(__file__).resolve().parents[1] / "benchmarks/sample_precision.py"
     out = subprocess.run([sys.executable, str(script), "--device", "cuda", "--results", str(tmp_path)],
-                         capture_output=True, text=True, env={"CUDA_VISIBLE_DEVICES": "", "PATH": ""})
+                         capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     assert "leave out --device cuda" in out.stderr and "device: cpu" not in out.stderr, out.stderr
 
