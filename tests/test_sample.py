@@ -35,6 +35,16 @@ def test_same_images_for_any_batch_size_or_shard_count(cond_state, small_latents
     assert np.array_equal(la, lb) and np.array_equal(a, b)
 
 
+def test_sampling_on_the_cpu_keeps_freed_memory(cond_state, small_latents, tmp_path, monkeypatch):
+    from ddaepp import devices
+
+    calls = []
+    monkeypatch.setattr(devices, "keep_freed_host_memory", lambda: calls.append(1))
+    run, state = cond_state
+    _sample(run, state, small_latents, tmp_path, "kept", shards=1)
+    assert calls == [1]
+
+
 def test_cfg_goes_through_forward_with_cfg_and_labels_are_uniform(cond_state, small_latents, tmp_path, monkeypatch):
     from ddaepp.models import LightningDiT
     from ddaepp.transport import shifted_timesteps

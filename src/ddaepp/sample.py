@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import io, latents as latent_store, states, tokenizers
+from . import devices, io, latents as latent_store, states, tokenizers
 from .data import num_classes as dataset_num_classes
 from .transport import euler_sample
 
@@ -90,7 +90,8 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 def sample_shard(run_cfg: dict, state_path, latent_files, guidance: str, shard: int, out_npz, seed: int,
                  device: str = "cpu") -> None:
     """Write shard `shard` of run_cfg['sample']['shards'] as an npz of uint8 `images` and `labels`, on
-    `device` (the workflow's scripts pass what ddaepp.devices decides; nothing is picked here)."""
+    `device` (the workflow's scripts pass what ddaepp.devices decides; nothing is picked here). On the
+    CPU this process's malloc then keeps the memory it frees (devices.keep_freed_host_memory)."""
     if guidance not in ("nocfg", "cfg"):
         raise ValueError(f"guidance must be 'nocfg' or 'cfg', got {guidance!r}")
     if guidance == "cfg" and not run_cfg["conditional"]:
@@ -99,6 +100,8 @@ def sample_shard(run_cfg: dict, state_path, latent_files, guidance: str, shard: 
     latent_channels = tokenizers.latent_shape(run_cfg["tokenizer"], run_cfg["dataset"])[0]
     guided = guided_channels(cfg["cfg"]["channels"], latent_channels)
     device = torch.device(device)
+    if device.type == "cpu":
+        devices.keep_freed_host_memory()  # the doubled CFG batch's activations reused, not faulted in afresh
     mean, std = (s.to(device) for s in latent_store.load_stats(latent_files))
     tokenizer = tokenizers.build(run_cfg["tokenizer"], run_cfg["dataset"], device=str(device))
     latent_shape = tuple(tokenizer.latent_shape)
