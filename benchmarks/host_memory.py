@@ -1,0 +1,96 @@
+"""CPU sampling with glibc's malloc keeping freed memory (as ddaepp's sampling does) against its defaults.
+
+    python benchmarks/host_memory.py [--rounds 3] [--threads 1]
+
+The digits default's CFG sampling (config.yaml: its model size, latent shape, sample batch, steps
+and guidance) runs in fresh child processes, one allocator setting each, alternating so that a
+slow spell of the machine hits both alike. Each child times its sampler after a warm-up run and
+reports CPU time (user and system), minor page faults and peak resident memory; the ratios of
+the medians compare the two (see ddaepp.devices.keep_freed_host_memory). Results are equal: the
+setting moves where memory comes from, not any arithmetic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def child(kept: bool, threads: int) -> dict:
+    import torch
+
+    from ddaepp import config as config_mod, devices, tokenizers
+    from ddaepp.data import num_classes
+    from ddaepp.models import build_model
+    from ddaepp.sample import guided_channels
+    from ddaepp.transport import euler_sample
+
+    applied = kept and devices.keep_freed_host_memory()
+    if kept and not applied:
+        sys.exit("glibc's malloc could not be set here (not glibc, or the environment sets its own allocator)")
+    torch.set_num_threads(threads)
+    cfg = config_mod.load(REPO / "config.yaml")
+    sample = cfg["sample"]
+    latent = tokenizers.latent_shape(cfg["tokenizer"], cfg["dataset"])
+    classes = num_classes(cfg["dataset"])
+    torch.manual_seed(0)  # the same model and noise in every child
+    model = build_model(cfg["model"]["size"], latent, classes).eval()
+    for p in model.parameters():  # a trained-looking model: adaLN-zero would make every output zero
+        p.data.normal_(0, 0.02)
+    noise = torch.randn(sample["batch_size"], *latent)
+    y = torch.randint(0, classes, (sample["batch_size"],))
+
+    def run():
+        with torch.no_grad():
+            return euler_sample(model, noise, y, sample["steps"], sample["shift"], cfg_scale=sample["cfg"]["scale"],
+                                interval_start=sample["cfg"]["interval_start"], null_label=classes,
+                                guided_channels=guided_channels(sample["cfg"]["channels"], latent[0]))
+
+    run()  # warm-up: the first run faults its memory in either way
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    out = run()
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return {"user_s": after.ru_utime - before.ru_utime, "sys_s": after.ru_stime - before.ru_stime,
+            "faults": after.ru_minflt - before.ru_minflt, "peak_mib": after.ru_maxrss / 1024,
+            "checksum": float(out.double().sum())}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3, help="child processes per setting")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of each child")
+    parser.add_argument("--child", choices=["kept", "defaults"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child == "kept", args.threads)))
+        return
+    results = {"kept": [], "defaults": []}
+    for _ in range(args.rounds):
+        for setting in results:
+            out = subprocess.run([sys.executable, __file__, "--child", setting, "--threads", str(args.threads)],
+                                 capture_output=True, text=True, check=True).stdout
+            results[setting].append(json.loads(out.splitlines()[-1]))
+    if len({r["checksum"] for rows in results.values() for r in rows}) != 1:
+        sys.exit("the two settings sampled different latents: the allocator must not change results")
+    med = {s: {k: statistics.median(r[k] for r in rows) for k in ("user_s", "sys_s", "faults", "peak_mib")}
+           for s, rows in results.items()}
+    print(f"digits default's CFG sampling, one sample batch, {args.threads} thread(s), median of {args.rounds} "
+          "child processes each")
+    print(f"{'glibc malloc':<22}{'CPU s':>8}{'of it sys':>11}{'page faults':>13}{'peak MiB':>10}")
+    for setting, name in (("defaults", "at its defaults"), ("kept", "keeping freed memory")):
+        m = med[setting]
+        print(f"{name:<22}{m['user_s'] + m['sys_s']:8.2f}{m['sys_s']:11.2f}{m['faults']:13,.0f}{m['peak_mib']:10.0f}")
+    cpu = {s: m["user_s"] + m["sys_s"] for s, m in med.items()}
+    print(f"kept / defaults: CPU time {cpu['kept'] / cpu['defaults']:.2f}, "
+          f"peak memory {med['kept']['peak_mib'] / med['defaults']['peak_mib']:.2f}; latents equal")
+
+
+if __name__ == "__main__":
+    main()
