@@ -13,6 +13,9 @@ same GPUs (so a cluster's GPU scheduling path is exercised), but every job runs 
 on the CPU, and `train.gpus: N` then starts N CPU processes (gloo) under the same `accelerate
 launch` a GPU job uses. Nothing falls back silently: `require` refuses a job whose GPUs are not
 visible, naming what it sees and the fix.
+
+Also here, for the host rather than the GPU: `keep_freed_host_memory`, which sampling on the
+CPU calls so that glibc's malloc reuses a forward's memory instead of faulting it in again.
 """
 
 from __future__ import annotations
@@ -118,7 +121,7 @@ def keep_freed_host_memory() -> bool:
     By default glibc returns the top of its heap to the kernel once more than twice its mmap
     threshold (adjusted as the process runs, at most 32 MiB) is free there. Whether the end of a
     forward leaves that much depends on the heap's layout, so the doubled CFG batch of the digits
-    default (500 rows) had its activations faulted in afresh at some steps and not at others, each
+    default (2 × 250 images) had its activations faulted in afresh at some steps and not at others, each
     page zeroed by the kernel: 0.6-0.8 million page faults in a CFG sample job, 8% of its time, and
     run-to-run swings in `benchmarks/sample.py`'s CFG ratio. PyTorch's CPU allocator does not cache,
     so this is where reuse has to come from. Cost: freed memory stays with the process (up to
