@@ -2,11 +2,12 @@
 
     python benchmarks/host_memory.py [--rounds 3] [--threads 1]
 
-The digits default's CFG sampling (config.yaml: its model size, latent shape, sample batch, steps
-and guidance) runs in fresh child processes, one allocator setting each, alternating so that a
+The digits default's CFG sampling (config.yaml's cond-baseline run: its model, latent shape, sample
+batch, steps and guidance) runs in fresh child processes, one allocator setting each, alternating so that a
 slow spell of the machine hits both alike. Each child times its sampler after a warm-up run and
-reports CPU time (user and system), minor page faults and peak resident memory; the ratios of
-the medians compare the two (see ddaepp.devices.keep_freed_host_memory). Results are equal: the
+reports CPU time (user and system), minor page faults and peak resident memory; medians and
+ranges are printed (glibc's defaults vary from process to process: whether a forward's end
+trims the heap depends on its layout), and the ratios of the medians compare the two (see ddaepp.devices.keep_freed_host_memory). Results are equal: the
 setting moves where memory comes from, not any arithmetic.
 """
 
@@ -28,7 +29,7 @@ def child(kept: bool, threads: int) -> dict:
 
     from ddaepp import config as config_mod, devices, tokenizers
     from ddaepp.data import num_classes
-    from ddaepp.models import build_model
+    from ddaepp.models import model_from_run_config
     from ddaepp.sample import guided_channels
     from ddaepp.transport import euler_sample
 
@@ -37,11 +38,12 @@ def child(kept: bool, threads: int) -> dict:
         sys.exit("glibc's malloc could not be set here (not glibc, or the environment sets its own allocator)")
     torch.set_num_threads(threads)
     cfg = config_mod.load(REPO / "config.yaml")
-    sample = cfg["sample"]
+    run_cfg = config_mod.run_config(cfg, "cond", "baseline")  # a conditional run, as CFG needs
+    sample = run_cfg["sample"]
     latent = tokenizers.latent_shape(cfg["tokenizer"], cfg["dataset"])
     classes = num_classes(cfg["dataset"])
     torch.manual_seed(0)  # the same model and noise in every child
-    model = build_model(cfg["model"]["size"], latent, classes).eval()
+    model = model_from_run_config(run_cfg, latent, classes).eval()
     for p in model.parameters():  # a trained-looking model: adaLN-zero would make every output zero
         p.data.normal_(0, 0.02)
     noise = torch.randn(sample["batch_size"], *latent)
@@ -64,7 +66,7 @@ def child(kept: bool, threads: int) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3, help="child processes per setting")
+    parser.add_argument("--rounds", type=int, default=4, help="child processes per setting")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of each child")
     parser.add_argument("--child", choices=["kept", "defaults"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -81,16 +83,20 @@ def main():
         sys.exit("the two settings sampled different latents: the allocator must not change results")
     med = {s: {k: statistics.median(r[k] for r in rows) for k in ("user_s", "sys_s", "faults", "peak_mib")}
            for s, rows in results.items()}
-    print(f"digits default's CFG sampling, one sample batch, {args.threads} thread(s), median of {args.rounds} "
-          "child processes each")
-    print(f"{'glibc malloc':<22}{'CPU s':>8}{'of it sys':>11}{'page faults':>13}{'peak MiB':>10}")
+    print(f"digits default's CFG sampling, one sample batch, {args.threads} thread(s), {args.rounds} child processes "
+          "each: median (range)")
+    print(f"{'glibc malloc':<22}{'CPU s':>18}{'of it sys':>18}{'page faults':>26}{'peak MiB':>10}")
     for setting, name in (("defaults", "at its defaults"), ("kept", "keeping freed memory")):
-        m = med[setting]
-        print(f"{name:<22}{m['user_s'] + m['sys_s']:8.2f}{m['sys_s']:11.2f}{m['faults']:13,.0f}{m['peak_mib']:10.0f}")
-    cpu = {s: m["user_s"] + m["sys_s"] for s, m in med.items()}
+        rows, m = results[setting], med[setting]
+        cpu = [r["user_s"] + r["sys_s"] for r in rows]
+        sys_s = [r["sys_s"] for r in rows]
+        faults = [r["faults"] for r in rows]
+        print(f"{name:<22}{statistics.median(cpu):6.2f} ({min(cpu):.2f}-{max(cpu):.2f})"
+              f"{m['sys_s']:6.2f} ({min(sys_s):.2f}-{max(sys_s):.2f})"
+              f"{m['faults']:10,.0f} ({min(faults):,}-{max(faults):,}){m['peak_mib']:10.0f}")
+    cpu = {s: statistics.median(r["user_s"] + r["sys_s"] for r in rows) for s, rows in results.items()}
     print(f"kept / defaults: CPU time {cpu['kept'] / cpu['defaults']:.2f}, "
           f"peak memory {med['kept']['peak_mib'] / med['defaults']['peak_mib']:.2f}; latents equal")
-
 
 if __name__ == "__main__":
     main()
