@@ -1,14 +1,15 @@
 """CPU sampling with glibc's malloc keeping freed memory (as ddaepp's sampling does) against its defaults.
 
-    python benchmarks/host_memory.py [--rounds 3] [--threads 1]
+    python benchmarks/host_memory.py [--rounds 4] [--threads 1]
 
 The digits default's CFG sampling (config.yaml's cond-baseline run: its model, latent shape, sample
-batch, steps and guidance) runs in fresh child processes, one allocator setting each, alternating so that a
-slow spell of the machine hits both alike. Each child times its sampler after a warm-up run and
+batch, steps and guidance) runs in fresh child processes, one allocator setting each, alternating
+so that a slow spell of the machine hits both alike. Each child times its sampler after a warm-up run and
 reports CPU time (user and system), minor page faults and peak resident memory; medians and
 ranges are printed (glibc's defaults vary from process to process: whether a forward's end
-trims the heap depends on its layout), and the ratios of the medians compare the two (see ddaepp.devices.keep_freed_host_memory). Results are equal: the
-setting moves where memory comes from, not any arithmetic.
+trims the heap depends on its layout), and the ratios of the medians compare the two (see
+ddaepp.devices.keep_freed_host_memory). Results are equal: the setting moves where memory comes
+from, not any arithmetic.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def child(kept: bool, threads: int) -> dict:
     before = resource.getrusage(resource.RUSAGE_SELF)
     out = run()
     after = resource.getrusage(resource.RUSAGE_SELF)
-    return {"user_s": after.ru_utime - before.ru_utime, "sys_s": after.ru_stime - before.ru_stime,
+    user, system = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+    return {"cpu_s": user + system, "sys_s": system,
             "faults": after.ru_minflt - before.ru_minflt, "peak_mib": after.ru_maxrss / 1024,
             "checksum": float(out.double().sum())}
 
@@ -81,22 +83,20 @@ def main():
             results[setting].append(json.loads(out.splitlines()[-1]))
     if len({r["checksum"] for rows in results.values() for r in rows}) != 1:
         sys.exit("the two settings sampled different latents: the allocator must not change results")
-    med = {s: {k: statistics.median(r[k] for r in rows) for k in ("user_s", "sys_s", "faults", "peak_mib")}
-           for s, rows in results.items()}
     print(f"digits default's CFG sampling, one sample batch, {args.threads} thread(s), {args.rounds} child processes "
           "each: median (range)")
     print(f"{'glibc malloc':<22}{'CPU s':>18}{'of it sys':>18}{'page faults':>26}{'peak MiB':>10}")
+    med = {}
     for setting, name in (("defaults", "at its defaults"), ("kept", "keeping freed memory")):
-        rows, m = results[setting], med[setting]
-        cpu = [r["user_s"] + r["sys_s"] for r in rows]
-        sys_s = [r["sys_s"] for r in rows]
-        faults = [r["faults"] for r in rows]
-        print(f"{name:<22}{statistics.median(cpu):6.2f} ({min(cpu):.2f}-{max(cpu):.2f})"
-              f"{m['sys_s']:6.2f} ({min(sys_s):.2f}-{max(sys_s):.2f})"
-              f"{m['faults']:10,.0f} ({min(faults):,}-{max(faults):,}){m['peak_mib']:10.0f}")
-    cpu = {s: statistics.median(r["user_s"] + r["sys_s"] for r in rows) for s, rows in results.items()}
-    print(f"kept / defaults: CPU time {cpu['kept'] / cpu['defaults']:.2f}, "
+        columns = {k: [r[k] for r in results[setting]] for k in ("cpu_s", "sys_s", "faults", "peak_mib")}
+        med[setting] = {k: statistics.median(v) for k, v in columns.items()}
+        cpu, sys_s, faults = columns["cpu_s"], columns["sys_s"], columns["faults"]
+        print(f"{name:<22}{med[setting]['cpu_s']:6.2f} ({min(cpu):.2f}-{max(cpu):.2f})"
+              f"{med[setting]['sys_s']:6.2f} ({min(sys_s):.2f}-{max(sys_s):.2f})"
+              f"{med[setting]['faults']:10,.0f} ({min(faults):,}-{max(faults):,}){med[setting]['peak_mib']:10.0f}")
+    print(f"kept / defaults: CPU time {med['kept']['cpu_s'] / med['defaults']['cpu_s']:.2f}, "
           f"peak memory {med['kept']['peak_mib'] / med['defaults']['peak_mib']:.2f}; latents equal")
+
 
 if __name__ == "__main__":
     main()

@@ -152,7 +152,7 @@ print(kept, statistics.median(faults))
 
 
 @pytest.mark.skipif(sys.platform != "linux" or os.confstr("CS_GNU_LIBC_VERSION") is None, reason="glibc's malloc only")
-def test_cpu_jobs_reuse_freed_memory_instead_of_faulting_it_in_again():
+def test_kept_host_memory_is_reused_instead_of_faulted_in_again():
     def median_faults(mode):
         env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "GLIBC_TUNABLES")
                and not k.startswith("MALLOC_")}  # glibc's own defaults, whatever this shell sets
