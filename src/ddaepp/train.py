@@ -277,10 +277,7 @@ def _train(run_cfg, latent_files, seed, epoch, out_state, init_state, wip_dir, m
     start_step = step = state["step"]
     if start_step > target_step:
         raise ValueError(f"the starting state is at step {start_step}, past the {target_step} steps of {epoch} epochs")
-    batches = torch.utils.data.DataLoader(
-        StepBatches(latents, labels, batch_size, seed, start_step, target_step, rank, world,
-                    other_view=any(o.needs_second_view for o in objectives.enabled(run_cfg))),
-        batch_size=None, num_workers=train_cfg["num_workers"], pin_memory=accelerator.device.type == "cuda")
+    batches = _step_batches(run_cfg, latents, labels, seed, start_step, target_step, accelerator)
     gen = torch.Generator(accelerator.device)  # one generator, reseeded per step: see objectives.draw_step
     rows = slice(rank * (batch_size // world), (rank + 1) * (batch_size // world))
     progress = Progress(accelerator, train_cfg, epoch, start_step, target_step, batch_size)
@@ -316,20 +313,42 @@ def _train(run_cfg, latent_files, seed, epoch, out_state, init_state, wip_dir, m
     wall = progress.close()
     _save(accelerator, out_state, model, ema, heads, opt, step, record.epoch_losses, expected)
     progress.checkpoint(step, out_state)
-    summary = {"epoch": epoch, "steps": step, "steps_this_job": step - start_step,
-               "steps_per_epoch": steps_per_epoch, "batch_size": batch_size, "epoch_losses": record.epoch_losses,
-               "wall_s": wall, "images_per_s": (step - start_step) * batch_size / max(wall, 1e-9),
-               "processes": world, "device": accelerator.device.type,
-               "mixed_precision": accelerator.mixed_precision, "compiled": bool(train_cfg["compile"])}
-    if max_steps is not None:
-        summary.update(first_step=start_step, step_losses=record.step_losses)
-    if "init_sha256" in state:
-        summary.update(init=str(init_state), init_sha256=state["init_sha256"])
+    summary = _job_summary(train_cfg, accelerator, epoch, (start_step, step), steps_per_epoch, record, wall,
+                           init_state, state.get("init_sha256"))
     if accelerator.is_main_process:
         io.write_json(out_summary, summary)
         wip_path.unlink(missing_ok=True)
         Path(str(wip_path) + ".sha256").unlink(missing_ok=True)
     accelerator.end_training()
+    return summary
+
+
+def _step_batches(run_cfg, latents, labels, seed, start_step, target_step, accelerator):
+    """This process's rows of each step from start_step to target_step (StepBatches), pinned on CUDA."""
+    train_cfg = run_cfg["train"]
+    second_view = any(o.needs_second_view for o in objectives.enabled(run_cfg))
+    return torch.utils.data.DataLoader(
+        StepBatches(latents, labels, train_cfg["batch_size"], seed, start_step, target_step,
+                    accelerator.process_index, accelerator.num_processes, other_view=second_view),
+        batch_size=None, num_workers=train_cfg["num_workers"], pin_memory=accelerator.device.type == "cuda")
+
+
+def _job_summary(train_cfg, accelerator, epoch, steps: tuple[int, int], steps_per_epoch, record, wall,
+                 init_state, init_sha256) -> dict:
+    """What the job's summary json says: steps (first, last) of this job, losses, speed and how it ran;
+    the per-step losses too when the record kept them (a max_steps job), and the external initial
+    state with its checksum when training started from one."""
+    first, last = steps
+    batch_size = train_cfg["batch_size"]
+    summary = {"epoch": epoch, "steps": last, "steps_this_job": last - first,
+               "steps_per_epoch": steps_per_epoch, "batch_size": batch_size, "epoch_losses": record.epoch_losses,
+               "wall_s": wall, "images_per_s": (last - first) * batch_size / max(wall, 1e-9),
+               "processes": accelerator.num_processes, "device": accelerator.device.type,
+               "mixed_precision": accelerator.mixed_precision, "compiled": bool(train_cfg["compile"])}
+    if record.step_losses is not None:
+        summary.update(first_step=first, step_losses=record.step_losses)
+    if init_sha256 is not None:
+        summary.update(init=str(init_state), init_sha256=init_sha256)
     return summary
 
 
