@@ -87,7 +87,7 @@ def test_a_probe_reruns_only_for_the_keys_its_protocol_reads(default_config):
 
 
 def test_resume_fingerprint_ignores_operational_keys_only(default_config):
-    from ddaepp.train import fingerprint
+    from ddaepp.states import fingerprint
 
     run = config.run_config(default_config, "uncond", "baseline")
     moved = config.merge(run, {"train": {"gpus": 2, "num_workers": 4, "compile": True},

@@ -10,6 +10,10 @@
 Both are read with `torch.load(weights_only=True)`, so no pickled code ever runs. The weights are
 loaded key by key: a missing, unexpected or differently shaped key is named, with both shapes.
 
+Training's resume goes through here too: `resume_state` starts a job from its in-progress state,
+else the previous budget's, else an external `train --init` file, and refuses a ddaepp state whose
+`fingerprint` (what it was trained with) differs from the run's.
+
 `self_cond_layer: auto` is resolved here, from the state's fingerprint (the layer the state was
 trained with), so the model itself only ever sees a resolved block.
 """
@@ -24,6 +28,7 @@ import torch
 
 from ddaepp import io
 from ddaepp.config import is_auto, with_layer
+from ddaepp.reruns import result_config
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +97,55 @@ def resolve_layer(run_cfg: dict, state: dict) -> dict:
     if not isinstance(layer, int) or isinstance(layer, bool):
         raise ValueError(f"the state's fingerprint names self_cond_layer {layer!r}, not a block; retrain it")
     return with_layer(run_cfg, layer)
+
+
+def fingerprint(run_cfg: dict, seed: int) -> dict:
+    """What a state was trained with (reruns.result_config: the train rule's params too); resuming
+    under a different fingerprint is refused, operational keys are free to differ."""
+    return {**result_config(run_cfg, "train"), "seed": seed}
+
+
+def _diff(a, b, prefix=""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            yield from _diff(a.get(key), b.get(key), f"{prefix}{key}.")
+    elif a != b:
+        yield f"{prefix.rstrip('.')}: {a!r} in the state, {b!r} now"
+
+
+def check_compatible(state: dict, expected: dict, path: Path) -> None:
+    diffs = list(_diff(state["fingerprint"], expected))
+    if diffs:
+        raise ValueError(f"cannot resume from {path}: it was trained with another config ("
+                         + "; ".join(diffs) + "). Delete it, or restore the config it was made with")
+
+
+def resume_state(init_path, wip_path, expected) -> dict | None:
+    """The state to start from: the in-progress checkpoint, else the previous budget, else None.
+    An `init_path` that ddaepp did not write (an upstream LightningDiT checkpoint) gives its weights
+    at step 0 (see external_init)."""
+    for path in (wip_path, init_path):
+        if path and Path(path).exists():
+            if path is init_path and not is_ddaepp_state(path):
+                return external_init(path)
+            state = io.load_checkpoint(path)
+            check_compatible(state, expected, Path(path))
+            log.info("starting from %s (step %d)", path, state["step"])
+            return state
+    return None
+
+
+def external_init(path) -> dict:
+    """Weights of an external checkpoint to start from: its `model` and `ema` state dicts (either
+    serves for both when only one is there); the optimizer, the objectives' heads and the step
+    start fresh, as upstream gives no state for them that matches ours. Its sha256 is recorded."""
+    contents, sha256 = read_external(path)
+    if isinstance(contents, dict) and "fingerprint" in contents:
+        raise ValueError(f"checkpoint {path} is a ddaepp state without its {Path(path).name}.sha256: it was not "
+                         "written completely by ddaepp; delete it and rerun the job that makes it")
+    log.info("starting from the external checkpoint %s (sha256 %s) at step 0", path, sha256)
+    return {"step": 0, "epoch_losses": [], "init_sha256": sha256,
+            "external": {k: external_weights(contents, k, path) for k in ("model", "ema")}}
 
 
 def load_ema(state_path: str | os.PathLike, run_cfg: dict, latent_shape, n_classes: int):

@@ -32,30 +32,8 @@ from .data import num_classes as dataset_num_classes
 from .models import model_from_run_config
 from .progress import LossRecord, Progress
 from .processes import accelerate_command, require_slurm_nodes, run_streaming, slurm_nodes
-from .reruns import result_config
 
 log = logging.getLogger("ddaepp.train")
-
-
-def fingerprint(run_cfg: dict, seed: int) -> dict:
-    """What a state was trained with (reruns.result_config: the train rule's params too); resuming
-    under a different fingerprint is refused, operational keys are free to differ."""
-    return {**result_config(run_cfg, "train"), "seed": seed}
-
-
-def _diff(a, b, prefix=""):
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            yield from _diff(a.get(key), b.get(key), f"{prefix}{key}.")
-    elif a != b:
-        yield f"{prefix.rstrip('.')}: {a!r} in the state, {b!r} now"
-
-
-def check_compatible(state: dict, expected: dict, path: Path) -> None:
-    diffs = list(_diff(state["fingerprint"], expected))
-    if diffs:
-        raise ValueError(f"cannot resume from {path}: it was trained with another config ("
-                         + "; ".join(diffs) + "). Delete it, or restore the config it was made with")
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -166,34 +144,6 @@ def _tensorboard_available() -> bool:
     return True
 
 
-def _resume_state(init_path, wip_path, expected) -> dict | None:
-    """The state to start from: the in-progress checkpoint, else the previous budget, else None.
-    An `init_path` that ddaepp did not write (an upstream LightningDiT checkpoint) gives its weights
-    at step 0 (see _external_init)."""
-    for path in (wip_path, init_path):
-        if path and Path(path).exists():
-            if path is init_path and not states.is_ddaepp_state(path):
-                return _external_init(path)
-            state = io.load_checkpoint(path)
-            check_compatible(state, expected, Path(path))
-            log.info("starting from %s (step %d)", path, state["step"])
-            return state
-    return None
-
-
-def _external_init(path) -> dict:
-    """Weights of an external checkpoint to start from: its `model` and `ema` state dicts (either
-    serves for both when only one is there); the optimizer, the objectives' heads and the step
-    start fresh, as upstream gives no state for them that matches ours. Its sha256 is recorded."""
-    contents, sha256 = states.read_external(path)
-    if isinstance(contents, dict) and "fingerprint" in contents:
-        raise ValueError(f"checkpoint {path} is a ddaepp state without its {Path(path).name}.sha256: it was not "
-                         "written completely by ddaepp; delete it and rerun the job that makes it")
-    log.info("starting from the external checkpoint %s (sha256 %s) at step 0", path, sha256)
-    return {"step": 0, "epoch_losses": [], "init_sha256": sha256,
-            "external": {k: states.external_weights(contents, k, path) for k in ("model", "ema")}}
-
-
 def job_paths(out_state, wip_dir=None, out_summary=None) -> tuple[Path, Path]:
     """(in-progress folder, summary file) of the job writing `out_state`: those given, else
     io.wip_dir(out_state) (where the workflow's job keeps it too) and train.json beside the state."""
@@ -269,7 +219,7 @@ def _train(run_cfg, latent_files, seed, epoch, out_state, init_state, wip_dir, m
     steps_per_epoch, micro_batch = _batch_layout(train_cfg, len(labels), world)
     target_step = epoch * steps_per_epoch if max_steps is None else max_steps
 
-    expected = fingerprint(run_cfg, seed)
+    expected = states.fingerprint(run_cfg, seed)
     model, heads, ema, opt, state = _build(run_cfg, seed, latent_shape, accelerator, init_state, wip_path, expected)
     step_module, opt = build_step(run_cfg, model, heads, ema, opt, accelerator)
     params = [p for group in opt.param_groups for p in group["params"]]
@@ -393,7 +343,7 @@ def _build(run_cfg, seed, latent_shape, accelerator, init_state, wip_path, expec
     heads = objectives.build_heads(run_cfg, model)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = build_optimizer(list(model.parameters()) + list(heads.parameters()), train_cfg, accelerator.device.type)
-    state = _resume_state(init_state, wip_path, expected) or {"step": 0, "epoch_losses": []}
+    state = states.resume_state(init_state, wip_path, expected) or {"step": 0, "epoch_losses": []}
     if "external" in state:
         states.load_weights(model, state["external"]["model"], init_state)
         states.load_weights(ema, state["external"]["ema"], init_state)
