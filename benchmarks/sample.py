@@ -28,7 +28,7 @@ from ddaepp.transport import euler_sample, shifted_timesteps
 REPO = Path(__file__).resolve().parents[1]
 
 
-def timed(fn, repeats=2, cpu_time=False):
+def best_time(fn, repeats=2, cpu_time=False):
     """Seconds per call, the best of `repeats` after a warm-up: wall time (between synchronisations on a
     GPU), or with cpu_time on the CPU the process's CPU time, which other processes on a shared machine
     do not inflate (with --threads 1, the busy time)."""
@@ -69,7 +69,7 @@ def sampling_timings(cfg: dict, args) -> None:
                          null_label=args.classes,
                          guided_channels=None if sample_cfg["cfg"]["channels"] == "all" else sample_cfg["cfg"]["channels"])
 
-    plain, guided = (timed(lambda: run(scale), 3, cpu_time=True) for scale in (1.0, sample_cfg["cfg"]["scale"]))
+    plain, guided = (best_time(lambda: run(scale), 3, cpu_time=True) for scale in (1.0, sample_cfg["cfg"]["scale"]))
     print(f"device {device}, {args.size} on {latent}, batch {args.batch}, {args.steps} steps, "
           f"{torch.get_num_threads()} CPU threads" + ("" if device.type == "cuda" else ", sampling timed in process CPU time, "
                                                        f"glibc malloc {'keeping freed memory' if kept else 'at its defaults'}"))
@@ -79,12 +79,12 @@ def sampling_timings(cfg: dict, args) -> None:
     ideal = 1 + float((grid >= sample_cfg["cfg"]["interval_start"]).float().mean())
     print(f"CFG / no-CFG time: {guided / plain:.2f} (ideal {ideal:.2f}: the [cond; null] batch runs only at the "
           f"steps inside the guidance interval, the conditional batch alone before it)")
-    upstream = timed(lambda: run(sample_cfg["cfg"]["scale"], doubled_everywhere=True), 3, cpu_time=True)
+    upstream = best_time(lambda: run(sample_cfg["cfg"]["scale"], doubled_everywhere=True), 3, cpu_time=True)
     print(f"CFG / no-CFG time of upstream's loop (the [cond; null] batch at every step): {upstream / plain:.2f}")
     t = torch.full((args.batch,), 0.5, device=device)
     with torch.no_grad(), autocast:
-        single = timed(lambda: model(noise, t, y), 5, cpu_time=True)
-        doubled = timed(lambda: model(torch.cat([noise, noise]), torch.cat([t, t]), torch.cat([y, y])), 5, cpu_time=True)
+        single = best_time(lambda: model(noise, t, y), 5, cpu_time=True)
+        doubled = best_time(lambda: model(torch.cat([noise, noise]), torch.cat([t, t]), torch.cat([y, y])), 5, cpu_time=True)
     print(f"one forward of the doubled batch / of the batch: {doubled / single:.2f} (2.00 would give the ideal above)")
 
 
@@ -94,7 +94,7 @@ def metric_timings(cfg: dict, args) -> None:
         feature_nets.train_classifier(cfg["dataset"], classifier, epochs=2)
         images = np.random.default_rng(0).integers(0, 256, (2000, 1, 16, 16), dtype=np.uint8)
         batches = [torch.from_numpy(images[i:i + 500]) for i in range(0, len(images), 500)]
-        seconds = timed(lambda: feature_nets.extract_features(iter(batches), cfg["metrics"], classifier_path=classifier), 1)
+        seconds = best_time(lambda: feature_nets.extract_features(iter(batches), cfg["metrics"], classifier_path=classifier), 1)
         print(f"metric features (digits-net): {len(images) / seconds:8.1f} images/s")
 
     # FID/IS bootstrap at the paper's size (10k samples, 2048-d pool features, 1008 logits), from
@@ -104,8 +104,8 @@ def metric_timings(cfg: dict, args) -> None:
     a = torch.randn(2048, 2048, generator=gen, dtype=torch.float64)
     reference = {"mu": np.zeros(2048), "sigma": (a @ a.T / 2048).numpy()}
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    point = timed(lambda: scores.evaluate(features, logits, reference, 5000, 0, device), 1)
-    with_bootstrap = timed(lambda: scores.evaluate(features, logits, reference, 5000, 3, device), 1)
+    point = best_time(lambda: scores.evaluate(features, logits, reference, 5000, 0, device), 1)
+    with_bootstrap = best_time(lambda: scores.evaluate(features, logits, reference, 5000, 3, device), 1)
     per_replicate = (with_bootstrap - point) / 3
     print(f"FID/IS at n={args.fid_n}, d=2048 on {device}: point estimate {point:.2f} s, one bootstrap replicate "
           f"{per_replicate:.2f} s ({per_replicate / point:.2f}x the point estimate; 200 replicates "
