@@ -286,13 +286,18 @@ def report_real_training(sizes, paper, device, training, context) -> None:
 
 def guarded(section: str, fn, *args):
     """fn(*args), or None after printing why it failed: a once-off GPU session keeps the other
-    sections' figures when one that the grid estimate does not need breaks on a card."""
+    sections' figures when one that the grid estimate does not need breaks on a card. Either way it
+    prints how long the section took (compiling included), so that a run cut short by its time limit
+    still says where the time went."""
+    started = time.perf_counter()
     try:
         return fn(*args)
     except Exception as error:  # noqa: BLE001 -- any failure: report it, go on
         traceback.print_exc()
         print(f"\n{section}: FAILED ({type(error).__name__}: {error}); the other sections go on")
         return None
+    finally:
+        print(f"({section}: {time.perf_counter() - started:.0f} s)")
 
 
 def report_sampling(paper, modes, context) -> None:
@@ -335,8 +340,11 @@ def main() -> None:
     training = measure_training(sizes, paper, accelerator)
     print(f"\n{'training (per GPU)':<22}{'img/s':>10}{'MFU':>8}{'vs ours eager':>15}")
     print_training(training, training["ours eager"][0], args.peak_tflops, cuda)
+    print(f"(training: {time.perf_counter() - started:.0f} s)")
     guarded("real training loop", report_real_training, sizes, paper, device, training, context)
+    grid_started = time.perf_counter()
     report_grid(args, sizes, paper, device, training, context)
+    print(f"(encode, sampling, probe features and grid: {time.perf_counter() - grid_started:.0f} s)")
     print(f"(the estimate's measurements took {time.perf_counter() - started:.0f} s)")
 
     if args.lightningdit_repo:

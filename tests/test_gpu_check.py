@@ -28,7 +28,10 @@ def test_gpu_check_tiny_runs_every_measurement(repo, tmp_path, size, grid):
                  "2 processes: skipped", f"{grid} grid", "train", "sample", "probe", "total",
                  "real training loop (eager", "of the synthetic eager step", "attention forward+backward",
                  "torch's choice", "flash", "cuDNN", "efficient", "torch.profiler", "GEMM", "optimizer", "idle",
-                 "tf32 eager", "bf16 eager", "tf32 compiled", "gpu_check took", "torch " + torch.__version__):
+                 "tf32 eager", "bf16 eager", "tf32 compiled", "gpu_check took", "torch " + torch.__version__,
+                 # each section's time, so that a GPU run cut short by its limit still says where the time went
+                 "(training: ", "(real training loop: ", "(encode, sampling, probe features and grid: ",
+                 "(attention backends and profiler split: "):
         assert line in out.stdout, (line, out.stdout)
     # the rates it wrote are a rates file ddaepp.cost reads, and its grid estimate is ddaepp.cost's
     cfg = config.merge(config.load(os.path.join(repo, grid), check_paths=False),
