@@ -33,6 +33,7 @@ def child(kept: bool, threads: int) -> dict:
     from ddaepp.models import model_from_run_config
     from ddaepp.sample import guided_channels
     from ddaepp.transport import euler_sample
+    from sample import trained_looking  # benchmarks/sample.py, beside this script
 
     applied = kept and devices.keep_freed_host_memory()
     if kept and not applied:
@@ -44,9 +45,7 @@ def child(kept: bool, threads: int) -> dict:
     latent = tokenizers.latent_shape(cfg["tokenizer"], cfg["dataset"])
     classes = num_classes(cfg["dataset"])
     torch.manual_seed(0)  # the same model and noise in every child
-    model = model_from_run_config(run_cfg, latent, classes).eval()
-    for p in model.parameters():  # a trained-looking model: adaLN-zero would make every output zero
-        p.data.normal_(0, 0.02)
+    model = trained_looking(model_from_run_config(run_cfg, latent, classes)).eval()
     noise = torch.randn(sample["batch_size"], *latent)
     y = torch.randint(0, classes, (sample["batch_size"],))
 

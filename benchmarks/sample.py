@@ -47,15 +47,20 @@ def best_time(fn, repeats=2, cpu_time=False):
     return best
 
 
+def trained_looking(model):
+    """`model` with every weight drawn from N(0, 0.02): adaLN-zero's initialisation would make every output zero."""
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    return model
+
+
 def sampling_timings(cfg: dict, args) -> None:
     sample_cfg = cfg["sample"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     kept = device.type == "cpu" and not args.malloc_defaults and devices.keep_freed_host_memory()
     latent = tuple(int(v) for v in args.latent.split(","))
-    model = build_model(args.size, latent, args.classes, use_swiglu=True, use_rope=True, use_rmsnorm=True)
-    for p in model.parameters():  # a trained-looking model: adaLN-zero would make every output zero
-        p.data.normal_(0, 0.02)
-    model = model.to(device).eval()
+    model = trained_looking(build_model(args.size, latent, args.classes, use_swiglu=True, use_rope=True,
+                                        use_rmsnorm=True)).to(device).eval()
     noise = torch.randn(args.batch, *latent, device=device)
     y = torch.randint(0, args.classes, (args.batch,), device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -82,12 +87,12 @@ def sampling_timings(cfg: dict, args) -> None:
     upstream = best_time(lambda: run(sample_cfg["cfg"]["scale"], doubled_everywhere=True), 3, cpu_time=True)
     print(f"CFG / no-CFG time of upstream's loop (the [cond; null] batch at every step): {upstream / plain:.2f}")
     t = torch.full((args.batch,), 0.5, device=device)
+    pair = [torch.cat([v, v]) for v in (noise, t, y)]  # the [cond; null] batch's shape (labels aside)
     with torch.no_grad(), autocast:
         single = best_time(lambda: model(noise, t, y), 5, cpu_time=True)
-        doubled = best_time(lambda: model(torch.cat([noise, noise]), torch.cat([t, t]), torch.cat([y, y])), 5, cpu_time=True)
+        doubled = best_time(lambda: model(*pair), 5, cpu_time=True)
         halves = best_time(lambda: (model(noise, t, y), model(noise, t, y)), 5, cpu_time=True)
-        same = torch.equal(model(torch.cat([noise, noise]), torch.cat([t, t]), torch.cat([y, y]))[:args.batch],
-                           model(noise, t, y))
+        same = torch.equal(model(*pair)[:args.batch], model(noise, t, y))
     print(f"one forward of the doubled batch / of the batch: {doubled / single:.2f} (2.00 would give the ideal above)")
     # the alternative the sampler does not take: which of the two is faster depends on the batch and the cache
     print(f"two forwards of the batch / one: {halves / single:.2f} (outputs {'equal' if same else 'not equal'} "

@@ -215,7 +215,7 @@ def _train(run_cfg, latent_files, seed, epoch, out_state, init_state, wip_dir, m
     latents, labels = latent_store.load_latents(latent_files, "train")
     mean, std = (s.to(accelerator.device) for s in latent_store.load_stats(latent_files))
     latent_shape = tuple(latents.shape[2:])
-    batch_size, world, rank = train_cfg["batch_size"], accelerator.num_processes, accelerator.process_index
+    batch_size, world = train_cfg["batch_size"], accelerator.num_processes
     steps_per_epoch, micro_batch = _batch_layout(train_cfg, len(labels), world)
     target_step = epoch * steps_per_epoch if max_steps is None else max_steps
 
@@ -229,7 +229,7 @@ def _train(run_cfg, latent_files, seed, epoch, out_state, init_state, wip_dir, m
         raise ValueError(f"the starting state is at step {start_step}, past the {target_step} steps of {epoch} epochs")
     batches = _step_batches(run_cfg, latents, labels, seed, start_step, target_step, accelerator)
     gen = torch.Generator(accelerator.device)  # one generator, reseeded per step: see objectives.draw_step
-    rows = slice(rank * (batch_size // world), (rank + 1) * (batch_size // world))
+    rows = batches.dataset.rows  # this process's rows of the global batch, as StepBatches reads them
     progress = Progress(accelerator, train_cfg, epoch, start_step, target_step, batch_size)
     record = LossRecord(state["epoch_losses"], steps_per_epoch, keep_steps=max_steps is not None,
                         last_good=lambda: wip_path if wip_path.exists() else init_state or "none yet")
