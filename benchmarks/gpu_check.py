@@ -20,6 +20,7 @@ on the CPU so that it cannot rot; its figures mean nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -284,20 +285,27 @@ def report_real_training(sizes, paper, device, training, context) -> None:
           f"step's {synthetic:.1f}")
 
 
-def guarded(section: str, fn, *args):
-    """fn(*args), or None after printing why it failed: a once-off GPU session keeps the other
-    sections' figures when one that the grid estimate does not need breaks on a card. Either way it
-    prints how long the section took (compiling included), so that a run cut short by its time limit
+@contextlib.contextmanager
+def section_time(section: str):
+    """Print how long the block took (compiling included), so that a run cut short by its time limit
     still says where the time went."""
     started = time.perf_counter()
     try:
-        return fn(*args)
-    except Exception as error:  # noqa: BLE001 -- any failure: report it, go on
-        traceback.print_exc()
-        print(f"\n{section}: FAILED ({type(error).__name__}: {error}); the other sections go on")
-        return None
+        yield
     finally:
         print(f"({section}: {time.perf_counter() - started:.0f} s)")
+
+
+def guarded(section: str, fn, *args):
+    """fn(*args), or None after printing why it failed: a once-off GPU session keeps the other
+    sections' figures when one that the grid estimate does not need breaks on a card; timed either way."""
+    with section_time(section):
+        try:
+            return fn(*args)
+        except Exception as error:  # noqa: BLE001 -- any failure: report it, go on
+            traceback.print_exc()
+            print(f"\n{section}: FAILED ({type(error).__name__}: {error}); the other sections go on")
+            return None
 
 
 def report_sampling(paper, modes, context) -> None:
@@ -337,14 +345,13 @@ def main() -> None:
           f"{'; tiny sizes, figures meaningless' if args.tiny else ''}")
 
     # what the grid estimate needs first, so that a session cut short still has it; comparisons after
-    training = measure_training(sizes, paper, accelerator)
-    print(f"\n{'training (per GPU)':<22}{'img/s':>10}{'MFU':>8}{'vs ours eager':>15}")
-    print_training(training, training["ours eager"][0], args.peak_tflops, cuda)
-    print(f"(training: {time.perf_counter() - started:.0f} s)")
+    with section_time("training"):
+        training = measure_training(sizes, paper, accelerator)
+        print(f"\n{'training (per GPU)':<22}{'img/s':>10}{'MFU':>8}{'vs ours eager':>15}")
+        print_training(training, training["ours eager"][0], args.peak_tflops, cuda)
     guarded("real training loop", report_real_training, sizes, paper, device, training, context)
-    grid_started = time.perf_counter()
-    report_grid(args, sizes, paper, device, training, context)
-    print(f"(encode, sampling, probe features and grid: {time.perf_counter() - grid_started:.0f} s)")
+    with section_time("encode, sampling, probe features and grid"):
+        report_grid(args, sizes, paper, device, training, context)
     print(f"(the estimate's measurements took {time.perf_counter() - started:.0f} s)")
 
     if args.lightningdit_repo:
