@@ -3,7 +3,7 @@
     python benchmarks/host_memory.py [--rounds 4] [--threads 1]
 
 The digits default's CFG sampling (config.yaml's cond-baseline run: its model, latent shape, sample
-batch, steps and guidance) runs in fresh child processes, one allocator setting each, alternating
+batch, steps and guidance, and the rows a model call that ddaepp's CPU sampling uses) runs in fresh child processes, one allocator setting each, alternating
 so that a slow spell of the machine hits both alike. Each child times its sampler after a warm-up run and
 reports CPU time (user and system), minor page faults and peak resident memory; medians and
 ranges are printed (glibc's defaults vary from process to process: whether a forward's end
@@ -31,7 +31,7 @@ def child(kept: bool, threads: int) -> dict:
     from ddaepp import config as config_mod, devices, tokenizers
     from ddaepp.data import num_classes
     from ddaepp.models import model_from_run_config
-    from ddaepp.sample import guided_channels
+    from ddaepp.sample import guided_channels, rows_per_call
     from ddaepp.transport import euler_sample
     from sample import trained_looking  # benchmarks/sample.py, beside this script
 
@@ -53,7 +53,8 @@ def child(kept: bool, threads: int) -> dict:
         with torch.no_grad():
             return euler_sample(model, noise, y, sample["steps"], sample["shift"], cfg_scale=sample["cfg"]["scale"],
                                 interval_start=sample["cfg"]["interval_start"], null_label=classes,
-                                guided_channels=guided_channels(sample["cfg"]["channels"], latent[0]))
+                                guided_channels=guided_channels(sample["cfg"]["channels"], latent[0]),
+                                rows_per_call=rows_per_call(model, torch.device("cpu")))
 
     run()  # warm-up: the first run faults its memory in either way
     before = resource.getrusage(resource.RUSAGE_SELF)

@@ -9,6 +9,8 @@ interval, the conditional batch alone before it), images/s of FID/IS feature ext
 network, and the cost of one FID/IS bootstrap replicate at the paper's size against the point
 estimate. On the CPU, glibc's malloc keeps freed memory as ddaepp's sampling on the CPU has it
 (ddaepp.devices.keep_freed_host_memory); --malloc-defaults leaves it as it is, the baseline of that.
+On the CPU the sampler's model calls see at most ddaepp.sample.CPU_TOKENS_PER_CALL tokens, as
+ddaepp's sampling does; the same sampling with the whole batch in every call is its baseline.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddaepp import config as config_mod, devices, feature_nets, scores
+from ddaepp import config as config_mod, devices, feature_nets, sample as sample_mod, scores
 from ddaepp.models import build_model
 from ddaepp.transport import euler_sample, shifted_timesteps
 
@@ -65,38 +67,37 @@ def sampling_timings(cfg: dict, args) -> None:
     y = torch.randint(0, args.classes, (args.batch,), device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
-    def run(scale, doubled_everywhere=False):
+    rows = sample_mod.rows_per_call(model, device)  # what ddaepp's sampling uses on this device
+
+    def run(scale, doubled_everywhere=False, rows_per_call=rows):
         # doubled_everywhere: the cost of upstream's loop, the doubled batch through forward_with_cfg at every
         # step (interval_start -1 puts every step inside; the same work, only torch.where keeps other values)
         with autocast:
-            euler_sample(model, noise, y, args.steps, sample_cfg["shift"], cfg_scale=scale,
-                         interval_start=-1.0 if doubled_everywhere else sample_cfg["cfg"]["interval_start"],
-                         null_label=args.classes,
-                         guided_channels=None if sample_cfg["cfg"]["channels"] == "all" else sample_cfg["cfg"]["channels"])
+            return euler_sample(model, noise, y, args.steps, sample_cfg["shift"], cfg_scale=scale,
+                                interval_start=-1.0 if doubled_everywhere else sample_cfg["cfg"]["interval_start"],
+                                null_label=args.classes, rows_per_call=rows_per_call,
+                                guided_channels=None if sample_cfg["cfg"]["channels"] == "all" else sample_cfg["cfg"]["channels"])
 
-    plain, guided = (best_time(lambda: run(scale), 3, cpu_time=True) for scale in (1.0, sample_cfg["cfg"]["scale"]))
+    scale = sample_cfg["cfg"]["scale"]
+    plain, guided = (best_time(lambda: run(s), 3, cpu_time=True) for s in (1.0, scale))
     print(f"device {device}, {args.size} on {latent}, batch {args.batch}, {args.steps} steps, "
           f"{torch.get_num_threads()} CPU threads" + ("" if device.type == "cuda" else ", sampling timed in process CPU time, "
-                                                       f"glibc malloc {'keeping freed memory' if kept else 'at its defaults'}"))
+                                                       f"glibc malloc {'keeping freed memory' if kept else 'at its defaults'}, "
+                                                       f"at most {rows} rows a model call"))
     print(f"sampling without CFG: {args.batch / plain:8.1f} images/s")
     print(f"sampling with CFG:    {args.batch / guided:8.1f} images/s")
     grid = shifted_timesteps(args.steps, sample_cfg["shift"])[:-1]
     ideal = 1 + float((grid >= sample_cfg["cfg"]["interval_start"]).float().mean())
-    print(f"CFG / no-CFG time: {guided / plain:.2f} (ideal {ideal:.2f}: the [cond; null] batch runs only at the "
-          f"steps inside the guidance interval, the conditional batch alone before it)")
-    upstream = best_time(lambda: run(sample_cfg["cfg"]["scale"], doubled_everywhere=True), 3, cpu_time=True)
+    print(f"CFG / no-CFG time: {guided / plain:.2f} (ideal {ideal:.2f} at an equal cost per row: the [cond; null] batch "
+          f"runs only at the steps inside the guidance interval, the conditional batch alone before it)")
+    upstream = best_time(lambda: run(scale, doubled_everywhere=True), 3, cpu_time=True)
     print(f"CFG / no-CFG time of upstream's loop (the [cond; null] batch at every step): {upstream / plain:.2f}")
-    t = torch.full((args.batch,), 0.5, device=device)
-    pair = [torch.cat([v, v]) for v in (noise, t, y)]  # the [cond; null] batch's shape (labels aside)
-    with torch.no_grad(), autocast:
-        single = best_time(lambda: model(noise, t, y), 5, cpu_time=True)
-        doubled = best_time(lambda: model(*pair), 5, cpu_time=True)
-        halves = best_time(lambda: (model(noise, t, y), model(noise, t, y)), 5, cpu_time=True)
-        same = torch.equal(model(*pair)[:args.batch], model(noise, t, y))
-    print(f"one forward of the doubled batch / of the batch: {doubled / single:.2f} (2.00 would give the ideal above)")
-    # the alternative the sampler does not take: which of the two is faster depends on the batch and the cache
-    print(f"two forwards of the batch / one: {halves / single:.2f} (outputs {'equal' if same else 'not equal'} "
-          "bit for bit to the doubled batch's)")
+    if rows is not None and rows < 2 * args.batch:  # the same sampling, the whole batch in every call
+        whole_plain, whole_guided = (best_time(lambda: run(s, rows_per_call=None), 3, cpu_time=True) for s in (1.0, scale))
+        same = torch.equal(run(scale), run(scale, rows_per_call=None))
+        print(f"the whole batch in every model call: without CFG {whole_plain / plain:.2f}x the time of calls of at "
+              f"most {rows} rows, with CFG {whole_guided / guided:.2f}x; CFG / no-CFG time {whole_guided / whole_plain:.2f}; "
+              f"samples {'equal' if same else 'NOT equal'} bit for bit")
 
 
 def metric_timings(cfg: dict, args) -> None:

@@ -27,12 +27,17 @@ def _sample(run, state, latents, tmp_path, name, guidance="cfg", **sample):
     return np.concatenate([p["images"] for p in parts]), np.concatenate([p["labels"] for p in parts])
 
 
-def test_same_images_for_any_batch_size_or_shard_count(cond_state, small_latents, tmp_path):
+def test_same_images_for_any_batch_size_shard_count_or_rows_a_call(cond_state, small_latents, tmp_path, monkeypatch):
+    from ddaepp import sample
+
     run, state = cond_state
     a, la = _sample(run, state, small_latents, tmp_path, "b8", batch_size=8, shards=1)
     b, lb = _sample(run, state, small_latents, tmp_path, "b64", batch_size=64, shards=3)
     assert a.dtype == np.uint8 and a.shape == (24, 1, 16, 16)
     assert np.array_equal(la, lb) and np.array_equal(a, b)
+    monkeypatch.setattr(sample, "CPU_TOKENS_PER_CALL", 3 * 16)  # T/2: 16 tokens, 3 rows a call, the [cond; null] of 1
+    c, lc = _sample(run, state, small_latents, tmp_path, "rows3", batch_size=64, shards=1)
+    assert np.array_equal(la, lc) and np.array_equal(a, c)
 
 
 def test_sampling_on_the_cpu_keeps_freed_memory(cond_state, small_latents, tmp_path, monkeypatch):
@@ -238,3 +243,16 @@ def test_compiled_sampling_equals_uncompiled_in_fp32():
     compiled = euler_sample(CompiledSampler(model), noise, y, **args)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
     assert torch.equal(noise[5:], noise[:1].expand(3, -1, -1, -1))
+
+
+def test_cpu_model_calls_hold_about_a_fixed_number_of_tokens_and_gpu_calls_the_whole_batch():
+    from types import SimpleNamespace
+
+    from ddaepp.sample import CPU_TOKENS_PER_CALL, rows_per_call
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    for patches in (16, 64, 256, 4 * CPU_TOKENS_PER_CALL):
+        rows = rows_per_call(SimpleNamespace(num_patches=patches), cpu)
+        assert rows >= 1 and (rows * patches <= CPU_TOKENS_PER_CALL or rows == 1)
+        assert (rows + 1) * patches > CPU_TOKENS_PER_CALL
+        assert rows_per_call(SimpleNamespace(num_patches=patches), gpu) is None

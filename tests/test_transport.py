@@ -118,6 +118,31 @@ def test_all_channel_guidance():
     assert torch.allclose(out, torch.full_like(out, 2.0))
 
 
+def test_rows_per_call_slices_the_batch_evenly_and_counts_the_doubled_batch_twice():
+    y = torch.arange(7) % 10
+    model = GuidanceRecorder()
+    euler_sample(model, torch.zeros(7, 4, 2, 2), y, steps=3, shift=1.0, cfg_scale=1.0, null_label=10, rows_per_call=3)
+    assert model.calls == [("forward", 3)] * 2 + [("forward", 2)] * 2 * 2  # 3 + 2 + 2 rows, each slice to the end
+    model = GuidanceRecorder()
+    out = euler_sample(model, torch.zeros(7, 4, 2, 2), y, steps=2, shift=1.0, cfg_scale=2.0, interval_start=0.0,
+                       guided_channels=None, null_label=10, rows_per_call=5)
+    assert [call[1] for call in model.calls if call[0] == "cfg"] == [4, 4, 4, 2]  # [x; x] of 2, 2, 2, 1 rows
+    assert torch.equal(out, euler_sample(GuidanceRecorder(), torch.zeros(7, 4, 2, 2), y, steps=2, shift=1.0,
+                                         cfg_scale=2.0, interval_start=0.0, guided_channels=None, null_label=10))
+
+
+@pytest.mark.parametrize("scale", [1.0, 4.0])
+def test_sliced_sampling_equals_the_whole_batch(scale):
+    from standins import awake_tiny_dit
+
+    model = awake_tiny_dit()
+    noise, y = torch.randn(9, 4, 8, 8), torch.randint(0, 10, (9,))
+    args = dict(steps=12, shift=0.3, cfg_scale=scale, interval_start=0.11, guided_channels=3, null_label=10)
+    whole = euler_sample(model, noise, y, **args)
+    for rows in (1, 4, 9, 18, 50):
+        torch.testing.assert_close(euler_sample(model, noise, y, rows_per_call=rows, **args), whole, rtol=0, atol=1e-6)
+
+
 def test_guidance_without_labels_is_a_clear_error():
     with pytest.raises(ValueError, match="labels"):
         euler_sample(GuidanceRecorder(), torch.zeros(2, 4, 2, 2), None, steps=3, cfg_scale=2.0)

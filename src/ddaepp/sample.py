@@ -64,9 +64,23 @@ def tf32_matmuls(enabled: bool):
         torch.backends.cuda.matmul.allow_tf32 = before
 
 
+# On the CPU a model call's cost per row grows once its activations spill from the cache. Measured on
+# a 2-core AMD EPYC, one thread, per image, against one call of 200 (/1) or 400 (/2) rows: calls of
+# 1,024 tokens cost 25-30% less for T/2 and T/1 (the default's size, at its best at 1,024-1,536
+# tokens), 3-10% less for S/2, S/1 and B/2 (at their best at 2,048-4,096). benchmarks/sample.py
+# prints both ways on the machine at hand. GPUs want the whole batch at once.
+CPU_TOKENS_PER_CALL = 1024
+
+
+def rows_per_call(model, device: torch.device) -> int | None:
+    """euler_sample's rows_per_call on `device`: about CPU_TOKENS_PER_CALL tokens on the CPU, None elsewhere."""
+    return max(1, CPU_TOKENS_PER_CALL // model.num_patches) if device.type == "cpu" else None
+
+
 class CompiledSampler:
     """The model's two sampling calls (the conditional batch, and forward_with_cfg's doubled one),
-    each compiled once for fixed shapes: sample_shard pads the last batch to the same size."""
+    each compiled for fixed shapes: sample_shard pads the last batch to the same size, and
+    euler_sample's slices differ by at most a row (two shapes a call)."""
 
     def __init__(self, model):
         self._forward = torch.compile(model, dynamic=False)
@@ -127,7 +141,7 @@ def sample_shard(run_cfg: dict, state_path, latent_files, guidance: str, shard: 
                 z = euler_sample(sampler, noise, y if run_cfg["conditional"] else None, cfg["steps"], cfg["shift"],
                                  cfg_scale=cfg["cfg"]["scale"] if guidance == "cfg" else 1.0,
                                  interval_start=cfg["cfg"]["interval_start"], guided_channels=guided,
-                                 null_label=n_classes)[:len(idx)]
+                                 null_label=n_classes, rows_per_call=rows_per_call(model, device))[:len(idx)]
             y = y[:len(idx)]
             with torch.no_grad():
                 images.append(to_uint8(tokenizer.decode(z.float() * std + mean)))

@@ -42,7 +42,7 @@ def shifted_timesteps(steps: int, shift: float) -> torch.Tensor:
 @torch.no_grad()
 def euler_sample(model, noise: torch.Tensor, y: torch.Tensor | None = None, steps: int = 50, shift: float = 0.3,
                  cfg_scale: float = 1.0, interval_start: float = 0.0, guided_channels: int | None = 3,
-                 null_label: int | None = None) -> torch.Tensor:
+                 null_label: int | None = None, rows_per_call: int | None = None) -> torch.Tensor:
     """Integrate dx/dt = v from noise (t = 0) to data (t = 1); returns normalised latents.
 
     As LightningDiT's sampler, with cfg_scale > 1 a guided step calls
@@ -52,7 +52,10 @@ def euler_sample(model, noise: torch.Tensor, y: torch.Tensor | None = None, step
     there this runs the conditional batch alone (the same maths; equal to within float32 rounding,
     tests/test_transport.py). Which steps are guided is decided from the host's copy of the grid:
     the loop reads nothing back from the device. `guided_channels`: the leading channels guided
-    (LightningDiT: 3), None for all.
+    (LightningDiT: 3), None for all. `rows_per_call`: the most rows one model call sees, the doubled
+    batch counting twice; a larger batch is integrated in slices (rows are independent: the same
+    samples), None for the whole batch in every call (ddaepp.sample.rows_per_call: on the CPU, calls
+    small enough to stay in the cache).
     """
     guided = cfg_scale > 1.0
     if guided and (y is None or null_label is None):
@@ -60,8 +63,17 @@ def euler_sample(model, noise: torch.Tensor, y: torch.Tensor | None = None, step
     grid = shifted_timesteps(steps, shift)
     # upstream's test, torch.where(t[0] < start, cond, mixed), made on the same float32 values
     in_interval = (~(grid[:-1] < interval_start)).tolist() if guided else [False] * (steps - 1)
-    labels = torch.cat([y, torch.full_like(y, null_label)]) if guided else None
     ts = grid.to(noise.device)
+    size = max(1, len(noise) if rows_per_call is None else rows_per_call // (2 if guided else 1))
+    slices = max(1, -(-len(noise) // size))  # of equal size to within a row: at most two shapes to compile
+    labels = [None] * slices if y is None else y.tensor_split(slices)
+    return torch.cat([_integrate(model, x, labels_slice, ts, in_interval, cfg_scale, interval_start, guided_channels,
+                                 null_label) for x, labels_slice in zip(noise.tensor_split(slices), labels)])
+
+
+def _integrate(model, noise, y, ts, in_interval, cfg_scale, interval_start, guided_channels, null_label):
+    """euler_sample's steps for one slice of the batch."""
+    labels = torch.cat([y, torch.full_like(y, null_label)]) if any(in_interval) else None
     x, n = noise, len(noise)
     for i, cfg_step in enumerate(in_interval):
         if cfg_step:
