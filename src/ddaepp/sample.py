@@ -67,8 +67,9 @@ def tf32_matmuls(enabled: bool):
 # On the CPU a model call's cost per row grows once its activations spill from the cache. Measured on
 # a 2-core AMD EPYC, one thread, per image, against one call of 200 (/1) or 400 (/2) rows: calls of
 # 1,024 tokens cost 25-30% less for T/2 and T/1 (the default's size, at its best at 1,024-1,536
-# tokens), 3-10% less for S/2, S/1 and B/2 (at their best at 2,048-4,096). benchmarks/sample.py
-# prints both ways on the machine at hand. GPUs want the whole batch at once.
+# tokens), 3-10% less for S/2, S/1 and B/2 (at their best at 2,048-4,096); the default's trained model
+# at its batch of 250, 4% (no CFG) and 9% (CFG) less. benchmarks/sample.py prints both ways on the
+# machine at hand. GPUs want the whole batch at once.
 CPU_TOKENS_PER_CALL = 1024
 
 
