@@ -3,8 +3,9 @@
     python benchmarks/host_memory.py [--rounds 4] [--threads 1]
 
 The digits default's CFG sampling (config.yaml's cond-baseline run: its model, latent shape, sample
-batch, steps and guidance, and the rows a model call that ddaepp's CPU sampling uses) runs in fresh child processes, one allocator setting each, alternating
-so that a slow spell of the machine hits both alike. Each child times its sampler after a warm-up run and
+batch, steps and guidance, in the model calls of ddaepp's CPU sampling, ddaepp.sample.rows_per_call)
+runs in fresh child processes, one allocator setting each, alternating so that a slow spell of the
+machine hits both alike. Each child times its sampler after a warm-up run and
 reports CPU time (user and system), minor page faults and peak resident memory; medians and
 ranges are printed (glibc's defaults vary from process to process: whether a forward's end
 trims the heap depends on its layout), and the ratios of the medians compare the two (see
