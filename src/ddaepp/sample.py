@@ -124,6 +124,7 @@ def sample_shard(run_cfg: dict, state_path, latent_files, guidance: str, shard: 
     model = states.load_ema(state_path, run_cfg, latent_shape, n_classes if run_cfg["conditional"] else 0).to(device)
     model.fp32_final_layer = cfg["precision"] == "bf16"
     sampler = CompiledSampler(model) if cfg["compile"] else model
+    call_rows = rows_per_call(model, device)
     rows = io.shard_rows(cfg["n"], shard, cfg["shards"])
     start, stop = rows.start, rows.stop
     size = run_cfg["dataset"]["image_size"]
@@ -142,7 +143,7 @@ def sample_shard(run_cfg: dict, state_path, latent_files, guidance: str, shard: 
                 z = euler_sample(sampler, noise, y if run_cfg["conditional"] else None, cfg["steps"], cfg["shift"],
                                  cfg_scale=cfg["cfg"]["scale"] if guidance == "cfg" else 1.0,
                                  interval_start=cfg["cfg"]["interval_start"], guided_channels=guided,
-                                 null_label=n_classes, rows_per_call=rows_per_call(model, device))[:len(idx)]
+                                 null_label=n_classes, rows_per_call=call_rows)[:len(idx)]
             y = y[:len(idx)]
             with torch.no_grad():
                 images.append(to_uint8(tokenizer.decode(z.float() * std + mean)))
