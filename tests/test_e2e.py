@@ -210,19 +210,20 @@ TWO_PROCESS_REL_TOL = 1e-4
 
 
 def test_two_processes_build_the_same_tables(smoke_run, tmp_path):
-    """The rehearsal switch with `train.gpus: 2`: every training job of the conditional table (label
-    dropout, both variants, CFG metrics) redone by 2 gloo processes under `accelerate launch` (what
-    an N-GPU job runs), and what follows it (sampling, metrics, probes, the table) gives the
-    one-process table's numbers. The data stages are the one-process run's: `device: cpu` changes
-    none of them on this config (pixel tokenizer, digits-net features), so only the process count
-    differs. (The unconditional table is redone on two nodes in tests/test_slurm.py.)"""
+    """The rehearsal switch with `train.gpus: 2`: the self-conditioned run of the conditional table
+    (label dropout, self-conditioning, CFG metrics), both budgets, retrained by 2 gloo processes
+    under `accelerate launch` (what an N-GPU job runs), and what follows it (sampling, metrics,
+    probes, the table) gives the one-process table's numbers. The data stages are the one-process
+    run's: `device: cpu` changes none of them on this config (pixel tokenizer, digits-net features),
+    so only the process count differs. (The baseline's step at 2 processes is tests/test_multiprocess.py's;
+    the unconditional table is redone on two nodes in tests/test_slurm.py.)"""
     workdir = tmp_path / "two"
     shutil.copytree(smoke_run, workdir, symlinks=True)  # outputs, their mtimes and Snakemake's records
-    out = snakemake(workdir, "results/tables/cond.md", "--forcerun", "train", "--config", "device=cpu",
-                    "train={gpus: 2}")
-    summaries = sorted(workdir.glob("results/runs/cond-*/s0/ep*/train.json"))
-    assert len(summaries) == 4 and planned(out)["train"] == 4, out
-    for summary in summaries:
+    first = "results/runs/cond-selfcond/s0/ep1/state.pt"  # the ep2 budget resumes from it, so it reruns too
+    out = snakemake(workdir, "results/tables/cond.md", "--forcerun", first, "--config", "device=cpu", "train={gpus: 2}")
+    retrained = sorted(workdir.glob("results/runs/cond-selfcond/s0/ep*/train.json"))
+    assert len(retrained) == 2 and planned(out)["train"] == 2, out
+    for summary in retrained:
         assert json.loads(summary.read_text())["processes"] == 2, summary
     one = pd.read_parquet(smoke_run / "results/tables/cond.parquet")
     two = pd.read_parquet(workdir / "results/tables/cond.parquet")

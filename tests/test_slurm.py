@@ -7,10 +7,10 @@ it runs on the CPU) -- while its training job is interrupted twice for real: `sc
 requeue` (SIGTERM: training saves, SLURM requeues). The tables and the final state equal a local
 `-c2` run, and sacct shows every job completed with what its rule asked for.
 
-On the two-node test SLURM (DDAEPP_SLURM_NODES=2, as .ci/run starts it) the same config trains on
-2 nodes x 1 process, is interrupted with `scancel --signal=USR1` (every rank stops after the same
-step, the job requeues itself), and ends at the 1-process weights and tables; a node count the
-partition cannot give is refused when planning.
+On the two-node test SLURM (DDAEPP_SLURM_NODES=2, as .ci/run starts it) the profile run's training
+(and what follows it) is redone on 2 nodes x 1 process, is interrupted with `scancel --signal=USR1`
+(every rank stops after the same step, the job requeues itself), and ends at the 1-process weights
+and tables; a node count the partition cannot give is refused when planning.
 The requeue test (a training segment several times its time limit) is tests/test_slurm_requeue.py.
 
 Without SLURM these tests skip, except under CI (CI=true), where .ci/run starts it first.
@@ -19,6 +19,7 @@ Without SLURM these tests skip, except under CI (CI=true), where .ci/run starts 
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -222,7 +223,8 @@ class UsrOneInterrupter(Interrupter):
 
 @pytest.fixture(scope="module")
 def two_node_run(slurm, runs, tmp_path_factory):
-    """The profile run with training on two nodes, interrupted once; compared with `runs`' local run."""
+    """`runs`' profile run with its training redone on two nodes (and what follows it; the data stages
+    kept), interrupted once; compared with `runs`' local run."""
     nodes = subprocess.run(["sinfo", "-h", "-p", slurm["partition"], "-o", "%D"], capture_output=True,
                            text=True).stdout.split()
     if sum(map(int, nodes)) < 2:
@@ -230,12 +232,14 @@ def two_node_run(slurm, runs, tmp_path_factory):
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI=true but {reason} (.ci/run does)")
         pytest.skip(reason)
-    on_slurm = workspace(tmp_path_factory.mktemp("slurm-2nodes") / "run")
+    on_slurm = tmp_path_factory.mktemp("slurm-2nodes") / "run"
+    shutil.copytree(runs["slurm"], on_slurm, symlinks=True)  # outputs, their mtimes and Snakemake's records
+    (on_slurm / TRAIN_LOG).unlink()  # the interrupter reads this run's training progress from it
     log = on_slurm / "snakemake.log"
     with open(log, "w") as out:
         t0 = time.time()
         proc = snakemake(on_slurm, "--profile", "slurm", "--default-resources", f"slurm_account={slurm['account']}",
-                         f"slurm_partition={slurm['partition']}", "--config", TWO_NODES,
+                         f"slurm_partition={slurm['partition']}", "--config", TWO_NODES, "--forcerun", "train",
                          stdout=out, stderr=subprocess.STDOUT)
         interrupter = UsrOneInterrupter(on_slurm, log)
         interrupter.start()
@@ -250,6 +254,8 @@ def test_two_node_training_runs_on_two_nodes_and_resumes(two_node_run):
     interrupter = two_node_run["interrupter"]
     assert interrupter.error is None, f"interrupting training failed: {interrupter.error!r}"
     job = interrupter.job
+    submitted = sorted(rule for _, rule in SUBMITTED.findall(two_node_run["log"]))
+    assert submitted == ["metrics", "probe", "sample_shard", "train"], submitted  # the data stages were kept
     row = sacct([job])[job]
     assert row["state"] == "COMPLETED" and int(row["tres"]["node"]) == 2, row
     assert int(row["tres"]["gres/gpu"]) == 2, row  # train.gpus on each node
