@@ -13,7 +13,7 @@ On the two-node test SLURM (DDAEPP_SLURM_NODES=2, as .ci/run starts it) the prof
 and tables; a node count the partition cannot give is refused when planning.
 The requeue test (a training segment several times its time limit) is tests/test_slurm_requeue.py.
 
-Without SLURM these tests skip, except under CI (CI=true), where .ci/run starts it first.
+Without SLURM these tests skip, except under CI (CI=true), where .ci/run starts it.
 """
 
 import json
