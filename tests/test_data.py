@@ -1,4 +1,7 @@
 import logging
+import os
+import unicodedata
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,6 +128,81 @@ def test_imagefolder_layout_errors(tmp_path, folder):
     finally:
         (stray / "x.JPEG").unlink()
         stray.rmdir()
+
+
+def tiny_image(path, value=128):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8, 3), value, dtype=np.uint8)).save(path, "PNG")
+
+
+def test_imagefolder_finds_the_images_torchvision_finds(tmp_path):
+    """LightningDiT reads ImageNet with torchvision's ImageFolder: images nested in class folders
+    (Tiny-ImageNet's <class>/images/) and linked ones count, with the same labels; hidden files and
+    folders (macOS's ._ files, .ipynb_checkpoints) are left out, where torchvision would trip on them."""
+    from torchvision.datasets import ImageFolder
+
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        for c, name in enumerate(["a", "b", "c10", "c2"]):
+            tiny_image(root / split / name / f"{name}_0.JPEG", c)
+        tiny_image(root / split / "a" / "images" / "deep" / "x_1.png")
+        tiny_image(root / split / "b" / "images" / "y_2.JPEG")
+    outside = tmp_path / "elsewhere" / "linked.jpg"
+    tiny_image(outside)
+    (root / "train" / "c2" / "linked.jpg").symlink_to(outside)
+    (root / "train" / "b" / "more").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    cfg = imagefolder_cfg(root)
+    for split in ("train", "val"):
+        ours = data.build_index(cfg, split)
+        theirs = ImageFolder(str(root / split))
+        assert sorted(zip(ours.source, ours.label)) == sorted(
+            (Path(path).relative_to(root).as_posix(), label) for path, label in theirs.samples)
+    assert len(data.build_index(cfg, "train")) == 8  # 4 + 2 nested + a linked file + one in a linked folder
+    tiny_image(root / "train" / "a" / ".ipynb_checkpoints" / "a_0.JPEG")
+    (root / "train" / "a" / "._a_0.JPEG").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    assert len(data.build_index(cfg, "train")) == 8  # 4 + 2 nested + a linked file + one in a linked folder
+
+
+def test_imagefolder_stops_on_images_it_would_lose_or_cannot_store(tmp_path):
+    """Each of these would silently shrink a split or crash later without naming the file."""
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        tiny_image(root / split / "n1" / "ok.JPEG")
+    cfg = imagefolder_cfg(root)
+    tiny_image(root / "val" / "unsorted.JPEG")  # a half-sorted val
+    with pytest.raises(FileNotFoundError, match=r"1 images lie directly in .*val, outside any class folder"):
+        data.build_index(cfg, "val")
+    (root / "val" / "n1" / "ok.JPEG").unlink()
+    (root / "val" / "n1").rmdir()  # ImageNet's val as it comes: flat
+    with pytest.raises(FileNotFoundError, match="no class folders in .*val; it holds 1 images directly"):
+        data.build_index(cfg, "val")
+    (root / "train" / "n1" / "gone.JPEG").symlink_to(tmp_path / "missing.JPEG")
+    with pytest.raises(FileNotFoundError, match="1 image names under .*n1 lead to no file"):
+        data.build_index(cfg, "train")
+    (root / "train" / "n1" / "gone.JPEG").unlink()
+    latin1 = os.fsdecode(b"caf\xe9.JPEG")  # a Latin-1 name on a UTF-8 file system
+    tiny_image(root / "train" / "n1" / latin1)
+    with pytest.raises(ValueError, match=r"caf\\udce9.JPEG' is not named in UTF-8.*convmv"):
+        data.build_index(cfg, "train")
+
+
+def test_a_class_spelled_in_another_unicode_form_is_named_as_such(tmp_path):
+    """macOS writes names decomposed (NFD), Linux tools composed (NFC): they print alike but differ."""
+    root = tmp_path / "data"
+    tiny_image(root / "train" / unicodedata.normalize("NFC", "café") / "x.png")
+    tiny_image(root / "val" / unicodedata.normalize("NFD", "café") / "x.png")
+    with pytest.raises(ValueError, match=r"'cafe\\u0301' \(train spells it 'caf\\xe9'\).*another Unicode form"):
+        data.build_index(imagefolder_cfg(root), "val")
+
+
+def test_an_image_over_pils_size_limit_is_skipped_as_too_large_not_corrupt(tmp_path, monkeypatch, caplog):
+    tiny_image(tmp_path / "data" / "train" / "n1" / "big.png")
+    cfg = imagefolder_cfg(tmp_path / "data")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20)  # 8x8 is over twice that: PIL refuses to decode it
+    with caplog.at_level(logging.WARNING, logger="ddaepp.data"):
+        _, ok = data.load_images(cfg, data.build_index(cfg, "train"))
+    assert not ok.any()
+    assert "not corrupt but over PIL's decompression-bomb limit, Image.MAX_IMAGE_PIXELS = 20" in caplog.text
 
 
 CANVAS = {**DIGITS, "placement": "random"}

@@ -6,12 +6,15 @@ Two datasets:
   `dataset.placement`, either upsampled to fill `image_size` with bilinear interpolation (`fill`;
   upsampling, so antialiasing does not matter) or pasted at native 8x8 at a random position on an
   empty `image_size` canvas (`random`; see digit_offsets): a linear probe on raw pixels fails there.
-- `imagefolder`: an ImageNet-style tree root/{train,val}/<class>/<image>. Images go through
-  ADM's center crop (guided-diffusion, also used by LightningDiT) after conversion to RGB.
+- `imagefolder`: an ImageNet-style tree root/{train,val}/<class>/<image>, images at any depth of
+  a class folder as torchvision's ImageFolder (LightningDiT's reader) finds them. Images go
+  through ADM's center crop (guided-diffusion, also used by LightningDiT) after conversion to RGB.
 
 The index is what the rules store (parquet); `load_images` turns any slice of it into a
 (N, C, S, S) uint8 array plus an `ok` mask. Files that cannot be decoded (ImageNet has a few
-truncated ones) are skipped: ok=False, zeros in their slot, and a warning naming the file.
+truncated ones) are skipped: ok=False, zeros in their slot, and a warning naming the file. What
+would be lost unseen or stop a later job (images outside class folders, broken links, names that
+are not UTF-8) stops the index instead.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
@@ -169,9 +173,46 @@ def _class_folders(split_dir: Path) -> list[str]:
     if not split_dir.is_dir():
         raise FileNotFoundError(f"no folder {split_dir}; an imagefolder dataset is laid out as {LAYOUT}")
     classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and _visible(p))
+    loose = [p for p in split_dir.iterdir() if _is_image_name(p.name) and p.is_file()]
     if not classes:
-        raise FileNotFoundError(f"no class folders in {split_dir}; an imagefolder dataset is laid out as {LAYOUT}")
+        flat = f"; it holds {len(loose)} images directly: sort them into class folders by label" if loose else ""
+        raise FileNotFoundError(f"no class folders in {split_dir}{flat}; an imagefolder dataset is laid out as "
+                                f"{LAYOUT}")
+    if loose:  # a half-sorted val: leaving them out would silently shrink the split
+        raise FileNotFoundError(f"{len(loose)} images lie directly in {split_dir}, outside any class folder (e.g. "
+                                f"{loose[0].name}); move each into its class folder, or out of {split_dir}")
+    for name in classes:
+        _check_utf8(split_dir / name)
     return classes
+
+
+def _is_image_name(name: str) -> bool:
+    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _check_utf8(path: Path) -> None:
+    """The index stores paths as UTF-8 text; a name in another encoding (say Latin-1) has no UTF-8 form."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{ascii(str(path))} is not named in UTF-8, so the index cannot store it; rename it "
+                         f"(e.g. convmv -f latin1 -t utf8 --notest -r {path.parent})") from None
+
+
+def _class_images(class_dir: Path) -> list[Path]:
+    """A class folder's images at any depth, following links, as torchvision's ImageFolder (with
+    which LightningDiT reads ImageNet) finds them; hidden files and folders left out."""
+    found = []
+    for folder, subfolders, names in os.walk(class_dir, followlinks=True):
+        subfolders[:] = [d for d in subfolders if _visible(Path(d))]
+        found += [Path(folder, name) for name in names if _is_image_name(name)]
+    broken = [p for p in found if not p.is_file()]
+    if broken:  # found now, not by the encode job that would stop on them
+        raise FileNotFoundError(f"{len(broken)} image names under {class_dir} lead to no file (e.g. {broken[0]}, a "
+                                "broken link); restore their targets or delete them")
+    for path in found:
+        _check_utf8(path)
+    return sorted(found, key=lambda p: p.as_posix())
 
 
 def _imagefolder_index(dataset_cfg: dict, split: str) -> pd.DataFrame:
@@ -181,12 +222,16 @@ def _imagefolder_index(dataset_cfg: dict, split: str) -> pd.DataFrame:
     label_of = {name: i for i, name in enumerate(classes)}
     unknown = [name for name in split_classes if name not in label_of]
     if unknown:
+        spelled = {unicodedata.normalize("NFC", name): name for name in classes}
+        twins = [f"{ascii(name)} (train spells it {ascii(spelled[unicodedata.normalize('NFC', name)])})"
+                 for name in unknown if unicodedata.normalize("NFC", name) in spelled]
+        hint = (f"; {', '.join(twins[:3])}: the same name in another Unicode form, so rename to one form "
+                f"(e.g. convmv -f utf8 -t utf8 --nfc --notest -r {root})" if twins else "")
         raise ValueError(f"{root / split} has class folders that train does not: {', '.join(unknown[:10])}; "
-                         f"val must use the train classes ({len(classes)} folders in {root / 'train'})")
+                         f"val must use the train classes ({len(classes)} folders in {root / 'train'}){hint}")
     sources, labels = [], []
     for name in split_classes:
-        files = sorted(p for p in (root / split / name).iterdir()
-                       if p.is_file() and _visible(p) and p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = _class_images(root / split / name)
         if not files:
             log.warning("class folder %s holds no images", root / split / name)
         sources += [p.relative_to(root).as_posix() for p in files]
@@ -228,8 +273,11 @@ def _try_decode(path: Path, size: int) -> tuple[np.ndarray | None, str]:
         return decode_image(path, size), ""
     except FileNotFoundError:
         raise  # a stale index, not a bad image: stop rather than skip
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        return None, f"{type(e).__name__}: {e}"
+    except Image.DecompressionBombError as e:  # it may well be a real image, only too large to decode here
+        return None, (f"not corrupt but over PIL's decompression-bomb limit, Image.MAX_IMAGE_PIXELS = "
+                      f"{Image.MAX_IMAGE_PIXELS} ({e}); downscale the file to keep it")
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        return None, f"corrupt: {type(e).__name__}: {e}"
 
 
 def _imagefolder_images(dataset_cfg: dict, index_df: pd.DataFrame,
@@ -245,7 +293,7 @@ def _imagefolder_images(dataset_cfg: dict, index_df: pd.DataFrame,
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
         for i, (path, (image, error)) in enumerate(zip(paths, pool.map(lambda p: _try_decode(p, size), paths))):
             if image is None:
-                log.warning("skipping corrupt image %s (%s)", path, error)
+                log.warning("skipping image %s, %s", path, error)
             else:
                 out[i], ok[i] = image, True
     if not ok.all():
