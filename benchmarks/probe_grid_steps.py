@@ -34,7 +34,7 @@ def main() -> None:
     cfg = run["probe"]
     files = store.LatentFiles.in_folder(args.latents)
     lat, lab = store.load_latents(files, "train")
-    mean, std = (s.numpy() for s in store.load_stats(files))
+    mean, std = (s.numpy() for s in store.load_stats(files, lat.shape[2]))
     classes = int(lab.max()) + 1
     model = states.load_ema(args.state, run, lat.shape[2:], classes if run["conditional"] else 0)
     views = "random" if lat.shape[1] > 1 else "first"

@@ -62,8 +62,11 @@ def test_encode_and_merge_digits(tmp_path, hflip):
     np.testing.assert_allclose(stats["std"], flat.std(1), rtol=1e-10)
     assert stats["n"] == 40 and stats["latent_shape"] == [4, 8, 8] and stats["skipped"] == 0
     assert stats["views"] == views
-    mean, std = latents.load_stats(tmp_path)
+    mean, std = latents.load_stats(tmp_path, 4)
     assert mean.shape == std.shape == (4, 1, 1)
+    for channels in (1, 32):  # one would broadcast silently, 32 fail deep inside the first batch's arithmetic
+        with pytest.raises(ValueError, match=f"stats.json are for 4 channels, the latents have {channels}"):
+            latents.load_stats(tmp_path, channels)
 
 
 def test_hflip_defaults_per_dataset(repo, tmp_path):

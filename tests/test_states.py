@@ -59,13 +59,30 @@ def test_a_mismatched_checkpoint_names_the_key_and_both_shapes(default_config, d
         states.load_ema(upstream, uncond, LATENT_SHAPE, 10)
 
 
-def test_a_pickle_in_an_external_file_is_refused(tmp_path):
+def test_a_pickle_in_an_external_file_is_refused_naming_it_and_a_fix_that_works(tmp_path):
     import argparse
+    import re
+    import subprocess
+    import sys
 
     path = tmp_path / "dit-style.pt"  # facebookresearch/DiT stores its argparse.Namespace beside the weights
-    torch.save({"ema": {}, "args": argparse.Namespace(model="DiT-XL/2")}, path)
-    with pytest.raises(ValueError, match="refusing to load"):
+    weights = {"x_embedder.proj.weight": torch.randn(3, 2)}
+    torch.save({"ema": weights, "args": argparse.Namespace(model="DiT-XL/2")}, path)
+    with pytest.raises(ValueError, match="refusing to load .*dit-style.pt: it holds a pickled argparse.Namespace, "
+                                         "which could run code") as refused:
         states.read_external(path)
+    fix = re.search(r'python -c "(.*)", and use weights.pt', str(refused.value)).group(1)
+    subprocess.run([sys.executable, "-c", fix], cwd=tmp_path, check=True)
+    contents, _ = states.read_external(tmp_path / "weights.pt")
+    assert contents.keys() == {"ema"} and torch.equal(contents["ema"]["x_embedder.proj.weight"],
+                                                      weights["x_embedder.proj.weight"])
+
+
+@pytest.mark.parametrize("prefix", ["", "module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module."])
+def test_the_prefixes_of_ddp_and_torch_compile_are_dropped(prefix):
+    weights = {f"{prefix}blocks.0.attn.qkv.weight": torch.ones(1), f"{prefix}module_x.weight": torch.zeros(1)}
+    assert states.external_weights({"ema": weights}, "ema", "ckpt.pt").keys() == {
+        "blocks.0.attn.qkv.weight", "module_x.weight"}
 
 
 @pytest.mark.parametrize("kind", ["upstream", "ddaepp"])
@@ -88,3 +105,12 @@ def test_the_package_has_no_import_cycle():
     code = ("import sys, ddaepp.models, ddaepp.states; "
             "print(sorted(m for m in sys.modules if m in ('ddaepp.layer_search', 'ddaepp.train')))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_an_unknown_wrapper_prefix_is_named(default_config, ddaepp_state):
+    """PyTorch Lightning and others keep the model under an attribute: every key gains its name."""
+    cfg = run_cfg(default_config)
+    model = model_from_run_config(cfg, LATENT_SHAPE, 10)
+    weights = {f"net.{k}": v for k, v in torch.load(ddaepp_state, weights_only=True)["ema"].items()}
+    with pytest.raises(ValueError, match=r"every key of the file carries the prefix 'net\.'"):
+        states.load_weights(model, weights, "ckpt.pt")

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -106,8 +107,13 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", require_checksu
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        raise ValueError(f"refusing to load {path}: it holds pickled objects other than tensors and plain "
-                         f"data, which could run code ({str(err).splitlines()[0]})") from None
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))  # torch's words for the culprit
+        what = f"a pickled {found.group(1)}" if found else "pickled objects other than tensors and plain data"
+        keep = (f"import torch; c = torch.load({str(path)!r}, weights_only=False); "
+                "torch.save({k: c[k] for k in ('ema', 'model') if k in c}, 'weights.pt')")
+        raise ValueError(f"refusing to load {path}: it holds {what}, which could run code when loaded. If you "
+                         f"trust the file, keep only its weights, python -c \"{keep}\", and use weights.pt "
+                         "(with its sha256) instead") from None
 
 
 def attempt_header() -> str:

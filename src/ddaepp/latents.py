@@ -252,12 +252,17 @@ def load_latents(files, split: str, mmap: bool = True) -> tuple[np.ndarray, np.n
     return latents, labels
 
 
-def load_stats(files) -> tuple[torch.Tensor, torch.Tensor]:
+def load_stats(files, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (mean, std) of the train latents, each shaped (c, 1, 1) float32, from `files`
-    (a LatentFiles, or the folder holding them)."""
+    (a LatentFiles, or the folder holding them); refused unless there are `channels` of them, before
+    any work that would fail on them or, with one channel, silently broadcast them."""
     path = LatentFiles.of(files).stats
     if not path.is_file():
         raise FileNotFoundError(f"no {path}; it is written when the train latents are merged")
     stats = io.read_json(path)
+    if not len(stats["mean"]) == len(stats["std"]) == channels:
+        raise ValueError(f"latent statistics {path} are for {len(stats['mean'])} channels, the latents have "
+                         f"{channels}; give the statistics of the latents the model was trained with (for a "
+                         "checkpoint, its config key checkpoints.<name>.latent_stats)")
     return (torch.tensor(stats["mean"], dtype=torch.float32).view(-1, 1, 1),
             torch.tensor(stats["std"], dtype=torch.float32).view(-1, 1, 1))

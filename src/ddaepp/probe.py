@@ -216,7 +216,7 @@ def probe_state(run_cfg: dict, state_path, latent_files, out_parquet, out_json, 
     device = _device(device)
     train_latents, train_labels = latent_store.load_latents(latent_files, "train")
     val_latents, val_labels = latent_store.load_latents(latent_files, "val")
-    mean, std = latent_store.load_stats(latent_files)
+    mean, std = latent_store.load_stats(latent_files, train_latents.shape[2])
     n_classes = dataset_num_classes(run_cfg["dataset"]) if run_cfg["conditional"] else 0
     model = states.load_ema(state_path, run_cfg, train_latents.shape[2:], n_classes)
     with io.exclusive(Path(work_dir).parent / f"{Path(work_dir).name}.lock", f"the probe features in {work_dir}"):
@@ -228,6 +228,6 @@ def floor_from_latents(probe_cfg: dict, latent_files, out_json, device: str | No
     """run_floor on the latents stage's files (the workflow's entry: one job per dataset and tokenizer)."""
     train_latents, train_labels = latent_store.load_latents(latent_files, "train")
     val_latents, val_labels = latent_store.load_latents(latent_files, "val")
-    mean, std = latent_store.load_stats(latent_files)
+    mean, std = latent_store.load_stats(latent_files, train_latents.shape[2])
     return run_floor(train_latents, train_labels, val_latents, val_labels, mean.numpy(), std.numpy(), probe_cfg,
                      out_json, device=_device(device))

@@ -117,7 +117,7 @@ def sample_shard(run_cfg: dict, state_path, latent_files, guidance: str, shard: 
     device = torch.device(device)
     if device.type == "cpu":
         devices.keep_freed_host_memory()  # the doubled CFG batch's activations reused, not faulted in afresh
-    mean, std = (s.to(device) for s in latent_store.load_stats(latent_files))
+    mean, std = (s.to(device) for s in latent_store.load_stats(latent_files, latent_channels))
     tokenizer = tokenizers.build(run_cfg["tokenizer"], run_cfg["dataset"], device=str(device))
     latent_shape = tuple(tokenizer.latent_shape)
     n_classes = dataset_num_classes(run_cfg["dataset"])

@@ -32,7 +32,8 @@ from ddaepp.reruns import result_config
 
 log = logging.getLogger(__name__)
 
-DDP_PREFIX = "module."
+# what wrappers put before every key of the module they wrap: DDP, then torch.compile's OptimizedModule
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def is_ddaepp_state(path: str | os.PathLike) -> bool:
@@ -54,7 +55,8 @@ def read_external(path: str | os.PathLike, sha256: str | None = None) -> tuple[d
 
 def external_weights(contents: dict, which: str, path) -> dict[str, torch.Tensor]:
     """The state dict `which` ('ema' or 'model') of an external checkpoint's contents, without the
-    `module.` prefix. A bare state dict (tensors only) serves as either."""
+    prefixes DDP and torch.compile add (WRAPPER_PREFIXES). A bare state dict (tensors only) serves
+    as either."""
     if not isinstance(contents, dict):
         raise ValueError(f"checkpoint {path} holds a {type(contents).__name__}, not a dict of state dicts")
     if all(isinstance(v, torch.Tensor) for v in contents.values()):
@@ -67,7 +69,13 @@ def external_weights(contents: dict, which: str, path) -> dict[str, torch.Tensor
                              f"{', '.join(map(str, contents))}); upstream LightningDiT checkpoints hold one of them")
         if which not in contents:
             log.warning("checkpoint %s has no '%s' weights; using its '%s' weights", path, which, other)
-    return {k[len(DDP_PREFIX):] if k.startswith(DDP_PREFIX) else k: v for k, v in weights.items()}
+    return {_unwrapped(k): v for k, v in weights.items()}
+
+
+def _unwrapped(key: str) -> str:
+    while key.startswith(WRAPPER_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
 
 
 def load_weights(module: torch.nn.Module, weights: dict, path) -> None:
@@ -79,6 +87,11 @@ def load_weights(module: torch.nn.Module, weights: dict, path) -> None:
                              f"expects {tuple(own[key].shape)}; fix the model settings (size, patch, latent "
                              "channels, classes) to those the checkpoint was trained with")
     missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+    prefix = os.path.commonprefix(unexpected) if len(unexpected) > 1 else ""
+    prefix = prefix[:prefix.rfind(".") + 1]
+    if prefix and sorted(k[len(prefix):] for k in unexpected) == missing:
+        raise ValueError(f"checkpoint {path}: every key of the file carries the prefix '{prefix}' (e.g. "
+                         f"'{unexpected[0]}'), which the model's do not; save the wrapped module's own state_dict")
     if missing or unexpected:
         shapes = [f"'{k}' {tuple(own[k].shape)} missing from the file" for k in missing[:3]]
         shapes += [f"'{k}' {tuple(weights[k].shape)} not in the model" for k in unexpected[:3]]

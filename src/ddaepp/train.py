@@ -213,7 +213,7 @@ def _train(run_cfg, latent_files, seed, epoch, out_state, init_state, wip_dir, m
     wip_path = wip_dir / "state.pt"
     accelerator = _accelerator(train_cfg, device, wip_dir)
     latents, labels = latent_store.load_latents(latent_files, "train")
-    mean, std = (s.to(accelerator.device) for s in latent_store.load_stats(latent_files))
+    mean, std = (s.to(accelerator.device) for s in latent_store.load_stats(latent_files, latents.shape[2]))
     latent_shape = tuple(latents.shape[2:])
     batch_size, world = train_cfg["batch_size"], accelerator.num_processes
     steps_per_epoch, micro_batch = _batch_layout(train_cfg, len(labels), world)
