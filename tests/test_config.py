@@ -118,7 +118,7 @@ def _in_place(repo, tmp_path) -> dict:
         (tmp_path / "imagenet" / split).mkdir(parents=True)
     for name in ("vavae.pt", "inception.pth"):
         torch.save({"w": torch.zeros(2)}, tmp_path / name)
-    np.savez(tmp_path / "ref.npz", mu=np.zeros(2), sigma=np.eye(2))
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(2048), sigma=np.eye(2048))
     config.validate(cfg)  # all in place: accepted
     return cfg
 
@@ -129,6 +129,16 @@ def test_empty_weights_or_reference_are_refused(repo, tmp_path, name, key):
     cfg = _in_place(repo, tmp_path)
     (tmp_path / name).write_bytes(b"")
     with pytest.raises(config.ConfigError, match=rf"(?s)1 input.*'{re.escape(key)}': \S*{name} is empty"):
+        config.validate(cfg)
+
+
+def test_a_reference_of_the_wrong_dimension_is_refused_before_any_job(repo, tmp_path):
+    import numpy as np
+
+    cfg = _in_place(repo, tmp_path)
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(64), sigma=np.eye(64))  # digits-net's, not Inception's
+    with pytest.raises(config.ConfigError, match=r"'metrics.reference': FID reference \S*ref.npz holds 64-d "
+                                                 r"statistics, but metrics.features 'inception' gives 2048-d"):
         config.validate(cfg)
 
 

@@ -49,7 +49,7 @@ def test_wheel_installs_and_validates_both_configs(repo, tmp_path):
 
     for name in ("vavae-imagenet256-f16d32-dinov2.pt", "weights-inception-2015-12-05-6726825d.pth"):
         torch.save({"stand-in": torch.zeros(1)}, tmp_path / "weights" / name)  # validation refuses empty files
-    np.savez(tmp_path / "weights/VIRTUAL_imagenet256_labeled.npz", mu=np.zeros(4), sigma=np.eye(4))
+    np.savez(tmp_path / "weights/VIRTUAL_imagenet256_labeled.npz", mu=np.zeros(2048), sigma=np.eye(2048))
     for config in (Path(repo) / "config.yaml", Path(repo) / "config/imagenet-dit-b.yaml"):
         out = run([venv / "bin/ddaepp", "validate", config], cwd=tmp_path)
         assert "uncond-baseline" in out, out

@@ -264,6 +264,33 @@ def test_reference_copied_from_adm_npz(tmp_path):
         assert "arr_0" not in copied and str(copied["source"]) == str(source) and int(copied["n"]) == out["n"] == -1
 
 
+def test_a_reference_no_covariance_could_be_is_refused(tmp_path):
+    """FID against such a sigma comes out wrong, even negative, where ADM's evaluator raises."""
+    rng = np.random.default_rng(0)
+    good = np.cov(rng.normal(size=(500, 64)), rowvar=False)
+    w, v = np.linalg.eigh(good)
+    w[:5] = -w.max()
+    cases = {"NaN or inf": good.copy(), "not symmetric": good + np.triu(np.full((64, 64), 0.1), 1),
+             "negative eigenvalues": (v * w) @ v.T}
+    cases["NaN or inf"][3, 3] = np.nan
+    for reason, sigma in cases.items():
+        np.savez(tmp_path / "bad.npz", mu=np.zeros(64), sigma=sigma)
+        with pytest.raises(ValueError, match=f"bad.npz: .*{reason}"):
+            metrics.load_reference(tmp_path / "bad.npz", "digits-net")
+    few = rng.normal(size=(20, 64))  # fewer images than dimensions: rank-deficient, still a covariance
+    np.savez(tmp_path / "few.npz", mu=few.mean(0), sigma=np.cov(few, rowvar=False).astype(np.float32))
+    assert metrics.load_reference(tmp_path / "few.npz", "digits-net")["n"] == -1
+
+
+def test_a_reference_batch_of_another_resolution_is_refused(tmp_path):
+    """ADM's batches carry their images (arr_0, N x H x W x 3): only the header is read."""
+    np.savez(tmp_path / "VIRTUAL_imagenet512.npz", arr_0=np.zeros((2, 512, 512, 3), np.uint8), mu=np.zeros(64),
+             sigma=np.eye(64))
+    assert metrics.load_reference(tmp_path / "VIRTUAL_imagenet512.npz", "digits-net", 512)["mu"].shape == (64,)
+    with pytest.raises(ConfigError, match=r"a batch of 512x512 images .* dataset.image_size is 256"):
+        metrics.load_reference(tmp_path / "VIRTUAL_imagenet512.npz", "digits-net", 256)
+
+
 def test_reference_without_stats_or_of_other_network(tmp_path):
     np.savez(tmp_path / "images_only.npz", arr_0=np.zeros((2, 4, 4, 3), np.uint8))
     with pytest.raises(ValueError, match="no 'mu'/'sigma'"):

@@ -60,7 +60,19 @@ def missing_inputs(config: dict) -> list[str]:
                                       "put the checkpoint (e.g. lightningdit-xl-imagenet256-800ep.pt) and its "
                                       "latents_stats.pt there")
     if metrics["reference"]:
-        problems += _file_problem("metrics.reference", metrics["reference"], "npz file",
-                                  "put the ADM reference batch (e.g. VIRTUAL_imagenet256_labeled.npz) there "
-                                  "(`ddaepp fetch-assets`), or set it to null to compute one")
+        problems += (_file_problem("metrics.reference", metrics["reference"], "npz file",
+                                   "put the ADM reference batch (e.g. VIRTUAL_imagenet256_labeled.npz) there "
+                                   "(`ddaepp fetch-assets`), or set it to null to compute one")
+                     or _reference_problem(metrics["reference"], metrics["features"], data["image_size"]))
     return problems
+
+
+def _reference_problem(path, features: str, image_size: int) -> list[str]:
+    """[why the FID reference cannot be used with this config], or []."""
+    from .reference import load_reference  # here: it imports ddaepp.config, which imports this module
+
+    try:
+        load_reference(path, features, image_size)
+    except ValueError as err:
+        return [f"config key 'metrics.reference': {err}"]
+    return []

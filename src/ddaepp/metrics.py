@@ -23,33 +23,9 @@ from ddaepp import feature_nets, scores
 from ddaepp.config import FEATURE_DIMS, ConfigError
 from ddaepp.feature_nets import BATCH_SIZE, FEATURE_NETS
 from ddaepp.io import atomic_path, read_json, write_json
+from ddaepp.reference import load_reference
 
 log = logging.getLogger(__name__)
-
-
-def load_reference(path: str | os.PathLike, features: str) -> dict:
-    """mu and sigma (float64) of a reference npz, checked against the feature network's dimension."""
-    dim = FEATURE_DIMS[features]
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no FID reference file {path}; compute it with reference_stats, or put an "
-                                "ADM-style npz (mu, sigma) there")
-    with np.load(path) as npz:  # lazy: an ADM batch's arr_0 images are never read
-        if "mu" not in npz or "sigma" not in npz:
-            raise ValueError(f"FID reference {path} has no 'mu'/'sigma' arrays (keys: {', '.join(npz.files)}); "
-                             "it must be an ADM-style statistics npz")
-        mu, sigma = npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64)
-        stored = str(npz["features"]) if "features" in npz else None
-        n = int(npz["n"]) if "n" in npz else -1
-    if mu.shape != (mu.shape[0],) or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(f"FID reference {path}: mu {mu.shape} and sigma {sigma.shape} are not (D,) and (D, D)")
-    if mu.shape[0] != dim:
-        raise ConfigError(f"FID reference {path} holds {mu.shape[0]}-d statistics, but metrics.features "
-                          f"'{features}' gives {dim}-d features; use a reference made with that network "
-                          "(ADM's npz files are Inception pool features: 2048-d)")
-    if stored is not None and stored != features:
-        raise ConfigError(f"FID reference {path} was computed with '{stored}' features, not '{features}'; "
-                          "recompute it with reference_stats")
-    return {"mu": mu, "sigma": sigma, "n": n}
 
 
 def _stored_pr_features(path) -> np.ndarray:
