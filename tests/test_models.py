@@ -264,3 +264,19 @@ def test_fp32_final_layer_under_bf16_autocast():
     with torch.no_grad():
         exact = model(x, t, y)
     assert (v - exact).abs().max() < 0.1 * exact.abs().max()  # bf16 blocks: close, not equal
+
+
+def test_the_rope_tables_a_checkpoint_holds_are_the_ones_used():
+    """Upstream rotates with the tables it loads; a file saved in bf16 holds rounded ones."""
+    from standins import awake_tiny_dit
+
+    model = awake_tiny_dit()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    rounded = {k: v.bfloat16().float() if "rope" in k else v for k, v in model.state_dict().items()}
+    fresh = model(x, t, y)
+    model.load_state_dict(rounded)
+    assert torch.equal(model.feat_rope.pair_cos, rounded["feat_rope.freqs_cos"][:, ::2])
+    assert not torch.equal(model(x, t, y), fresh)
+    rounded["feat_rope.freqs_sin"][:, 1] += 0.5  # breaks a pair
+    with pytest.raises(ValueError, match="RoPE tables .* do not repeat each angle"):
+        model.load_state_dict(rounded)

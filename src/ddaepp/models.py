@@ -66,6 +66,18 @@ class Rope2D(nn.Module):
         # one angle per interleaved pair (upstream's buffers repeat each angle twice); not saved
         self.register_buffer("pair_cos", angles.cos()[:, ::2].contiguous(), persistent=False)
         self.register_buffer("pair_sin", angles.sin()[:, ::2].contiguous(), persistent=False)
+        self.register_load_state_dict_post_hook(Rope2D._pairs_from_loaded_tables)
+
+    @staticmethod
+    def _pairs_from_loaded_tables(module: Rope2D, incompatible_keys) -> None:
+        """Rotate with the tables a checkpoint holds, as upstream does once it loads them (a file
+        saved in bf16 holds rounded ones); refuse tables that do not repeat each angle twice."""
+        with torch.no_grad():
+            for table, pairs in ((module.freqs_cos, module.pair_cos), (module.freqs_sin, module.pair_sin)):
+                if not torch.equal(table[:, ::2], table[:, 1::2]):
+                    raise ValueError("the checkpoint's RoPE tables (feat_rope.freqs_cos/_sin) do not repeat each "
+                                     "angle for the two channels of a pair, as EVA-02's interleaved layout does")
+                pairs.copy_(table[:, ::2])
 
     def forward(self, x):  # x: (..., tokens, head_dim)
         # Rotating each interleaved pair (a, b) by its angle is multiplying a + ib by cos + i sin.
