@@ -98,7 +98,10 @@ def load_weights(module: torch.nn.Module, weights: dict, path) -> None:
         raise ValueError(f"checkpoint {path} does not match the configured model: {len(missing)} key(s) missing, "
                          f"{len(unexpected)} unexpected, e.g. {'; '.join(shapes)}; fix the model settings "
                          "(self_cond, conditional, use_* switches) to those the checkpoint was trained with")
-    module.load_state_dict(weights)
+    try:
+        module.load_state_dict(weights)
+    except ValueError as err:  # a module's own check of what it loads (Rope2D's tables)
+        raise ValueError(f"checkpoint {path}: {err}") from None
 
 
 def resolve_layer(run_cfg: dict, state: dict) -> dict:
