@@ -160,7 +160,9 @@ def test_imagefolder_finds_the_images_torchvision_finds(tmp_path):
     assert len(data.build_index(cfg, "train")) == 8  # 4 + 2 nested + a linked file + one in a linked folder
     tiny_image(root / "train" / "a" / ".ipynb_checkpoints" / "a_0.JPEG")
     (root / "train" / "a" / "._a_0.JPEG").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
-    assert len(data.build_index(cfg, "train")) == 8  # 4 + 2 nested + a linked file + one in a linked folder
+    assert len(data.build_index(cfg, "train")) == 8
+    (root / "train" / "a" / "images" / "up").symlink_to(root / "train" / "a", target_is_directory=True)
+    assert len(data.build_index(cfg, "train")) == 8  # a link back up the tree is walked once
 
 
 def test_imagefolder_stops_on_images_it_would_lose_or_cannot_store(tmp_path):

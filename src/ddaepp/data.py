@@ -202,8 +202,13 @@ def _check_utf8(path: Path) -> None:
 def _class_images(class_dir: Path) -> list[Path]:
     """A class folder's images at any depth, following links, as torchvision's ImageFolder (with
     which LightningDiT reads ImageNet) finds them; hidden files and folders left out."""
-    found = []
+    found, walked = [], set()
     for folder, subfolders, names in os.walk(class_dir, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in walked:  # a link back up the tree would walk forever (torchvision's walk does)
+            subfolders[:] = []
+            continue
+        walked.add(real)
         subfolders[:] = [d for d in subfolders if _visible(Path(d))]
         found += [Path(folder, name) for name in names if _is_image_name(name)]
     broken = [p for p in found if not p.is_file()]
