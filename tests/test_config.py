@@ -132,6 +132,22 @@ def test_empty_weights_or_reference_are_refused(repo, tmp_path, name, key):
         config.validate(cfg)
 
 
+def test_a_safetensors_vavae_is_taken_and_a_truncated_one_refused(repo, tmp_path):
+    """ddaepp's own refusal of a pickled VA-VAE asks for the weights as safetensors: they must pass."""
+    import torch
+    from safetensors.torch import save_file
+
+    cfg = config.merge(_in_place(repo, tmp_path), {"tokenizer": {"path": str(tmp_path / "vavae.safetensors")}})
+    save_file({"encoder.conv_in.weight": torch.randn(8, 3, 3, 3), "decoder.conv_in.bias": torch.zeros(8)},
+              tmp_path / "vavae.safetensors", metadata={"format": "pt"})
+    config.validate(cfg)
+    whole = (tmp_path / "vavae.safetensors").read_bytes()
+    (tmp_path / "vavae.safetensors").write_bytes(whole[:-10])
+    with pytest.raises(config.ConfigError, match=r"'tokenizer.path': \S*vavae.safetensors is not a complete "
+                                                 r"safetensors file .*truncated"):
+        config.validate(cfg)
+
+
 def test_a_reference_of_the_wrong_dimension_is_refused_before_any_job(repo, tmp_path):
     import numpy as np
 

@@ -109,6 +109,28 @@ def test_sd_vae_posterior_mean_and_scaling_factor(tmp_path):
     assert gray.decode(gray.encode(x[:, :1])).shape == (2, 1, 32, 32)
 
 
+def test_sd_vae_saved_as_its_fp16_variant_only_loads_in_float32(tmp_path):
+    """save_pretrained(variant='fp16') writes diffusion_pytorch_model.fp16.safetensors and nothing else."""
+    from diffusers import AutoencoderKL
+
+    from ddaepp.inputs import missing_inputs
+
+    full = AutoencoderKL.from_pretrained(make_sd_vae(tmp_path / "full"))
+    full.half().save_pretrained(tmp_path / "fp16", variant="fp16")
+    assert sorted(p.name for p in (tmp_path / "fp16").iterdir()) == ["config.json",
+                                                                   "diffusion_pytorch_model.fp16.safetensors"]
+    cfg, data_cfg = tok_cfg("sd-vae", path=str(tmp_path / "fp16"), posterior="mean"), {**RGB64, "image_size": 32}
+    tokenizer = tokenizers.build(cfg, data_cfg)
+    assert next(tokenizer.vae.parameters()).dtype == torch.float32
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    reference = tokenizers.build({**cfg, "path": str(tmp_path / "full")}, data_cfg).encode(x)
+    torch.testing.assert_close(tokenizer.encode(x), reference, atol=5e-3, rtol=5e-3)  # weights rounded to fp16
+    (tmp_path / "fp16" / "diffusion_pytorch_model.fp16.safetensors").unlink()  # config.json alone
+    problems = missing_inputs({"dataset": {"name": "digits"}, "tokenizer": cfg,
+                               "metrics": {"inception_weights": None, "reference": None}, "checkpoints": {}})
+    assert len(problems) == 1 and "diffusion_pytorch_model.safetensors or diffusion_pytorch_model.bin" in problems[0]
+
+
 @pytest.mark.parametrize("posterior", ["sample", None])  # null means sample, as LightningDiT
 def test_posterior_sample_is_mean_plus_std_times_seeded_noise(tmp_path, golden, posterior):
     path = make_vavae_checkpoint(tmp_path / "vavae.pt")

@@ -4,21 +4,53 @@ and what to put there, so that one message lists them all before any job starts.
 
 from __future__ import annotations
 
+import json
 import zipfile
 from pathlib import Path
+
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def diffusers_weights(folder) -> tuple[Path, str | None] | None:
+    """The weights file of a diffusers model folder and its variant: None for the default files,
+    'fp16' where the folder holds only what save_pretrained(variant='fp16') writes. None if neither."""
+    for variant in (None, "fp16"):
+        for name in DIFFUSERS_WEIGHTS:
+            path = Path(folder) / (name.replace(".", f".{variant}.", 1) if variant else name)
+            if path.is_file():
+                return path, variant
+    return None
 
 
 def _unreadable(path: Path, what: str) -> str | None:
     """Why the weights or npz file at `path` cannot be what it should be (missing, empty, a truncated
-    zip archive -- the format torch.save and np.savez write), or None."""
+    zip archive -- the format torch.save and np.savez write -- or safetensors file), or None."""
     if not path.is_file():
         return f"no file {path}"
     if path.stat().st_size == 0:
         return f"{path} is empty (an interrupted download?)"
+    if path.suffix == ".safetensors":
+        return _truncated_safetensors(path)
     with open(path, "rb") as f:
         legacy_pickle = f.read(1) == b"\x80"  # torch.save's pre-1.6 format
     if not legacy_pickle and not zipfile.is_zipfile(path):
         return f"{path} is not a complete {what} ({path.stat().st_size:,} bytes, no zip directory at its end: truncated?)"
+    return None
+
+
+def _truncated_safetensors(path: Path) -> str | None:
+    """A safetensors file is an 8-byte header length, a JSON header, then the tensors' bytes, the
+    last tensor's ending the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(length)) if 8 + length <= size else None
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            header = None
+    if header is None or 8 + length + end != size:
+        return f"{path} is not a complete safetensors file ({size:,} bytes, its header names other sizes: truncated?)"
     return None
 
 
@@ -43,10 +75,14 @@ def missing_inputs(config: dict) -> list[str]:
                     problems.append(f"config key 'dataset.root': no folder {Path(root) / split}; put the ImageNet-style "
                                     f"{split} split there as {split}/<class>/<image>")
     if tok["name"] == "sd-vae":
-        if not tok["path"] or not (Path(tok["path"]) / "config.json").is_file():
+        weights = tok["path"] and diffusers_weights(tok["path"])
+        if not weights or not (Path(tok["path"]) / "config.json").is_file():
             problems.append(f"config key 'tokenizer.path': {tok['path']!r} is not a diffusers AutoencoderKL folder "
-                            "(config.json + weights), e.g. stabilityai/sd-vae-ft-ema saved with save_pretrained; "
-                            "`ddaepp fetch-assets` downloads it where the machine is online")
+                            f"(config.json and {' or '.join(DIFFUSERS_WEIGHTS)}, or their fp16 variant), e.g. "
+                            "stabilityai/sd-vae-ft-ema saved with save_pretrained; `ddaepp fetch-assets` downloads "
+                            "it where the machine is online")
+        else:
+            problems += _file_problem("tokenizer.path", weights[0], "torch checkpoint", "download the folder again")
     if tok["name"] == "va-vae":
         problems += _file_problem("tokenizer.path", tok["path"], "torch checkpoint",
                                   "put LightningDiT's VA-VAE f16d32 checkpoint (vavae-imagenet256-f16d32-dinov2.pt) there")

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ddaepp.data import image_channels
+from ddaepp.inputs import diffusers_weights
 from ddaepp.vavae import VAVAE_F16D32, load_vavae
 
 POSTERIORS = ("sample", "mean")
@@ -130,11 +131,12 @@ def posterior_noise(seeds, shape) -> torch.Tensor:
 def load_sd_vae(path: str | Path | None):
     from diffusers import AutoencoderKL
 
-    if not path or not (Path(path) / "config.json").is_file():
+    weights = path and diffusers_weights(path)
+    if not weights or not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"tokenizer.path {path!r} is not a diffusers AutoencoderKL folder (config.json + "
                                 "weights), e.g. stabilityai/sd-vae-ft-ema saved with save_pretrained")
-    try:  # diffusers reads safetensors, or .bin with torch.load(weights_only=True)
-        return AutoencoderKL.from_pretrained(path, local_files_only=True)
+    try:  # diffusers reads safetensors, or .bin with torch.load(weights_only=True); fp16 files into float32
+        return AutoencoderKL.from_pretrained(path, local_files_only=True, variant=weights[1])
     except (OSError, ValueError) as e:
         raise ValueError(f"could not load the sd-vae from {path}: {e}") from e
 
