@@ -15,6 +15,7 @@ from ddaepp import config as ddaepp_config  # noqa: E402
 from ddaepp import assets, feature_nets, metrics, scores  # noqa: E402
 from ddaepp.data import iter_image_batches  # noqa: E402
 from ddaepp.config import ConfigError  # noqa: E402
+from ddaepp.reference import FEATURE_DIMS  # noqa: E402
 
 
 def make_config(**sections):
@@ -72,7 +73,7 @@ def test_digits_net_trains_and_saves(classifier):
     net = feature_nets.DigitsNet(**checkpoint["arch"])
     net.load_state_dict(checkpoint["state_dict"])
     features, logits = net(torch.from_numpy(real("val")[0][:5]))
-    assert features.shape == (5, ddaepp_config.FEATURE_DIMS["digits-net"]) and logits.shape == (5, 10)
+    assert features.shape == (5, FEATURE_DIMS["digits-net"]) and logits.shape == (5, 10)
 
 
 def test_digits_net_reads_digits_wherever_they_sit(tmp_path):
@@ -251,7 +252,7 @@ def test_reference_of_wrong_dimension(tmp_path):
     cfg = {**METRICS, "reference": str(wrong)}
     for call in (lambda: metrics.reference_stats(DATASET, cfg, tmp_path / "out.npz"),
                  lambda: metrics.check_ready(DATASET, cfg, 500)):
-        with pytest.raises(ConfigError, match=r"VIRTUAL_wrong\.npz holds 32-d .* 'digits-net' gives 64-d"):
+        with pytest.raises(ValueError, match=r"VIRTUAL_wrong\.npz holds 32-d .* 'digits-net' gives 64-d"):
             call()
     assert not (tmp_path / "out.npz").exists()
 
@@ -287,7 +288,7 @@ def test_a_reference_batch_of_another_resolution_is_refused(tmp_path):
     np.savez(tmp_path / "VIRTUAL_imagenet512.npz", arr_0=np.zeros((2, 512, 512, 3), np.uint8), mu=np.zeros(64),
              sigma=np.eye(64))
     assert metrics.load_reference(tmp_path / "VIRTUAL_imagenet512.npz", "digits-net", 512)["mu"].shape == (64,)
-    with pytest.raises(ConfigError, match=r"a batch of 512x512 images .* dataset.image_size is 256"):
+    with pytest.raises(ValueError, match=r"a batch of 512x512 images .* dataset.image_size is 256"):
         metrics.load_reference(tmp_path / "VIRTUAL_imagenet512.npz", "digits-net", 256)
 
 
@@ -296,7 +297,7 @@ def test_reference_without_stats_or_of_other_network(tmp_path):
     with pytest.raises(ValueError, match="no 'mu'/'sigma'"):
         metrics.load_reference(tmp_path / "images_only.npz", "digits-net")
     np.savez(tmp_path / "other.npz", mu=np.zeros(64), sigma=np.eye(64), features="some-net")
-    with pytest.raises(ConfigError, match="computed with 'some-net'"):
+    with pytest.raises(ValueError, match="computed with 'some-net'"):
         metrics.load_reference(tmp_path / "other.npz", "digits-net")
 
 
@@ -332,7 +333,7 @@ def test_inception_checks(tmp_path, random_inception_weights):
     with pytest.raises(ConfigError, match="more than 2048"):
         metrics.check_ready(DATASET, cfg, 2048)
     metrics.check_ready(DATASET, cfg, 2049)
-    with pytest.raises(ConfigError, match="holds 64-d .* 'inception' gives 2048-d"):
+    with pytest.raises(ValueError, match="holds 64-d .* 'inception' gives 2048-d"):
         metrics.check_ready(DATASET, {**cfg, "reference": str(adm_npz(tmp_path / "r.npz", 64))}, 10_000)
 
 

@@ -15,6 +15,7 @@ import jsonschema
 import yaml
 
 from .inputs import missing_inputs
+from .reference import FEATURE_DIMS
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 RUN_SECTIONS = ("model", "train", "sample", "probe", "layer_search")
@@ -25,7 +26,6 @@ MODEL_SIZES = {  # name: (hidden_size, depth, num_heads)
     "L": (1024, 24, 16),
     "XL": (1152, 28, 16),
 }
-FEATURE_DIMS = {"inception": 2048, "digits-net": 64}
 # dataset.hflip when the config leaves it null: whether a mirrored image is still an image of its
 # class. ImageNet's classes are (LightningDiT stores and trains on flipped latents); a mirrored
 # digit is not a digit.

@@ -25,7 +25,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 from torch_fidelity.utils import create_feature_extractor
 from tqdm import tqdm
 
-from ddaepp.config import FEATURE_DIMS
+from ddaepp.reference import FEATURE_DIMS
 from ddaepp.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)

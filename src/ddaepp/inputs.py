@@ -8,6 +8,8 @@ import json
 import zipfile
 from pathlib import Path
 
+from .reference import load_reference
+
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
@@ -105,8 +107,6 @@ def missing_inputs(config: dict) -> list[str]:
 
 def _reference_problem(path, features: str, image_size: int) -> list[str]:
     """[why the FID reference cannot be used with this config], or []."""
-    from .reference import load_reference  # here: it imports ddaepp.config, which imports this module
-
     try:
         load_reference(path, features, image_size)
     except ValueError as err:

@@ -20,10 +20,10 @@ from torch_fidelity.metric_fid import fid_features_to_statistics
 from tqdm import tqdm
 
 from ddaepp import feature_nets, scores
-from ddaepp.config import FEATURE_DIMS, ConfigError
+from ddaepp.config import ConfigError
 from ddaepp.feature_nets import BATCH_SIZE, FEATURE_NETS
 from ddaepp.io import atomic_path, read_json, write_json
-from ddaepp.reference import load_reference
+from ddaepp.reference import FEATURE_DIMS, load_reference
 
 log = logging.getLogger(__name__)
 

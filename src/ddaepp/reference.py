@@ -1,8 +1,8 @@
 """FID reference statistics files: an ADM-style npz holding `mu` and `sigma` of a feature network's
 features (ADM's batches, e.g. VIRTUAL_imagenet256_labeled.npz, also hold their images as `arr_0`;
-ddaepp's own add `features` and `n`). Read and checked with numpy alone, so that the workflow
-refuses a wrong file when it builds the DAG (ddaepp.inputs), before any job, and the metrics jobs
-read it through the same checks."""
+ddaepp's own add `features` and `n`). Read and checked with numpy alone and nothing else of ddaepp,
+so that the workflow refuses a wrong file when it builds the DAG (ddaepp.inputs), before any job,
+and the metrics jobs read it through the same checks."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ddaepp.config import FEATURE_DIMS, ConfigError
-
+FEATURE_DIMS = {"inception": 2048, "digits-net": 64}  # what each metrics.features network's FID features hold
 SYMMETRY_TOLERANCE = 1e-5  # of sigma's largest entry: float32 storage keeps a computed covariance within it
 PSD_JITTER = 1e-6  # of sigma's largest entry, added to its diagonal: a rank-deficient covariance still passes
 
@@ -37,16 +36,16 @@ def load_reference(path: str | os.PathLike, features: str, image_size: int | Non
     if mu.shape != (mu.shape[0],) or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(f"FID reference {path}: mu {mu.shape} and sigma {sigma.shape} are not (D,) and (D, D)")
     if mu.shape[0] != dim:
-        raise ConfigError(f"FID reference {path} holds {mu.shape[0]}-d statistics, but metrics.features "
-                          f"'{features}' gives {dim}-d features; use a reference made with that network "
-                          "(ADM's npz files are Inception pool features: 2048-d)")
+        raise ValueError(f"FID reference {path} holds {mu.shape[0]}-d statistics, but metrics.features "
+                         f"'{features}' gives {dim}-d features; use a reference made with that network "
+                         "(ADM's npz files are Inception pool features: 2048-d)")
     if stored is not None and stored != features:
-        raise ConfigError(f"FID reference {path} was computed with '{stored}' features, not '{features}'; "
-                          "recompute it with reference_stats")
+        raise ValueError(f"FID reference {path} was computed with '{stored}' features, not '{features}'; "
+                         "recompute it with reference_stats")
     _check_covariance(path, mu, sigma)
     if image_size and images is not None and len(images) == 4 and images[1:3] != (image_size, image_size):
-        raise ConfigError(f"FID reference {path} is a batch of {images[1]}x{images[2]} images (arr_0 {images}), "
-                          f"but dataset.image_size is {image_size}; use the reference batch of that resolution")
+        raise ValueError(f"FID reference {path} is a batch of {images[1]}x{images[2]} images (arr_0 {images}), "
+                         f"but dataset.image_size is {image_size}; use the reference batch of that resolution")
     return {"mu": mu, "sigma": sigma, "n": n}
 
 
