@@ -172,8 +172,9 @@ def _visible(path: Path) -> bool:
 def _class_folders(split_dir: Path) -> list[str]:
     if not split_dir.is_dir():
         raise FileNotFoundError(f"no folder {split_dir}; an imagefolder dataset is laid out as {LAYOUT}")
-    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and _visible(p))
-    loose = [p for p in split_dir.iterdir() if _is_image_name(p.name) and p.is_file()]
+    entries = list(split_dir.iterdir())
+    classes = sorted(p.name for p in entries if p.is_dir() and _visible(p))
+    loose = [p for p in entries if _is_image_name(p.name) and p.is_file()]
     if not classes:
         flat = f"; it holds {len(loose)} images directly: sort them into class folders by label" if loose else ""
         raise FileNotFoundError(f"no class folders in {split_dir}{flat}; an imagefolder dataset is laid out as "
@@ -181,8 +182,6 @@ def _class_folders(split_dir: Path) -> list[str]:
     if loose:  # a half-sorted val: leaving them out would silently shrink the split
         raise FileNotFoundError(f"{len(loose)} images lie directly in {split_dir}, outside any class folder (e.g. "
                                 f"{loose[0].name}); move each into its class folder, or out of {split_dir}")
-    for name in classes:
-        _check_utf8(split_dir / name)
     return classes
 
 

@@ -53,10 +53,10 @@ def _check_covariance(path, mu: np.ndarray, sigma: np.ndarray) -> None:
     """Refuse what no feature set has as its statistics: FID would come out wrong, even negative."""
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise ValueError(f"FID reference {path}: mu or sigma holds NaN or inf; recompute or re-download it")
-    scale = np.abs(sigma).max()
-    if np.abs(sigma - sigma.T).max() > SYMMETRY_TOLERANCE * scale:
-        raise ValueError(f"FID reference {path}: sigma is not symmetric (largest |sigma - sigma^T| "
-                         f"{np.abs(sigma - sigma.T).max():.3g}), so not a covariance; recompute or re-download it")
+    scale, asymmetry = np.abs(sigma).max(), np.abs(sigma - sigma.T).max()
+    if asymmetry > SYMMETRY_TOLERANCE * scale:
+        raise ValueError(f"FID reference {path}: sigma is not symmetric (largest |sigma - sigma^T| {asymmetry:.3g}), "
+                         "so not a covariance; recompute or re-download it")
     try:
         np.linalg.cholesky(sigma + PSD_JITTER * scale * np.eye(len(sigma)))
     except np.linalg.LinAlgError:
