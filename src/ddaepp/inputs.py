@@ -14,8 +14,11 @@ DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_m
 
 
 def diffusers_weights(folder) -> tuple[Path, str | None] | None:
-    """The weights file of a diffusers model folder and its variant: None for the default files,
-    'fp16' where the folder holds only what save_pretrained(variant='fp16') writes. None if neither."""
+    """The weights file of a diffusers model folder (config.json and weights) and its variant: None
+    for the default files, 'fp16' where the folder holds only what save_pretrained(variant='fp16')
+    writes. None if the folder is not such a folder."""
+    if not (Path(folder) / "config.json").is_file():
+        return None
     for variant in (None, "fp16"):
         for name in DIFFUSERS_WEIGHTS:
             path = Path(folder) / (name.replace(".", f".{variant}.", 1) if variant else name)
@@ -78,7 +81,7 @@ def missing_inputs(config: dict) -> list[str]:
                                     f"{split} split there as {split}/<class>/<image>")
     if tok["name"] == "sd-vae":
         weights = tok["path"] and diffusers_weights(tok["path"])
-        if not weights or not (Path(tok["path"]) / "config.json").is_file():
+        if not weights:
             problems.append(f"config key 'tokenizer.path': {tok['path']!r} is not a diffusers AutoencoderKL folder "
                             f"(config.json and {' or '.join(DIFFUSERS_WEIGHTS)}, or their fp16 variant), e.g. "
                             "stabilityai/sd-vae-ft-ema saved with save_pretrained; `ddaepp fetch-assets` downloads "

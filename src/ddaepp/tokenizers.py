@@ -132,7 +132,7 @@ def load_sd_vae(path: str | Path | None):
     from diffusers import AutoencoderKL
 
     weights = path and diffusers_weights(path)
-    if not weights or not (Path(path) / "config.json").is_file():
+    if not weights:
         raise FileNotFoundError(f"tokenizer.path {path!r} is not a diffusers AutoencoderKL folder (config.json + "
                                 "weights), e.g. stabilityai/sd-vae-ft-ema saved with save_pretrained")
     try:  # diffusers reads safetensors, or .bin with torch.load(weights_only=True); fp16 files into float32
