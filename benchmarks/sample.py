@@ -31,22 +31,36 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def best_time(fn, repeats=2, cpu_time=False):
-    """Seconds per call, the best of `repeats` after a warm-up: wall time (between synchronisations on a
-    GPU), or with cpu_time on the CPU the process's CPU time, which other processes on a shared machine
-    do not inflate (with --threads 1, the busy time)."""
+    """Seconds per call, the best of `repeats` after a warm-up (see round_times)."""
+    return min(round_times({"fn": fn}, repeats, cpu_time)["fn"])
+
+
+def round_times(fns: dict, rounds=2, cpu_time=False) -> dict[str, list[float]]:
+    """Seconds of each call of each of `fns` in `rounds` rounds after a warm-up: wall time (between
+    synchronisations on a GPU), or with cpu_time on the CPU the process's CPU time, which other processes
+    on a shared machine do not inflate (with --threads 1, the busy time). Each round calls every function
+    once, in turn, so a slow spell of the machine (a neighbour filling the shared caches, which CPU time
+    does not exclude) falls on calls that are compared with each other rather than on one block of repeats."""
     cuda = torch.cuda.is_available()
     clock = time.process_time if cpu_time and not cuda else time.perf_counter
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        start = clock()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        best = min(best, clock() - start)
-    return best
+    for fn in fns.values():
+        fn()  # warm-up
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            if cuda:
+                torch.cuda.synchronize()
+            start = clock()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            times[name].append(clock() - start)
+    return times
+
+
+def paired_ratio(times: dict, numerator: str, denominator: str) -> float:
+    """The median over rounds of one call's time over the other's in the same round."""
+    return float(np.median(np.divide(times[numerator], times[denominator])))
 
 
 def trained_looking(model):
@@ -79,24 +93,32 @@ def sampling_timings(cfg: dict, args) -> None:
                                 guided_channels=None if sample_cfg["cfg"]["channels"] == "all" else sample_cfg["cfg"]["channels"])
 
     scale = sample_cfg["cfg"]["scale"]
-    plain, guided = (best_time(lambda: run(s), 3, cpu_time=True) for s in (1.0, scale))
+    runs = {"plain": lambda: run(1.0), "guided": lambda: run(scale),
+            "upstream": lambda: run(scale, doubled_everywhere=True)}
+    whole_batch = rows is not None and rows < 2 * args.batch  # baseline: the same sampling, the whole batch in every call
+    if whole_batch:
+        runs |= {"whole plain": lambda: run(1.0, rows_per_call=None), "whole guided": lambda: run(scale, rows_per_call=None)}
+    times = round_times(runs, args.rounds, cpu_time=True)
+    rate = {name: args.batch / min(seconds) for name, seconds in times.items()}
     print(f"device {device}, {args.size} on {latent}, batch {args.batch}, {args.steps} steps, "
-          f"{torch.get_num_threads()} CPU threads" + ("" if device.type == "cuda" else ", sampling timed in process CPU time, "
-                                                       f"glibc malloc {'keeping freed memory' if kept else 'at its defaults'}, "
-                                                       f"at most {rows} rows a model call"))
-    print(f"sampling without CFG: {args.batch / plain:8.1f} images/s")
-    print(f"sampling with CFG:    {args.batch / guided:8.1f} images/s")
+          f"{torch.get_num_threads()} CPU threads, {args.rounds} interleaved rounds (rates: the best round; "
+          "ratios: the median of each round's)" + ("" if device.type == "cuda" else ", sampling timed in process CPU "
+          f"time, glibc malloc {'keeping freed memory' if kept else 'at its defaults'}, at most {rows} rows a model call"))
+    print(f"sampling without CFG: {rate['plain']:8.1f} images/s")
+    print(f"sampling with CFG:    {rate['guided']:8.1f} images/s")
     grid = shifted_timesteps(args.steps, sample_cfg["shift"])[:-1]
     ideal = 1 + float((grid >= sample_cfg["cfg"]["interval_start"]).float().mean())
-    print(f"CFG / no-CFG time: {guided / plain:.2f} (ideal {ideal:.2f} at an equal cost per row: the [cond; null] batch "
-          f"runs only at the steps inside the guidance interval, the conditional batch alone before it)")
-    upstream = best_time(lambda: run(scale, doubled_everywhere=True), 3, cpu_time=True)
-    print(f"CFG / no-CFG time of upstream's loop (the [cond; null] batch at every step): {upstream / plain:.2f}")
-    if rows is not None and rows < 2 * args.batch:  # the same sampling, the whole batch in every call
-        whole_plain, whole_guided = (best_time(lambda: run(s, rows_per_call=None), 3, cpu_time=True) for s in (1.0, scale))
+    each_round = np.divide(times["guided"], times["plain"])
+    print(f"CFG / no-CFG time: {paired_ratio(times, 'guided', 'plain'):.2f} (rounds {each_round.min():.2f}–"
+          f"{each_round.max():.2f}; ideal {ideal:.2f} at an equal cost per row: "
+          "the [cond; null] batch runs only at the steps inside the guidance interval, the conditional batch alone before it)")
+    print("CFG / no-CFG time of upstream's loop (the [cond; null] batch at every step): "
+          f"{paired_ratio(times, 'upstream', 'plain'):.2f}")
+    if whole_batch:
         same = torch.equal(run(scale), run(scale, rows_per_call=None))
-        print(f"the whole batch in every model call: without CFG {whole_plain / plain:.2f}x the time of calls of at "
-              f"most {rows} rows, with CFG {whole_guided / guided:.2f}x; CFG / no-CFG time {whole_guided / whole_plain:.2f}; "
+        print(f"the whole batch in every model call: without CFG {paired_ratio(times, 'whole plain', 'plain'):.2f}x the "
+              f"time of calls of at most {rows} rows, with CFG {paired_ratio(times, 'whole guided', 'guided'):.2f}x; "
+              f"CFG / no-CFG time {paired_ratio(times, 'whole guided', 'whole plain'):.2f}; "
               f"samples {'equal' if same else 'NOT equal'} bit for bit")
 
 
@@ -132,6 +154,7 @@ def main():
     parser.add_argument("--batch", type=int, default=300)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=4, help="timed rounds of the sampling runs, each run once a round")
     parser.add_argument("--fid-n", type=int, default=10_000, help="samples in the FID/IS bootstrap timing")
     parser.add_argument("--malloc-defaults", action="store_true",
                         help="on the CPU, leave glibc's allocator at its defaults (ddaepp's CPU sampling keeps freed memory)")
