@@ -7,13 +7,16 @@
 Prints step time, images/s, the ratio of each variant to the baseline (and csd/dispersive to
 selfcond), of LightningDiT to a DiT built from timm's Attention/Mlp blocks of the same width and
 depth (facebookresearch/DiT's block), the parameter and FLOP overhead of self-conditioning, and
-on CUDA the model FLOP utilisation against --peak-tflops. Every number comes from this run.
+on CUDA the model FLOP utilisation against --peak-tflops. Every number comes from this run: the
+models take turns, a round at a time, so that a shared machine's drifting speed falls on all of them;
+step times are each model's best round, ratios the median of the rounds' ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 from pathlib import Path
 
@@ -114,8 +117,9 @@ def upstream_model(repo: str, size: str, latent, classes: int) -> nn.Module:
                    use_swiglu=True, use_rope=True, use_rmsnorm=True)
 
 
-def time_steps(run_cfg, model, heads, x1, y, accelerator, steps, warmup=3, compile=False):
-    """Seconds per training step (loss, backward, AdamW, EMA) with the training loop's loss module."""
+def training_step(run_cfg, model, heads, x1, y, accelerator, compile=False):
+    """One training step (loss, backward, AdamW, EMA) with the training loop's loss module, as a function
+    of the step's index (its noise draws)."""
     ema = copy.deepcopy(model).requires_grad_(False).to(accelerator.device)
     params = list(model.parameters()) + list(heads.parameters())
     opt = build_optimizer(params, {"lr": 1e-4, "betas": (0.9, 0.95), "weight_decay": 0.01}, x1.device.type)  # as train
@@ -125,11 +129,8 @@ def time_steps(run_cfg, model, heads, x1, y, accelerator, steps, warmup=3, compi
         step_module = torch.compile(step_module)
     x1_other = torch.flip(x1, dims=[-1])
     gen = torch.Generator(x1.device)
-    for i in range(warmup + steps):
-        if i == warmup:
-            if x1.is_cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
+
+    def step(i: int) -> None:
         draws = objectives.draw_step(gen.manual_seed(i), run_cfg, len(x1), slice(0, len(x1)), tuple(x1.shape[1:]))
         with accelerator.autocast():
             loss = step_module(x1, x1_other, y, draws)
@@ -137,9 +138,49 @@ def time_steps(run_cfg, model, heads, x1, y, accelerator, steps, warmup=3, compi
         accelerator.backward(loss)
         opt.step()
         update_ema(ema, model, 0.9999)
-    if x1.is_cuda:
+    return step
+
+
+def seconds_per_step(step, first: int, steps: int, cpu_time=False) -> float:
+    """Wall time per step (between synchronisations on a GPU), or with cpu_time on the CPU the process's
+    CPU time, which other processes on a shared machine do not inflate (at one thread, the busy time)."""
+    cuda = torch.cuda.is_available()
+    clock = time.process_time if cpu_time and not cuda else time.perf_counter
+    if cuda:
         torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+    start = clock()
+    for i in range(first, first + steps):
+        step(i)
+    if cuda:
+        torch.cuda.synchronize()
+    return (clock() - start) / steps
+
+
+def time_steps(run_cfg, model, heads, x1, y, accelerator, steps, warmup=3, compile=False):
+    """Seconds per training step (see training_step), after `warmup` steps."""
+    step = training_step(run_cfg, model, heads, x1, y, accelerator, compile)
+    for i in range(warmup):
+        step(i)
+    return seconds_per_step(step, warmup, steps)
+
+
+def interleaved_steps(steps_of: dict, steps: int, rounds: int, warmup=3, cpu_time=False) -> dict[str, list[float]]:
+    """Seconds per step of each training step in `steps_of` in each of `rounds` rounds of `steps` steps,
+    after `warmup` steps. Each round times every one in turn, so a slow spell of a shared machine falls on
+    steps that are compared with each other (timed one after another, identical steps swung by 10-25% here)."""
+    for step in steps_of.values():
+        for i in range(warmup):
+            step(i)
+    times = {name: [] for name in steps_of}
+    for r in range(rounds):
+        for name, step in steps_of.items():
+            times[name].append(seconds_per_step(step, warmup + r * steps, steps, cpu_time))
+    return times
+
+
+def ratio(times: dict, numerator: str, denominator: str) -> float:
+    """The median over rounds of one step time over the other's in the same round."""
+    return statistics.median(a / b for a, b in zip(times[numerator], times[denominator]))
 
 
 def complex_rope_forward(self, x):
@@ -149,18 +190,61 @@ def complex_rope_forward(self, x):
     return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
 
-def rope_ratio(run, size, latent, classes, x1, y, accelerator, steps, rounds=3):
+def rope_ratio(run, size, latent, classes, x1, y, accelerator, steps, rounds=3, cpu_time=False):
     """Eager step time of the current RoPE (complex in eager, real arithmetic when compiled) over the
-    previous all-complex one: the eager path must not have become slower (interleaved rounds, best of)."""
-    real_forward, times = Rope2D.forward, {"real": [], "complex": []}
-    for _ in range(rounds):
-        for name, forward in (("real", real_forward), ("complex", complex_rope_forward)):
+    previous all-complex one: the eager path must not have become slower (interleaved rounds; the best
+    times, and the median of the rounds' ratios)."""
+    real_forward, steps_of = Rope2D.forward, {}
+
+    def with_forward(forward, step):  # Rope2D.forward is a class attribute: set it for each call
+        def call(i):
             Rope2D.forward = forward
-            torch.manual_seed(0)
-            model = build_model(size, latent, classes, **{k: v for k, v in run["model"].items() if k != "size"})
-            times[name].append(time_steps(run, model, nn.ModuleDict(), x1, y, accelerator, steps))
-    Rope2D.forward = real_forward
-    return min(times["real"]), min(times["complex"])
+            step(i)
+        return call
+
+    for name, forward in (("real", real_forward), ("complex", complex_rope_forward)):
+        torch.manual_seed(0)
+        model = build_model(size, latent, classes, **{k: v for k, v in run["model"].items() if k != "size"})
+        steps_of[name] = with_forward(forward, training_step(run, model, nn.ModuleDict(), x1, y, accelerator))
+    try:
+        times = interleaved_steps(steps_of, steps, rounds, cpu_time=cpu_time)
+    finally:
+        Rope2D.forward = real_forward
+    return min(times["real"]), min(times["complex"]), ratio(times, "real", "complex")
+
+
+def variant_steps(cfg, setting, args, x1, y, accelerator):
+    """The models of every variant of `cfg`, and a training step of each and of the plain timm DiT (and of
+    hustvl's model, given its checkout)."""
+    latent, classes = tuple(x1.shape[1:]), args.classes
+    width, depth, heads = config_mod.MODEL_SIZES[args.size.split("/")[0]]
+    models, steps_of = {}, {}
+    for variant in cfg["variants"]:
+        run = config_mod.run_config(cfg, setting, variant)
+        run["model"]["self_cond_layer"] = min(run["model"]["self_cond_layer"], depth - 2)
+        torch.manual_seed(0)
+        models[variant] = build_model(args.size, latent, classes, **{k: v for k, v in run["model"].items() if k != "size"})
+        steps_of[variant] = training_step(run, models[variant], objectives.build_heads(run, models[variant]), x1, y, accelerator)
+    base_run = config_mod.run_config(cfg, setting, "baseline")
+    plain = TimmDiT(width, depth, heads, latent[0], int(args.size.split("/")[1]))
+    steps_of["timm DiT"] = training_step(base_run, plain, nn.ModuleDict(), x1, None, accelerator)
+    if args.lightningdit_repo:
+        upstream = upstream_model(args.lightningdit_repo, args.size, latent, classes)
+        steps_of["hustvl upstream"] = training_step(base_run, upstream, nn.ModuleDict(), x1, y, accelerator)
+    return models, steps_of
+
+
+def print_step_table(times: dict, batch: int) -> None:
+    print(f"{'model':<16}{'s/step':>10}{'images/s':>12}{'vs baseline':>13}{'vs selfcond':>13}")
+    for name, seconds in times.items():
+        vs_sc = f"{ratio(times, name, 'selfcond'):.3f}" if "selfcond" in times else "-"
+        print(f"{name:<16}{min(seconds):>10.4f}{batch / min(seconds):>12.1f}{ratio(times, name, 'baseline'):>13.3f}"
+              f"{vs_sc:>13}")
+    print(f"LightningDiT baseline / timm DiT step-time ratio: {ratio(times, 'baseline', 'timm DiT'):.3f} "
+          "(<= 1 is as fast or faster)")
+    if "hustvl upstream" in times:
+        print(f"ours / hustvl's own LightningDiT step-time ratio: {ratio(times, 'baseline', 'hustvl upstream'):.3f} "
+              "(<= 1 is as fast or faster)")
 
 
 def main():
@@ -168,7 +252,10 @@ def main():
     parser.add_argument("--size", default="T/1")
     parser.add_argument("--latent", default="4,8,8", help="C,H,W of the latents")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, help="timed steps of each model in a round (default: 10 on a GPU, "
+                        "1 on the CPU, where a shared machine's speed drifts within seconds)")
+    parser.add_argument("--rounds", type=int, help="timed rounds, each model's steps once a round (default: 3 on a "
+                        "GPU, 30 on the CPU)")
     parser.add_argument("--classes", type=int, default=0, help="0: unconditional")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100 SXM: 989)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -179,6 +266,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
+    args.steps, args.rounds = args.steps or (10 if cuda else 1), args.rounds or (3 if cuda else 30)
     accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
     latent = tuple(int(v) for v in args.latent.split(","))
     cfg = config_mod.load(REPO / "config.yaml")
@@ -186,46 +274,28 @@ def main():
     setting = "cond" if args.classes else "uncond"
     x1 = torch.randn(args.batch, *latent, device=accelerator.device)
     y = torch.randint(0, args.classes, (args.batch,), device=accelerator.device) if args.classes else None
-    width, depth, heads = config_mod.MODEL_SIZES[args.size.split("/")[0]]
     print(f"device {accelerator.device} ({accelerator.mixed_precision}), {args.size} on {latent}, batch {args.batch}, "
           f"{torch.get_num_threads()} CPU threads")
     base_run = config_mod.run_config(cfg, setting, "baseline")
-    real, complex_ = rope_ratio(base_run, args.size, latent, args.classes, x1, y, accelerator, args.steps)
-    print(f"RoPE eager step time, current / previous: {real:.4f} / {complex_:.4f} s = {real / complex_:.3f} "
+    cpu_time = not cuda and torch.get_num_threads() == 1
+    real, complex_, rope = rope_ratio(base_run, args.size, latent, args.classes, x1, y, accelerator, args.steps,
+                                      args.rounds, cpu_time)
+    print(f"RoPE eager step time, current / previous: {real:.4f} / {complex_:.4f} s, ratio {rope:.3f} "
           "(<= 1: eager is at least as fast as before)")
     if args.rope_only:
         return
-    results = {}
-    for variant in cfg["variants"]:
-        run = config_mod.run_config(cfg, setting, variant)
-        run["model"]["self_cond_layer"] = min(run["model"]["self_cond_layer"], depth - 2)
-        torch.manual_seed(0)
-        model = build_model(args.size, latent, args.classes, **{k: v for k, v in run["model"].items() if k != "size"})
-        extra = objectives.build_heads(run, model)
-        results[variant] = (time_steps(run, model, extra, x1, y, accelerator, args.steps), model)
-    plain = TimmDiT(width, depth, heads, latent[0], int(args.size.split("/")[1]))
-    results["timm DiT"] = (time_steps(base_run, plain, nn.ModuleDict(), x1, None, accelerator, args.steps), plain)
-    if args.lightningdit_repo:
-        upstream = upstream_model(args.lightningdit_repo, args.size, latent, args.classes)
-        results["hustvl upstream"] = (time_steps(base_run, upstream, nn.ModuleDict(), x1, y, accelerator,
-                                                 args.steps), upstream)
-
-    base = results["baseline"][0]
-    print(f"{'model':<16}{'s/step':>10}{'images/s':>12}{'vs baseline':>13}{'vs selfcond':>13}")
-    for name, (sec, _) in results.items():
-        vs_sc = f"{sec / results['selfcond'][0]:.3f}" if "selfcond" in results else "-"
-        print(f"{name:<16}{sec:>10.4f}{args.batch / sec:>12.1f}{sec / base:>13.3f}{vs_sc:>13}")
-    print(f"LightningDiT baseline / timm DiT step-time ratio: {base / results['timm DiT'][0]:.3f} (<= 1 is as fast or faster)")
-    if "hustvl upstream" in results:
-        print(f"ours / hustvl's own LightningDiT step-time ratio: {base / results['hustvl upstream'][0]:.3f} "
-              "(<= 1 is as fast or faster)")
-    b_model, s_model = results["baseline"][1], results["selfcond"][1]
+    models, steps_of = variant_steps(cfg, setting, args, x1, y, accelerator)
+    times = interleaved_steps(steps_of, args.steps, args.rounds, cpu_time=cpu_time)
+    print(f"{args.rounds} interleaved rounds of {args.steps} steps each: times the best round, ratios the median of "
+          f"the rounds' ({'CPU time' if cpu_time else 'wall time'})")
+    print_step_table(times, args.batch)
+    b_model, s_model = models["baseline"], models["selfcond"]
     b_params, s_params = (sum(p.numel() for p in m.parameters() if p.requires_grad) for m in (b_model, s_model))
     b_flops, s_flops = count_flops(b_model), count_flops(s_model)
     print(f"self-conditioning overhead: params {100 * (s_params / b_params - 1):.2f}%, "
           f"forward FLOPs {100 * (s_flops / b_flops - 1):.2f}%")
     if cuda:
-        mfu = 3 * b_flops * args.batch / base / (args.peak_tflops * 1e12)
+        mfu = 3 * b_flops * args.batch / min(times["baseline"]) / (args.peak_tflops * 1e12)
         print(f"baseline model FLOP utilisation: {100 * mfu:.1f}% of {args.peak_tflops:.0f} TFLOP/s")
 
 
