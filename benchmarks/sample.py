@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,41 +25,14 @@ import torch
 from ddaepp import config as config_mod, devices, feature_nets, sample as sample_mod, scores
 from ddaepp.models import build_model
 from ddaepp.transport import euler_sample, shifted_timesteps
+from train_step import ratio, round_ratios, round_times
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def best_time(fn, repeats=2, cpu_time=False):
-    """Seconds per call, the best of `repeats` after a warm-up (see round_times)."""
+    """Seconds per call, the best of `repeats` after a warm-up (see train_step.round_times)."""
     return min(round_times({"fn": fn}, repeats, cpu_time)["fn"])
-
-
-def round_times(fns: dict, rounds=2, cpu_time=False) -> dict[str, list[float]]:
-    """Seconds of each call of each of `fns` in `rounds` rounds after a warm-up: wall time (between
-    synchronisations on a GPU), or with cpu_time on the CPU the process's CPU time, which other processes
-    on a shared machine do not inflate (with --threads 1, the busy time). Each round calls every function
-    once, in turn, so a slow spell of the machine (a neighbour filling the shared caches, which CPU time
-    does not exclude) falls on calls that are compared with each other rather than on one block of repeats."""
-    cuda = torch.cuda.is_available()
-    clock = time.process_time if cpu_time and not cuda else time.perf_counter
-    for fn in fns.values():
-        fn()  # warm-up
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            if cuda:
-                torch.cuda.synchronize()
-            start = clock()
-            fn()
-            if cuda:
-                torch.cuda.synchronize()
-            times[name].append(clock() - start)
-    return times
-
-
-def paired_ratio(times: dict, numerator: str, denominator: str) -> float:
-    """The median over rounds of one call's time over the other's in the same round."""
-    return float(np.median(np.divide(times[numerator], times[denominator])))
 
 
 def trained_looking(model):
@@ -108,17 +80,17 @@ def sampling_timings(cfg: dict, args) -> None:
     print(f"sampling with CFG:    {rate['guided']:8.1f} images/s")
     grid = shifted_timesteps(args.steps, sample_cfg["shift"])[:-1]
     ideal = 1 + float((grid >= sample_cfg["cfg"]["interval_start"]).float().mean())
-    each_round = np.divide(times["guided"], times["plain"])
-    print(f"CFG / no-CFG time: {paired_ratio(times, 'guided', 'plain'):.2f} (rounds {each_round.min():.2f}–"
-          f"{each_round.max():.2f}; ideal {ideal:.2f} at an equal cost per row: "
+    each_round = round_ratios(times, "guided", "plain")
+    print(f"CFG / no-CFG time: {ratio(times, 'guided', 'plain'):.2f} (rounds {min(each_round):.2f}–"
+          f"{max(each_round):.2f}; ideal {ideal:.2f} at an equal cost per row: "
           "the [cond; null] batch runs only at the steps inside the guidance interval, the conditional batch alone before it)")
     print("CFG / no-CFG time of upstream's loop (the [cond; null] batch at every step): "
-          f"{paired_ratio(times, 'upstream', 'plain'):.2f}")
+          f"{ratio(times, 'upstream', 'plain'):.2f}")
     if whole_batch:
         same = torch.equal(run(scale), run(scale, rows_per_call=None))
-        print(f"the whole batch in every model call: without CFG {paired_ratio(times, 'whole plain', 'plain'):.2f}x the "
-              f"time of calls of at most {rows} rows, with CFG {paired_ratio(times, 'whole guided', 'guided'):.2f}x; "
-              f"CFG / no-CFG time {paired_ratio(times, 'whole guided', 'whole plain'):.2f}; "
+        print(f"the whole batch in every model call: without CFG {ratio(times, 'whole plain', 'plain'):.2f}x the "
+              f"time of calls of at most {rows} rows, with CFG {ratio(times, 'whole guided', 'guided'):.2f}x; "
+              f"CFG / no-CFG time {ratio(times, 'whole guided', 'whole plain'):.2f}; "
               f"samples {'equal' if same else 'NOT equal'} bit for bit")
 
 

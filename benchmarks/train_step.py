@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import statistics
 import time
 from pathlib import Path
@@ -118,8 +119,8 @@ def upstream_model(repo: str, size: str, latent, classes: int) -> nn.Module:
 
 
 def training_step(run_cfg, model, heads, x1, y, accelerator, compile=False):
-    """One training step (loss, backward, AdamW, EMA) with the training loop's loss module, as a function
-    of the step's index (its noise draws)."""
+    """A function that takes one training step (loss, backward, AdamW, EMA) with the training loop's loss
+    module, its noise drawn from the count of steps taken."""
     ema = copy.deepcopy(model).requires_grad_(False).to(accelerator.device)
     params = list(model.parameters()) + list(heads.parameters())
     opt = build_optimizer(params, {"lr": 1e-4, "betas": (0.9, 0.95), "weight_decay": 0.01}, x1.device.type)  # as train
@@ -128,10 +129,10 @@ def training_step(run_cfg, model, heads, x1, y, accelerator, compile=False):
     if compile:
         step_module = torch.compile(step_module)
     x1_other = torch.flip(x1, dims=[-1])
-    gen = torch.Generator(x1.device)
+    gen, taken = torch.Generator(x1.device), itertools.count()
 
-    def step(i: int) -> None:
-        draws = objectives.draw_step(gen.manual_seed(i), run_cfg, len(x1), slice(0, len(x1)), tuple(x1.shape[1:]))
+    def step() -> None:
+        draws = objectives.draw_step(gen.manual_seed(next(taken)), run_cfg, len(x1), slice(0, len(x1)), tuple(x1.shape[1:]))
         with accelerator.autocast():
             loss = step_module(x1, x1_other, y, draws)
         opt.zero_grad(set_to_none=True)
@@ -141,46 +142,55 @@ def training_step(run_cfg, model, heads, x1, y, accelerator, compile=False):
     return step
 
 
-def seconds_per_step(step, first: int, steps: int, cpu_time=False) -> float:
-    """Wall time per step (between synchronisations on a GPU), or with cpu_time on the CPU the process's
-    CPU time, which other processes on a shared machine do not inflate (at one thread, the busy time)."""
+def round_times(fns: dict, rounds: int, cpu_time=False, warmup=1) -> dict[str, list[float]]:
+    """Seconds of each call of each of `fns` in `rounds` rounds, after `warmup` calls of each: wall time
+    (between synchronisations on a GPU), or with cpu_time on the CPU the process's CPU time, which other
+    processes on a shared machine do not inflate (at one thread, the busy time). Each round calls every
+    function once, in turn, so that a slow spell of the machine (a neighbour filling the shared caches,
+    which CPU time does not exclude) falls on calls that are compared with each other: timed in blocks,
+    one function's repeats after another's, identical work swung by 10-25% on a shared 2-core VM."""
     cuda = torch.cuda.is_available()
     clock = time.process_time if cpu_time and not cuda else time.perf_counter
-    if cuda:
-        torch.cuda.synchronize()
-    start = clock()
-    for i in range(first, first + steps):
-        step(i)
-    if cuda:
-        torch.cuda.synchronize()
-    return (clock() - start) / steps
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            if cuda:
+                torch.cuda.synchronize()
+            start = clock()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            times[name].append(clock() - start)
+    return times
+
+
+def round_ratios(times: dict, numerator: str, denominator: str) -> list[float]:
+    """One function's time over the other's, in each round of round_times."""
+    return [a / b for a, b in zip(times[numerator], times[denominator])]
+
+
+def ratio(times: dict, numerator: str, denominator: str) -> float:
+    """The median over rounds of one function's time over the other's in the same round."""
+    return statistics.median(round_ratios(times, numerator, denominator))
 
 
 def time_steps(run_cfg, model, heads, x1, y, accelerator, steps, warmup=3, compile=False):
     """Seconds per training step (see training_step), after `warmup` steps."""
     step = training_step(run_cfg, model, heads, x1, y, accelerator, compile)
-    for i in range(warmup):
-        step(i)
-    return seconds_per_step(step, warmup, steps)
+    for _ in range(warmup):
+        step()
+    return round_times({"steps": lambda: [step() for _ in range(steps)]}, 1, warmup=0)["steps"][0] / steps
 
 
-def interleaved_steps(steps_of: dict, steps: int, rounds: int, warmup=3, cpu_time=False) -> dict[str, list[float]]:
-    """Seconds per step of each training step in `steps_of` in each of `rounds` rounds of `steps` steps,
-    after `warmup` steps. Each round times every one in turn, so a slow spell of a shared machine falls on
-    steps that are compared with each other (timed one after another, identical steps swung by 10-25% here)."""
-    for step in steps_of.values():
-        for i in range(warmup):
-            step(i)
-    times = {name: [] for name in steps_of}
-    for r in range(rounds):
-        for name, step in steps_of.items():
-            times[name].append(seconds_per_step(step, warmup + r * steps, steps, cpu_time))
-    return times
-
-
-def ratio(times: dict, numerator: str, denominator: str) -> float:
-    """The median over rounds of one step time over the other's in the same round."""
-    return statistics.median(a / b for a, b in zip(times[numerator], times[denominator]))
+def interleaved_steps(steps_of: dict, steps: int, rounds: int, cpu_time=False) -> dict[str, list[float]]:
+    """Seconds per step of each training step in `steps_of`, in each of `rounds` rounds of `steps` steps
+    (round_times), after at least 3 steps of each."""
+    times = round_times({name: lambda step=step: [step() for _ in range(steps)] for name, step in steps_of.items()},
+                        rounds, cpu_time, warmup=-(-3 // steps))
+    return {name: [t / steps for t in seconds] for name, seconds in times.items()}
 
 
 def complex_rope_forward(self, x):
@@ -197,9 +207,9 @@ def rope_ratio(run, size, latent, classes, x1, y, accelerator, steps, rounds=3, 
     real_forward, steps_of = Rope2D.forward, {}
 
     def with_forward(forward, step):  # Rope2D.forward is a class attribute: set it for each call
-        def call(i):
+        def call():
             Rope2D.forward = forward
-            step(i)
+            step()
         return call
 
     for name, forward in (("real", real_forward), ("complex", complex_rope_forward)):
